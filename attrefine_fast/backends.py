@@ -1,0 +1,135 @@
+"""Which implementation of each op runs: availability, the reason when one is missing, and
+``backend="auto"``.
+
+Backends:
+    torch   pure PyTorch (attrefine_fast/ops/*_ref), any device: the reference and the fallback.
+    cpp     C++ with OpenMP (csrc/cpu), CPU tensors, from the compiled extension.
+    cuda    CUDA C++ (csrc/cuda), CUDA tensors, from the compiled extension built with CUDA.
+    triton  Triton (kernels/), CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 (tests).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+from . import _extension
+
+OPS = ("segment_mean", "perturb", "lime_fit", "masked_pgd_step")
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+# backend="auto" takes the first available backend in this order. The CUDA order follows the
+# GPU measurements in benchmarks/RESULTS.md; until a GPU run decides it, CUDA C++ goes first.
+AUTO_ORDER = {
+    "cpu": ("cpp", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why and the fix."""
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
+
+
+def _reference(op: str) -> Callable:
+    module = importlib.import_module(f"attrefine_fast.ops.{op}")
+    return getattr(module, f"{op}_ref")
+
+
+def _compiled(op: str, dispatch_key: str) -> Callable | None:
+    if not _extension.loaded():
+        return None
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"attrefine_fast::{op}", dispatch_key):
+        return None
+    return getattr(torch.ops.attrefine_fast, op).default
+
+
+def _triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton(op: str) -> tuple[Callable | None, str]:
+    try:
+        kernels = importlib.import_module("attrefine_fast.kernels")
+    except ImportError as e:  # triton itself is not installed
+        return None, f"triton is not importable ({e}); install it with `pip install triton`"
+    impl = kernels.get(op) if hasattr(kernels, "get") else None
+    if impl is None:
+        return None, f"no Triton kernel for {op} yet"
+    return impl, ""
+
+
+def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
+    """(available, reason) for running ``op`` with ``backend`` on tensors of ``device_type``."""
+    _check_op(op)
+    if backend == "torch":
+        return True, "pure PyTorch reference"
+    if backend == "cpp":
+        if device_type != "cpu":
+            return False, "the cpp backend runs on CPU tensors"
+        if not _extension.loaded():
+            return False, _extension.load_error()
+        if _compiled(op, "CPU") is None:
+            return False, f"the compiled extension has no CPU kernel for {op}"
+        return True, "C++/OpenMP kernel"
+    if backend == "cuda":
+        if device_type != "cuda":
+            return False, "the cuda backend runs on CUDA tensors"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is available"
+        if not _extension.loaded():
+            return False, _extension.load_error()
+        if _compiled(op, "CUDA") is None:
+            return False, (
+                f"the compiled extension has no CUDA kernel for {op}: rebuild on a machine with a CUDA-enabled "
+                "torch and a CUDA toolkit (`pip install --no-build-isolation -e .`)"
+            )
+        return True, "CUDA C++ kernel"
+    if backend == "triton":
+        if device_type == "cpu" and not _triton_interpreter():
+            return False, "Triton runs on CUDA tensors; on CPU only under TRITON_INTERPRET=1 (for tests)"
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return False, "no CUDA device is available"
+        impl, why = _triton(op)
+        if impl is None:
+            return False, why
+        return True, "Triton kernel" + (" (interpreter)" if device_type == "cpu" else "")
+    raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+
+
+def resolve(op: str, backend: str, device: torch.device | str) -> Callable:
+    """The implementation of ``op`` for ``backend`` on ``device``, with the schema's signature."""
+    device_type = torch.device(device).type
+    if backend == "auto":
+        for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+            if status(op, candidate, device_type)[0]:
+                return _implementation(op, candidate)
+        return _reference(op)
+    ok, why = status(op, backend, device_type)
+    if not ok:
+        raise BackendUnavailable(f"backend {backend!r} cannot run {op} on {device_type}: {why}")
+    return _implementation(op, backend)
+
+
+def _implementation(op: str, backend: str) -> Callable:
+    if backend == "torch":
+        return _reference(op)
+    if backend in ("cpp", "cuda"):
+        return _compiled(op, "CPU" if backend == "cpp" else "CUDA")
+    return _triton(op)[0]
+
+
+def selected(op: str, backend: str, device: torch.device | str) -> str:
+    """The name of the backend ``resolve`` would pick (for logs and reports)."""
+    device_type = torch.device(device).type
+    if backend != "auto":
+        return backend
+    for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+        if status(op, candidate, device_type)[0]:
+            return candidate
+    return "torch"

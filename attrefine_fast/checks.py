@@ -1,0 +1,76 @@
+"""Input validation shared by the public API: clear errors at the boundary, nothing modified."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+IMAGE_DTYPES = FLOAT_DTYPES + (torch.uint8,)
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on the same device, got {listing}")
+
+
+def check_images(name: str, images: torch.Tensor, *, channels: int | None = None) -> None:
+    """images: (B, C, H, W) with a float or uint8 dtype and finite values."""
+    check_tensor(name, images, ndim=4, dtypes=IMAGE_DTYPES)
+    if channels is not None and images.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels (B, C, H, W), got shape {tuple(images.shape)}")
+    if images.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(images.shape)}")
+    check_finite(name, images)
+
+
+def check_segments(segments: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """segments: (B, H, W) integer labels 0..M_b-1 per image. Returns the per-image counts M_b.
+
+    Every label in 0..M_b-1 must be present: LIME's feature j is segment j, so a gap (for
+    example scikit-image's slic numbering from 1) would silently describe a missing segment.
+    """
+    check_tensor("segments", segments, ndim=3)
+    if segments.dtype.is_floating_point or segments.dtype == torch.bool or segments.is_complex():
+        raise TypeError(f"segments must have an integer dtype, got {segments.dtype}")
+    b, _, h, w = images.shape
+    if tuple(segments.shape) != (b, h, w):
+        raise ValueError(f"segments must have shape (B, H, W) = {(b, h, w)} to match images, got {tuple(segments.shape)}")
+    check_same_device(images=images, segments=segments)
+    flat = segments.reshape(b, -1).long()
+    lo = flat.min(dim=1).values
+    if bool((lo < 0).any()):
+        raise ValueError("segments contains negative labels; labels must be 0..M-1 per image")
+    num = flat.max(dim=1).values + 1
+    m = int(num.max())
+    present = torch.zeros(b, m, dtype=torch.bool, device=segments.device)
+    present.scatter_(1, flat, True)
+    full = present.sum(dim=1) == num
+    if not bool(full.all()):
+        i = int((~full).nonzero()[0])
+        missing = (~present[i, : int(num[i])]).nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"segments of image {i} are not numbered 0..M-1 (labels {missing} are missing); "
+            "relabel them, e.g. with attrefine_fast.segment(...) or skimage's start_label=0"
+        )
+    return num
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

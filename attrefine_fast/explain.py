@@ -1,0 +1,239 @@
+"""The batched tensor API: explain a (B, C, H, W) batch with LIME on any device."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import backends
+from .checks import FLOAT_DTYPES, check_choice, check_images, check_same_device, check_segments, check_tensor
+from .neighborhood import draw_masks, fudge_images, perturbed_chunks
+from .segmentation import segment
+
+OUTPUTS = ("softmax", "identity")
+
+
+@dataclass
+class Explanation:
+    """LIME explanations of a batch, as tensors (M = the largest segment count; padded
+    coefficients are 0).
+
+    coef (B, L, M), intercept (B, L), score (B, L) weighted R², local_pred (B, L),
+    labels (B, L) the explained classes (for ``top_labels`` the most probable first),
+    segments (B, H, W), num_segments (B,), images (B, C, H, W) the explained images.
+    """
+
+    coef: torch.Tensor
+    intercept: torch.Tensor
+    score: torch.Tensor
+    local_pred: torch.Tensor
+    labels: torch.Tensor
+    segments: torch.Tensor
+    num_segments: torch.Tensor
+    images: torch.Tensor
+    from_top_labels: bool = True
+
+    def heatmap(self) -> torch.Tensor:
+        """(B, L, H, W): each pixel's LIME weight (the coefficient of its superpixel)."""
+        b, l, _ = self.coef.shape
+        h, w = self.segments.shape[1:]
+        index = self.segments.reshape(b, 1, h * w).expand(b, l, h * w)
+        return torch.gather(self.coef, 2, index).reshape(b, l, h, w)
+
+    def to_lime(self, i: int):
+        """Image i as lime's ``ImageExplanation`` (see :class:`attrefine_fast.lime.ImageExplanation`)."""
+        from .lime import ImageExplanation
+
+        image = self.images[i].detach().permute(1, 2, 0).cpu().numpy()
+        exp = ImageExplanation(image, self.segments[i].cpu().numpy())
+        m = int(self.num_segments[i])
+        labels = self.labels[i].tolist()
+        coef = self.coef[i, :, :m].detach().double().cpu().numpy()
+        for j, label in enumerate(labels):
+            exp.intercept[label] = float(self.intercept[i, j])
+            exp.local_exp[label] = sorted(enumerate(coef[j].tolist()), key=lambda x: abs(x[1]), reverse=True)
+        # lime keeps the score and local_pred of the label it fitted last: the most probable
+        # for top_labels, else the last label asked for.
+        last = 0 if self.from_top_labels else len(labels) - 1
+        exp.score = float(self.score[i, last])
+        exp.local_pred = np.array([float(self.local_pred[i, last])])
+        if self.from_top_labels:
+            exp.top_labels = labels
+        return exp
+
+
+def _model_device(model) -> torch.device | None:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+        for buf in model.buffers():
+            return buf.device
+    return None
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run ``model`` in eval mode without autograd, restoring its train/eval mode afterwards."""
+    if not isinstance(model, torch.nn.Module):
+        with torch.no_grad():
+            yield
+        return
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _forward(model: Callable, inputs: torch.Tensor, expected_rows: int, output: str) -> torch.Tensor:
+    out = model(inputs)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != expected_rows:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model must return a (batch, classes) tensor; for {expected_rows} inputs it returned {shape}")
+    out = out.float()
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError("the model returned NaN or infinite values")
+    return out.softmax(dim=1) if output == "softmax" else out
+
+
+def explain(
+    model: Callable,
+    images: torch.Tensor,
+    *,
+    segments: torch.Tensor | None = None,
+    segmentation: str = "quickshift",
+    segmentation_params: dict | None = None,
+    labels: torch.Tensor | Sequence | None = None,
+    top_labels: int | None = None,
+    num_samples: int = 1000,
+    masks: torch.Tensor | None = None,
+    seed: int | None = None,
+    kernel_width: float = 0.25,
+    alpha: float = 1.0,
+    hide_color="mean",
+    batch_size: int = 256,
+    output: str = "softmax",
+    mean: Sequence[float] | torch.Tensor | None = None,
+    std: Sequence[float] | torch.Tensor | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+    fit_dtype: torch.dtype = torch.float64,
+    backend: str = "auto",
+) -> Explanation:
+    """LIME explanations for a whole batch at once.
+
+    Args:
+        model: a torch module (or any callable) mapping (n, C, H, W) to (n, classes) scores on
+            the images' device. Its train/eval mode is restored afterwards; no autograd runs.
+        images: (B, C, H, W) float tensor, the model's input before ``mean``/``std``.
+        segments: (B, H, W) labels 0..M_b-1; computed with :func:`segment` when None
+            (``segmentation`` and ``segmentation_params``).
+        labels: (B, L) classes to explain, or one sequence for every image. When None, the
+            ``top_labels`` (default 5) most probable classes of each image are explained.
+        num_samples: N, samples per image (sample 0 is the image itself).
+        masks: (B, N, M) bool samples to use instead of drawing them (e.g. lime's own).
+        seed: seeds the samples (drawn on the CPU, so identical on every device).
+        kernel_width, alpha: LIME's kernel width and the ridge penalty.
+        hide_color: "mean" (lime's default), a value, per-channel values or a (B, C, H, W) image.
+        batch_size: model inputs per forward pass.
+        output: "softmax" explains probabilities (lime's convention: classifiers return
+            probabilities); "identity" explains the model's raw outputs.
+        mean, std: per-channel normalization fused into the perturbation kernel.
+        amp: run the model under autocast (bfloat16 on CPU, float16 on CUDA).
+        channels_last: feed the model channels-last inputs.
+        fit_dtype: dtype of the ridge fit (float64 default; float32 is faster on GPUs).
+        backend: "auto", "torch", "cpp", "cuda" or "triton" for the engine's ops.
+    """
+    check_images("images", images)
+    if images.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"images must be floating point for explain(), got {images.dtype}")
+    check_choice("output", output, OUTPUTS)
+    if fit_dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"fit_dtype must be float32 or float64, got {fit_dtype}")
+    model_device = _model_device(model)
+    if model_device is not None and model_device != images.device:
+        raise ValueError(f"the model is on {model_device} but images are on {images.device}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = images.contiguous()
+    b, c = images.shape[:2]
+    device = images.device
+
+    if segments is None:
+        segments, counts = segment(images, segmentation, **(segmentation_params or {}))
+    else:
+        counts = check_segments(segments, images)
+    segments = segments.to(device).long()
+    counts = counts.to(device)
+    m = int(counts.max())
+
+    if masks is None:
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be at least 2, got {num_samples}")
+        masks = draw_masks(counts, num_samples, seed, device)
+    else:
+        check_tensor("masks", masks, ndim=3, dtypes=(torch.bool, torch.uint8, torch.int32, torch.int64))
+        check_same_device(images=images, masks=masks)
+        if masks.shape[0] != b or masks.shape[2] != m or masks.shape[1] < 2:
+            raise ValueError(f"masks must have shape (B, N, M) = ({b}, N >= 2, {m}), got {tuple(masks.shape)}")
+        masks = masks != 0
+    n = masks.shape[1]
+
+    norm = {}
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if mean is not None:
+        norm = {
+            "mean": torch.as_tensor(mean, dtype=torch.float32, device=device).flatten(),
+            "std": torch.as_tensor(std, dtype=torch.float32, device=device).flatten(),
+        }
+        for name, t in norm.items():
+            if t.numel() != c or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} must hold {c} finite values")
+        if bool((norm["std"] == 0).any()):
+            raise ValueError("std contains zeros")
+
+    fixed_labels = None
+    if labels is not None:
+        fixed_labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+        if fixed_labels.dim() == 1:
+            fixed_labels = fixed_labels.unsqueeze(0).expand(b, -1)
+        if fixed_labels.dim() != 2 or fixed_labels.shape[0] != b or fixed_labels.shape[1] == 0:
+            raise ValueError(f"labels must be (B, L) or one sequence of labels, got shape {tuple(fixed_labels.shape)}")
+        if bool((fixed_labels < 0).any()):
+            raise ValueError("labels must be non-negative class indices")
+    elif top_labels is None:
+        top_labels = 5
+    if fixed_labels is None and top_labels < 1:
+        raise ValueError(f"top_labels must be >= 1, got {top_labels}")
+
+    fudge = fudge_images(images, segments, m, hide_color, backend)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else contextlib.nullcontext()
+    per_chunk = max(1, batch_size // b)
+    targets = torch.empty(b, n, 0 if fixed_labels is None else fixed_labels.shape[1], dtype=fit_dtype, device=device)
+    chosen = fixed_labels
+    with eval_mode(model), autocast:
+        for offset, count, inputs in perturbed_chunks(
+            images, segments, masks, fudge, per_chunk, backend, channels_last=channels_last, **norm
+        ):
+            out = _forward(model, inputs, b * count, output).view(b, count, -1)
+            if chosen is None:  # offset 0: sample 0 is the image itself
+                k = min(top_labels, out.shape[2])
+                chosen = torch.argsort(out[:, 0], dim=1, descending=True, stable=True)[:, :k]
+                targets = torch.empty(b, n, k, dtype=fit_dtype, device=device)
+            elif offset == 0 and int(chosen.max()) >= out.shape[2]:
+                raise ValueError(f"label {int(chosen.max())} is outside the model's {out.shape[2]} outputs")
+            targets[:, offset : offset + count] = torch.gather(out, 2, chosen.unsqueeze(1).expand(b, count, -1)).to(fit_dtype)
+
+    fit = backends.resolve("lime_fit", backend, device)
+    coef, intercept, score, local_pred = fit(masks, targets, counts, None, float(kernel_width), float(alpha))
+    return Explanation(
+        coef=coef, intercept=intercept, score=score, local_pred=local_pred, labels=chosen,
+        segments=segments, num_segments=counts, images=images, from_top_labels=fixed_labels is None,
+    )

@@ -1,0 +1,81 @@
+"""lime 0.2.0.1's feature selection for one image, all labels at once where the method allows.
+
+Each function takes the binary samples Z (N, M), the targets Y (N, L) and the sample weights w
+(N,) as float64 tensors and returns, per label, the indices of the selected features in the
+order lime would list them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .ops.lime_fit import r2_from_sums
+
+
+def _weighted_centered(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+    sw = w.sum()
+    zc = z - (w @ z) / sw
+    yc = y - (w @ y) / sw
+    return zc, yc
+
+
+def highest_weights(z, y, w, num_features: int, prefit) -> list[list[int]]:
+    """Rank features by |coefficient| of a Ridge(alpha=0.01) pre-fit; keep the first num_features.
+
+    ``prefit(alpha)`` returns the (L, M) coefficients of the ridge fit with that penalty.
+    With num_features >= M every feature is kept, so the pre-fit (which only reorders them)
+    is skipped.
+    """
+    m, l = z.shape[1], y.shape[1]
+    if num_features >= m:
+        return [list(range(m)) for _ in range(l)]
+    coef = prefit(0.01).cpu().numpy()
+    # Python's sort is stable with reverse=True too, so ties keep feature order as in lime.
+    return [[j for j, _ in sorted(enumerate(row), key=lambda x: abs(x[1]), reverse=True)[:num_features]] for row in coef]
+
+
+def forward_selection(z, y, w, num_features: int) -> list[list[int]]:
+    """Greedy forward selection by the weighted R² of an unpenalized least-squares fit with
+    intercept (lime's Ridge(alpha=0)), every candidate of a step scored in one batched solve.
+
+    With the centered weighted Gram matrix G and right-hand side r, the fit on a feature set S
+    explains rᵀ_S G_S⁺ r_S of the total weighted sum of squares; the pseudo-inverse gives the
+    least-squares answer that scikit-learn falls back to when G_S is singular.
+    """
+    zc, yc = _weighted_centered(z, y, w)
+    gram = zc.T @ (w[:, None] * zc)  # (M, M)
+    rhs = zc.T @ (w[:, None] * yc)  # (M, L)
+    tss = w @ (yc**2)  # (L,)
+    m = z.shape[1]
+    selected = []
+    for label in range(y.shape[1]):
+        used: list[int] = []
+        for _ in range(min(num_features, m)):
+            cand = torch.tensor([j for j in range(m) if j not in used], dtype=torch.long, device=z.device)
+            idx = torch.cat([torch.tensor(used, dtype=torch.long, device=z.device).expand(len(cand), len(used)), cand[:, None]], dim=1)
+            g = gram[idx[:, :, None], idx[:, None, :]]
+            r = rhs[idx, label]
+            explained = (r * (torch.linalg.pinv(g, hermitian=True) @ r.unsqueeze(2)).squeeze(2)).sum(dim=1)
+            score = r2_from_sums((tss[label] - explained).clamp_min(0), tss[label].expand_as(explained))
+            used.append(int(cand[int(torch.argmax(score))]))  # argmax: the first best, as lime's `>`
+        selected.append(used)
+    return selected
+
+
+def lasso_path(z, y, w, num_features: int) -> list[list[int]]:
+    """The largest LARS-lasso active set with at most num_features features, per label."""
+    from sklearn.linear_model import lars_path
+
+    zc, yc = _weighted_centered(z, y, w)
+    root = torch.sqrt(w)
+    data = (zc * root[:, None]).cpu().numpy()
+    selected = []
+    for label in range(y.shape[1]):
+        _, _, coefs = lars_path(data, (yc[:, label] * root).cpu().numpy(), method="lasso", verbose=False)
+        used = np.arange(z.shape[1])
+        for step in range(coefs.shape[1] - 1, 0, -1):
+            used = coefs[:, step].nonzero()[0]
+            if len(used) <= num_features:
+                break
+        selected.append([int(j) for j in used])
+    return selected

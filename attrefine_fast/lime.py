@@ -1,0 +1,286 @@
+"""A drop-in for lime 0.2.0.1's ``lime_image.LimeImageExplainer``, on the engine's kernels.
+
+Same constructor, same ``explain_instance`` arguments, same random draws: with the same
+``random_state`` it samples exactly what lime samples and returns the same explanation. The
+perturbed images come from the ``perturb`` op in chunks, the ridge fits of all labels from one
+``lime_fit`` solve. ``classifier_fn`` is lime's numpy function ((n, H, W, C) array in the
+image's dtype -> (n, classes)) or a torch module, which then receives (n, C, H, W) tensors on
+its own device (float64 for float64 images, else float32; values as in the image) and whose
+output is used as it is, like lime uses classifier_fn's.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+
+from . import backends
+from .checks import check_segments
+from .explain import _model_device
+from .feature_selection import forward_selection, highest_weights, lasso_path
+from .neighborhood import fudge_images, lime_masks, perturbed_chunks
+from .segmentation import LIME_QUICKSHIFT
+
+FEATURE_SELECTION = ("auto", "none", "highest_weights", "forward_selection", "lasso_path")
+
+
+def lime_kernel(d, kernel_width):
+    """lime's default kernel on distances: sqrt(exp(-d² / kw²))."""
+    return np.sqrt(np.exp(-(d**2) / kernel_width**2))
+
+
+class ImageExplanation:
+    """lime's ``ImageExplanation``: ``local_exp[label]`` lists (segment, weight) by decreasing
+    |weight|; ``intercept[label]``; ``score`` and ``local_pred`` of the label fitted last (as in
+    lime 0.2.0.1); ``top_labels`` (most probable first) when top labels were asked for."""
+
+    def __init__(self, image: np.ndarray, segments: np.ndarray):
+        self.image = image
+        self.segments = segments
+        self.intercept = {}
+        self.local_exp = {}
+        self.local_pred = None
+        self.score = None
+
+    def get_image_and_mask(self, label, positive_only=True, negative_only=False, hide_rest=False, num_features=5, min_weight=0.0):
+        """(image, mask) highlighting the label's most important superpixels, as lime returns them.
+
+        positive_only / negative_only keep the first num_features superpixels with weight above
+        min_weight (below -min_weight); otherwise the first num_features with |weight| >=
+        min_weight are kept, marked 1 (positive) or -1 (negative) in the mask and tinted in the
+        image (channel 1 for positive, 0 for negative, set to the image's maximum). hide_rest
+        zeroes every other pixel.
+        """
+        if label not in self.local_exp:
+            raise KeyError("Label not in explanation")
+        if positive_only and negative_only:
+            raise ValueError("Positive_only and negative_only cannot be true at the same time.")
+        exp = self.local_exp[label]
+        mask = np.zeros(self.segments.shape, self.segments.dtype)
+        out = np.zeros(self.image.shape) if hide_rest else self.image.copy()
+        if positive_only or negative_only:
+            keep = [f for f, w in exp if (w > 0 and w > min_weight if positive_only else w < 0 and abs(w) > min_weight)][:num_features]
+            region = np.isin(self.segments, keep)
+            out[region] = self.image[region]
+            mask[region] = 1
+            return out, mask
+        top = np.max(self.image)
+        for f, w in exp[:num_features]:
+            if abs(w) < min_weight:
+                continue
+            region = self.segments == f
+            mask[region] = -1 if w < 0 else 1
+            out[region] = self.image[region]
+            out[region, 0 if w < 0 else 1] = top
+        return out, mask
+
+
+class LimeImageExplainer:
+    """lime's image explainer, same arguments and same results, on the engine's kernels.
+
+    Args:
+        kernel_width: width of the exponential kernel on the distance to the image.
+        kernel: kernel(d, kernel_width) -> weights; default sqrt(exp(-d² / kw²)).
+        verbose: print the intercept, local prediction and model output of each fit.
+        feature_selection: 'auto', 'none', 'highest_weights', 'forward_selection' or 'lasso_path'.
+        random_state: an int or numpy RandomState; draws exactly lime's samples.
+    """
+
+    def __init__(self, kernel_width=0.25, kernel=None, verbose=False, feature_selection="auto", random_state=None):
+        from sklearn.utils import check_random_state
+
+        if feature_selection not in FEATURE_SELECTION:
+            raise ValueError(f"feature_selection must be one of {FEATURE_SELECTION}, got {feature_selection!r}")
+        self.kernel_width = float(kernel_width)
+        self.kernel_fn = partial(kernel if kernel is not None else lime_kernel, kernel_width=self.kernel_width)
+        self.verbose = verbose
+        self.feature_selection = feature_selection
+        self.random_state = check_random_state(random_state)
+
+    def explain_instance(
+        self,
+        image,
+        classifier_fn,
+        labels=(1,),
+        hide_color=None,
+        top_labels=5,
+        num_features=100000,
+        num_samples=1000,
+        batch_size=10,
+        segmentation_fn=None,
+        distance_metric="cosine",
+        model_regressor=None,
+        random_seed=None,
+        backend="auto",
+    ) -> ImageExplanation:
+        """Explain ``classifier_fn``'s prediction on ``image`` (H, W, 3) or (H, W) grayscale."""
+        image = self._check_image(image)
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be at least 2, got {num_samples}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if random_seed is None:  # drawn even when unused, to keep lime's random stream
+            random_seed = self.random_state.randint(0, high=1000)
+        segments = self._segments(image, segmentation_fn)
+        model_device = _model_device(classifier_fn) if isinstance(classifier_fn, torch.nn.Module) else None
+        device = model_device if model_device is not None else torch.device("cpu")
+
+        image_t = torch.from_numpy(image.copy()).permute(2, 0, 1).unsqueeze(0).contiguous().to(device)
+        segments_t = torch.from_numpy(segments.astype(np.int64)).unsqueeze(0).to(device)
+        m = int(segments.max()) + 1
+        if hide_color is None:
+            fudge = fudge_images(image_t, segments_t, m, "mean", backend)
+        else:  # lime's own assignment semantics (casting, broadcasting)
+            fudged = image.copy()
+            fudged[:] = hide_color
+            fudge = torch.from_numpy(fudged).permute(2, 0, 1).unsqueeze(0).contiguous().to(device)
+        data = lime_masks(self.random_state, num_samples, m)
+        masks = torch.from_numpy(data.astype(bool)).unsqueeze(0).to(device)
+
+        outputs = self._predict(classifier_fn, image_t, segments_t, masks, fudge, batch_size, backend)
+        first = outputs[0].detach().cpu().numpy() if isinstance(outputs, torch.Tensor) else outputs[0]
+
+        from sklearn.metrics import pairwise_distances
+
+        distances = pairwise_distances(data, data[0].reshape(1, -1), metric=distance_metric).ravel()
+        weights = np.asarray(self.kernel_fn(distances), dtype=np.float64)
+
+        exp = ImageExplanation(image, segments)
+        if top_labels:
+            fit_labels = list(np.argsort(first)[-top_labels:])
+            exp.top_labels = fit_labels[::-1]
+        else:
+            fit_labels = list(labels)
+        n_classes = outputs.shape[1]
+        for label in fit_labels:
+            if not 0 <= int(label) < n_classes:
+                raise ValueError(f"label {label} is outside the classifier's {n_classes} outputs")
+        self._fit(exp, data, outputs, weights, fit_labels, num_features, model_regressor, device, backend)
+        return exp
+
+    @staticmethod
+    def _check_image(image) -> np.ndarray:
+        image = np.asarray(image)
+        if image.ndim == 2:
+            from skimage.color import gray2rgb
+
+            image = gray2rgb(image)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be (H, W, 3) RGB or (H, W) grayscale, got shape {image.shape}")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"image is empty: shape {image.shape}")
+        if image.dtype == bool or not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+            raise TypeError(f"image must hold integers or floats, got {image.dtype}")
+        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+            raise ValueError("image contains NaN or infinite values")
+        if image.dtype not in (np.uint8, np.float16, np.float32, np.float64):
+            image = image.astype(np.float64)
+        return image
+
+    @staticmethod
+    def _segments(image: np.ndarray, segmentation_fn) -> np.ndarray:
+        if segmentation_fn is None:
+            from skimage.segmentation import quickshift
+
+            segments = quickshift(image, **LIME_QUICKSHIFT)
+        else:
+            segments = segmentation_fn(image)
+        segments = np.asarray(segments)
+        if segments.shape != image.shape[:2] or not np.issubdtype(segments.dtype, np.integer):
+            raise ValueError(f"segmentation must return integer labels of shape {image.shape[:2]}, got {segments.dtype} {segments.shape}")
+        check_segments(torch.from_numpy(segments.astype(np.int64)).unsqueeze(0), torch.empty(1, 1, *segments.shape))
+        return segments
+
+    @staticmethod
+    def _predict(classifier_fn, image_t, segments_t, masks, fudge, batch_size, backend):
+        """The classifier's outputs for all samples: a tensor on the module's device, or a
+        numpy array from lime's function, called with batches of batch_size like lime."""
+        n = masks.shape[1]
+        if isinstance(classifier_fn, torch.nn.Module):
+            dtype = torch.float64 if image_t.dtype == torch.float64 else torch.float32
+            chunks = []
+            with torch.no_grad():
+                for _, count, inputs in perturbed_chunks(image_t, segments_t, masks, fudge, batch_size, backend, out_dtype=dtype):
+                    out = classifier_fn(inputs)
+                    _check_output(out, count)
+                    chunks.append(out)
+            return torch.cat(chunks)
+        preds = []
+        for _, count, inputs in perturbed_chunks(image_t, segments_t, masks, fudge, batch_size, backend, channels_last=True):
+            out = np.asarray(classifier_fn(inputs.permute(0, 2, 3, 1).numpy()))
+            _check_output(out, count)
+            preds.extend(out)
+        preds = np.array(preds)
+        if preds.shape[0] != n:
+            raise ValueError(f"the classifier returned {preds.shape[0]} predictions for {n} samples")
+        return preds
+
+    def _fit(self, exp, data, outputs, weights, fit_labels, num_features, model_regressor, device, backend):
+        """Feature selection and the final ridge fit of every label, as lime does them."""
+        if isinstance(outputs, torch.Tensor):
+            y = outputs[:, fit_labels].to(torch.float64)
+        else:
+            y = torch.from_numpy(np.asarray(outputs[:, fit_labels], dtype=np.float64)).to(device)
+        z = torch.from_numpy(data.astype(np.float64)).to(device)
+        w = torch.from_numpy(weights).to(device)
+        m = data.shape[1]
+        masks = z.bool().unsqueeze(0)
+        fit = backends.resolve("lime_fit", backend, device)
+
+        def ridge(columns, label_idx, alpha):
+            idx = torch.as_tensor(columns, dtype=torch.long, device=device)
+            counts = torch.tensor([len(columns)], device=device)
+            return fit(masks[:, :, idx], y[:, label_idx].unsqueeze(0), counts, w.unsqueeze(0), self.kernel_width, alpha)
+
+        method = self.feature_selection
+        if method == "auto":
+            method = "forward_selection" if num_features <= 6 else "highest_weights"
+        all_labels = list(range(len(fit_labels)))
+        if method == "none":
+            used = [list(range(m))] * len(fit_labels)
+        elif method == "highest_weights":
+            used = highest_weights(z, y, w, num_features, lambda alpha: ridge(list(range(m)), all_labels, alpha)[0][0])
+        elif method == "forward_selection":
+            used = forward_selection(z, y, w, num_features)
+        else:
+            used = lasso_path(z, y, w, num_features)
+
+        if model_regressor is not None:
+            results = [self._fit_regressor(model_regressor, data, y[:, j].cpu().numpy(), weights, used[j]) for j in all_labels]
+        elif all(u == used[0] for u in used):  # one solve for every label
+            coef, intercept, score, local_pred = (t[0].cpu().numpy() for t in ridge(used[0], all_labels, 1.0))
+            results = [(used[0], coef[j], intercept[j], score[j], local_pred[j]) for j in all_labels]
+        else:
+            results = []
+            for j in all_labels:
+                coef, intercept, score, local_pred = (t[0].cpu().numpy() for t in ridge(used[j], [j], 1.0))
+                results.append((used[j], coef[0], intercept[0], score[0], local_pred[0]))
+
+        for j, label in enumerate(fit_labels):
+            columns, coef, intercept, score, local_pred = results[j]
+            exp.intercept[label] = float(intercept)
+            exp.local_exp[label] = sorted(zip([int(c) for c in columns], [float(c) for c in coef]), key=lambda x: np.abs(x[1]), reverse=True)
+            exp.score = float(score)
+            exp.local_pred = np.array([float(local_pred)])
+            if self.verbose:
+                print("Intercept", exp.intercept[label])
+                print("Prediction_local", exp.local_pred)
+                print("Right:", float(y[0, j]))
+
+    @staticmethod
+    def _fit_regressor(regressor, data, y, weights, columns):
+        """A user-given scikit-learn regressor, fitted and scored as lime does."""
+        x = data[:, columns]
+        regressor.fit(x, y, sample_weight=weights)
+        score = regressor.score(x, y, sample_weight=weights)
+        local_pred = regressor.predict(data[0, columns].reshape(1, -1))[0]
+        return columns, np.asarray(regressor.coef_).ravel(), float(np.ravel(regressor.intercept_)[0]), score, local_pred
+
+
+def _check_output(out, rows: int) -> None:
+    if out.ndim != 2 or out.shape[0] != rows:
+        raise ValueError(f"classifier_fn must return a (batch, classes) array; for {rows} images it returned shape {tuple(out.shape)}")
+    finite = bool(torch.isfinite(out).all()) if isinstance(out, torch.Tensor) else bool(np.isfinite(out).all())
+    if not finite:
+        raise ValueError("classifier_fn returned NaN or infinite values")

@@ -1,0 +1,134 @@
+"""lime_fit: LIME's weighted ridge regression for many images and labels in one solve.
+
+For image b and label l, with binary samples z_i (the first M_b columns of masks[b]), targets
+y_i = targets[b, i, l] and sample weights w_i, this is scikit-learn's
+``Ridge(alpha, fit_intercept=True).fit(Z, y, sample_weight=w)`` as lime 0.2.0.1 calls it:
+
+    x̄ = Σ w z / Σ w,  ȳ = Σ w y / Σ w,  Zc = Z - x̄,  yc = y - ȳ
+    β = (Zcᵀ W Zc + α I)⁻¹ Zcᵀ W yc,  b = ȳ - x̄ᵀ β
+    score = 1 - Σ w (y - ŷ)² / Σ w (y - ȳ)²      (weighted R², scikit-learn's r2_score)
+    local_pred = b + Σ β                          (the prediction at the all-ones sample)
+
+When ``weights`` is not given they are LIME's kernel weights of the cosine distance to the
+all-ones sample: d_i = 1 - sqrt(k_i / M_b) (k_i = ones in z_i), w_i = sqrt(exp(-d_i² / kw²)).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from ..checks import check_finite, check_same_device, check_tensor
+
+
+def lime_kernel_weights(masks: torch.Tensor, num_segments: torch.Tensor, kernel_width: float, dtype: torch.dtype) -> torch.Tensor:
+    """LIME's default sample weights: masks (B, N, M) bool, num_segments (B,) -> (B, N)."""
+    m = masks.shape[2]
+    valid = torch.arange(m, device=masks.device) < num_segments.unsqueeze(1)  # (B, M)
+    ones = (masks & valid.unsqueeze(1)).sum(dim=2).to(dtype)  # (B, N)
+    d = 1 - torch.sqrt(ones / num_segments.to(dtype).unsqueeze(1))
+    return torch.sqrt(torch.exp(-(d**2) / kernel_width**2))
+
+
+def r2_from_sums(rss: torch.Tensor, tss: torch.Tensor) -> torch.Tensor:
+    """scikit-learn's weighted R² with force_finite: 1 for a perfect fit of a constant target,
+    0 for an imperfect one."""
+    score = 1 - rss / torch.where(tss == 0, torch.ones_like(tss), tss)
+    constant = tss == 0
+    return torch.where(constant, torch.where(rss == 0, torch.ones_like(score), torch.zeros_like(score)), score)
+
+
+def lime_fit_ref(
+    masks: torch.Tensor,
+    targets: torch.Tensor,
+    num_segments: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    kernel_width: float = 0.25,
+    alpha: float = 1.0,
+):
+    """Pure-PyTorch reference.
+
+    Args:
+        masks: (B, N, M) bool (or uint8 / float 0-1), the binary samples; columns j >= M_b of
+            image b are padding and ignored.
+        targets: (B, N, L) float32 / float64, the classifier's output for each sample and label.
+        num_segments: (B,) int64, M_b (1 <= M_b <= M).
+        weights: optional (B, N) sample weights in targets' dtype; None computes LIME's kernel.
+        kernel_width: kw of LIME's exponential kernel (used when weights is None).
+        alpha: the ridge penalty (lime: 1.0; 0.01 in its 'highest_weights' pre-fit).
+
+    Returns:
+        coef (B, L, M) with zeros in padded columns, intercept (B, L), score (B, L),
+        local_pred (B, L); all in targets' dtype.
+    """
+    dtype = targets.dtype
+    b, n, m = masks.shape
+    valid = (torch.arange(m, device=masks.device) < num_segments.unsqueeze(1)).to(dtype)  # (B, M)
+    z = masks.to(dtype)
+    w = lime_kernel_weights(masks.bool(), num_segments, kernel_width, dtype) if weights is None else weights.to(dtype)
+    sw = w.sum(dim=1, keepdim=True)  # (B, 1)
+    xbar = torch.einsum("bn,bnm->bm", w, z) / sw  # (B, M)
+    ybar = torch.einsum("bn,bnl->bl", w, targets) / sw  # (B, L)
+    zc = (z - xbar.unsqueeze(1)) * valid.unsqueeze(1)
+    yc = targets - ybar.unsqueeze(1)
+    wzc = w.unsqueeze(2) * zc
+    gram = wzc.transpose(1, 2) @ zc  # (B, M, M)
+    # Padded rows get a unit diagonal so they solve to exactly zero whatever alpha is.
+    gram = gram + torch.diag_embed(alpha * valid + (1 - valid))
+    rhs = wzc.transpose(1, 2) @ yc  # (B, M, L)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if bool((info != 0).any()):  # singular (alpha = 0 with a constant column): least squares
+        beta = torch.linalg.lstsq(gram, rhs).solution
+    else:
+        beta = torch.cholesky_solve(rhs, chol)
+    beta = beta * valid.unsqueeze(2)
+    intercept = ybar - torch.einsum("bm,bml->bl", xbar * valid, beta)
+    resid = yc - zc @ beta  # (B, N, L): y - ŷ
+    rss = torch.einsum("bn,bnl->bl", w, resid**2)
+    tss = torch.einsum("bn,bnl->bl", w, yc**2)
+    score = r2_from_sums(rss, tss)
+    local_pred = intercept + beta.sum(dim=1)
+    return beta.transpose(1, 2).contiguous(), intercept, score, local_pred
+
+
+def lime_fit(
+    masks: torch.Tensor,
+    targets: torch.Tensor,
+    num_segments: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    *,
+    kernel_width: float = 0.25,
+    alpha: float = 1.0,
+    backend: str = "auto",
+):
+    """Weighted ridge fits for every image and label at once: see :func:`lime_fit_ref`."""
+    check_tensor("masks", masks, ndim=3, dtypes=(torch.bool, torch.uint8, torch.float32, torch.float64))
+    check_tensor("targets", targets, ndim=3, dtypes=(torch.float32, torch.float64))
+    b, n, m = masks.shape
+    if targets.shape[:2] != (b, n):
+        raise ValueError(f"targets must have shape (B, N, L) = ({b}, {n}, L) to match masks, got {tuple(targets.shape)}")
+    if n < 2:
+        raise ValueError(f"need at least 2 samples per image, got N={n}")
+    if num_segments is None:
+        num_segments = torch.full((b,), m, dtype=torch.long, device=masks.device)
+    check_tensor("num_segments", num_segments, ndim=1, dtypes=(torch.int32, torch.int64))
+    if num_segments.shape[0] != b or bool(((num_segments < 1) | (num_segments > m)).any()):
+        raise ValueError(f"num_segments must hold B={b} counts in 1..{m}")
+    check_same_device(masks=masks, targets=targets, num_segments=num_segments, weights=weights)
+    check_finite("targets", targets)
+    if weights is not None:
+        check_tensor("weights", weights, ndim=2, dtypes=(torch.float32, torch.float64))
+        if tuple(weights.shape) != (b, n):
+            raise ValueError(f"weights must have shape (B, N) = ({b}, {n}), got {tuple(weights.shape)}")
+        check_finite("weights", weights)
+        if bool((weights < 0).any()) or bool((weights.sum(dim=1) <= 0).any()):
+            raise ValueError("weights must be non-negative with a positive sum per image")
+    if not kernel_width > 0:
+        raise ValueError(f"kernel_width must be positive, got {kernel_width}")
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be non-negative, got {alpha}")
+    if masks.dtype != torch.bool:
+        masks = masks != 0
+    if weights is not None:
+        weights = weights.to(targets.dtype)
+    impl = backends.resolve("lime_fit", backend, masks.device)
+    return impl(masks, targets, num_segments.long(), weights, float(kernel_width), float(alpha))

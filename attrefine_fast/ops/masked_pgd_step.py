@@ -1,0 +1,95 @@
+"""masked_pgd_step: one PGD update restricted to / weighted by a per-pixel mask, in place.
+
+    L-inf:  x_adv += step_size * weight * sign(grad)
+    L2:     g = weight * grad;  x_adv += step_size * g / (‖g‖₂ + 1e-10)      (per sample)
+    then    δ = x_adv - x projected to the ε-ball (clamp to [-ε, ε] for L-inf, scaled by
+            min(1, ε / ‖δ‖₂) for L2), and x_adv = clamp(x + δ, lo, hi).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from ..checks import FLOAT_DTYPES, check_choice, check_finite, check_same_device, check_tensor
+
+NORMS = ("linf", "l2")
+# The same guard torchattacks uses against a zero gradient or a zero perturbation.
+EPS_FOR_DIVISION = 1e-10
+
+
+def masked_pgd_step_ref(
+    x_adv: torch.Tensor,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    weight: torch.Tensor | None,
+    step_size: float,
+    eps: float,
+    lo: float,
+    hi: float,
+    norm: str,
+) -> torch.Tensor:
+    """Pure-PyTorch reference; updates ``x_adv`` in place and returns it.
+
+    Args:
+        x_adv: (B, C, H, W) float, the adversarial batch (updated in place).
+        x: (B, C, H, W), the clean batch, same dtype.
+        grad: (B, C, H, W), the loss gradient at x_adv, same dtype.
+        weight: optional (B, H, W) per-pixel weight in [0, 1], broadcast over channels.
+        step_size, eps: the step and the radius of the ε-ball around x.
+        lo, hi: the valid range.
+        norm: "linf" or "l2".
+    """
+    b = x.shape[0]
+    w = None if weight is None else weight.unsqueeze(1).to(x_adv.dtype)
+    if norm == "linf":
+        step = grad.sign()
+        if w is not None:
+            step = step * w
+        delta = (x_adv + step_size * step - x).clamp(-eps, eps)
+    else:
+        g = grad if w is None else grad * w
+        g_norm = g.reshape(b, -1).norm(dim=1).view(b, 1, 1, 1) + EPS_FOR_DIVISION
+        delta = x_adv + step_size * g / g_norm - x
+        d_norm = delta.reshape(b, -1).norm(dim=1).view(b, 1, 1, 1)
+        delta = delta * torch.clamp(eps / d_norm, max=1.0)
+    x_adv.copy_((x + delta).clamp(lo, hi))
+    return x_adv
+
+
+def masked_pgd_step(
+    x_adv: torch.Tensor,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    step_size: float,
+    eps: float,
+    lo: float = 0.0,
+    hi: float = 1.0,
+    norm: str = "linf",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One masked PGD step, in place on ``x_adv`` (returned): see :func:`masked_pgd_step_ref`."""
+    check_tensor("x_adv", x_adv, ndim=4, dtypes=FLOAT_DTYPES)
+    for name, t in (("x", x), ("grad", grad)):
+        check_tensor(name, t, ndim=4, dtypes=(x_adv.dtype,))
+        if t.shape != x_adv.shape:
+            raise ValueError(f"{name} must have the shape of x_adv {tuple(x_adv.shape)}, got {tuple(t.shape)}")
+    check_choice("norm", norm, NORMS)
+    check_same_device(x_adv=x_adv, x=x, grad=grad, weight=weight)
+    check_finite("grad", grad)
+    if weight is not None:
+        check_tensor("weight", weight, dtypes=FLOAT_DTYPES + (torch.bool,))
+        b, _, h, w = x_adv.shape
+        if weight.dim() == 4 and weight.shape[1] == 1:
+            weight = weight[:, 0]
+        if tuple(weight.shape) != (b, h, w):
+            raise ValueError(f"weight must have shape (B, H, W) or (B, 1, H, W) = {(b, h, w)}, got {tuple(weight.shape)}")
+        weight = weight.to(x_adv.dtype).contiguous()
+        if bool(((weight < 0) | (weight > 1)).any()):
+            raise ValueError("weight must lie in [0, 1]")
+    if not (step_size >= 0 and eps >= 0 and lo <= hi):
+        raise ValueError(f"need step_size >= 0, eps >= 0 and lo <= hi, got {step_size}, {eps}, {lo}, {hi}")
+    impl = backends.resolve("masked_pgd_step", backend, x_adv.device)
+    impl(x_adv, x, grad, weight, float(step_size), float(eps), float(lo), float(hi), norm)
+    return x_adv

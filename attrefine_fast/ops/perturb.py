@@ -1,0 +1,120 @@
+"""perturb: LIME's perturbed images, one chunk of samples at a time.
+
+``out[b, n] = where(masks[b, n, segments[b]], images[b], fudge[b])`` for the samples
+``offset <= n < offset + count`` of every image, so the model can consume chunks as they are
+produced and peak memory does not grow with the number of samples.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from ..checks import FLOAT_DTYPES, check_finite, check_images, check_same_device, check_segments, check_tensor
+
+
+def perturb_output_dtype(images_dtype: torch.dtype, normalized: bool, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype perturb returns: out_dtype if given; else the images' dtype, or float32 when an
+    integer image is normalized."""
+    if out_dtype is not None:
+        return out_dtype
+    if normalized and not images_dtype.is_floating_point:
+        return torch.float32
+    return images_dtype
+
+
+def perturb_ref(
+    images: torch.Tensor,
+    segments: torch.Tensor,
+    masks: torch.Tensor,
+    fudge: torch.Tensor,
+    offset: int,
+    count: int,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Pure-PyTorch reference.
+
+    Args:
+        images: (B, C, H, W) float16 / bfloat16 / float32 / float64 or uint8.
+        segments: (B, H, W) int64, labels in [0, M).
+        masks: (B, N, M) bool; True keeps a segment, False replaces it with ``fudge``.
+        fudge: (B, C, H, W), same dtype as images: the replacement image (segment means, a
+            constant colour, a blurred copy...).
+        offset, count: the samples ``offset <= n < offset + count`` to produce.
+        mean, std: optional (C,) float tensors; when given the output is ``(x - mean) / std``,
+            computed in float32 (float64 for float64 images).
+        out_dtype: the output dtype (see :func:`perturb_output_dtype`).
+        channels_last: return the result in channels-last memory format.
+
+    Returns:
+        (B * count, C, H, W), image-major: row ``b * count + i`` is sample ``offset + i`` of image b.
+    """
+    b, c, h, w = images.shape
+    chunk = masks[:, offset : offset + count]
+    keep = torch.gather(chunk, 2, segments.reshape(b, 1, h * w).long().expand(b, count, h * w))
+    out = torch.where(keep.view(b, count, 1, h, w), images.unsqueeze(1), fudge.unsqueeze(1))
+    normalized = mean is not None
+    dtype = perturb_output_dtype(images.dtype, normalized, out_dtype)
+    if normalized:
+        compute = torch.float64 if images.dtype == torch.float64 else torch.float32
+        out = (out.to(compute) - mean.to(compute).view(1, 1, c, 1, 1)) / std.to(compute).view(1, 1, c, 1, 1)
+    out = out.to(dtype).reshape(b * count, c, h, w)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype):
+    """Validation shared by every backend's entry point."""
+    check_images("images", images)
+    seg_counts = check_segments(segments, images)
+    check_tensor("masks", masks, ndim=3, dtypes=(torch.bool,))
+    check_tensor("fudge", fudge, ndim=4)
+    check_same_device(images=images, segments=segments, masks=masks, fudge=fudge, mean=mean, std=std)
+    b, c = images.shape[:2]
+    if masks.shape[0] != b or masks.shape[2] < int(seg_counts.max()):
+        raise ValueError(
+            f"masks must have shape (B, N, M) with B={b} and M >= {int(seg_counts.max())} segments, got {tuple(masks.shape)}"
+        )
+    if fudge.shape != images.shape or fudge.dtype != images.dtype:
+        raise ValueError(f"fudge must match images in shape and dtype: {tuple(images.shape)} {images.dtype}, got {tuple(fudge.shape)} {fudge.dtype}")
+    check_finite("fudge", fudge)
+    n = masks.shape[1]
+    if not (0 <= offset and count >= 1 and offset + count <= n):
+        raise ValueError(f"samples [offset, offset+count) = [{offset}, {offset + count}) are outside 0..{n}")
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if mean is not None:
+        for name, t in (("mean", mean), ("std", std)):
+            check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES)
+            if t.shape[0] != c:
+                raise ValueError(f"{name} must have one value per channel ({c}), got shape {tuple(t.shape)}")
+            check_finite(name, t)
+        if bool((std == 0).any()):
+            raise ValueError("std contains zeros")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES + (torch.uint8,):
+        raise TypeError(f"out_dtype must be a float dtype or uint8, got {out_dtype}")
+
+
+def perturb(
+    images: torch.Tensor,
+    segments: torch.Tensor,
+    masks: torch.Tensor,
+    fudge: torch.Tensor,
+    offset: int = 0,
+    count: int | None = None,
+    *,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Perturbed images for samples [offset, offset+count): see :func:`perturb_ref`."""
+    if count is None:
+        count = masks.shape[1] - offset if isinstance(masks, torch.Tensor) and masks.dim() == 3 else 0
+    check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype)
+    impl = backends.resolve("perturb", backend, images.device)
+    return impl(images, segments.long(), masks, fudge, int(offset), int(count), mean, std, out_dtype, bool(channels_last))

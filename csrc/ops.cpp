@@ -1,0 +1,32 @@
+// Schemas of the attrefine_fast ops: each op is defined once here; the CPU (csrc/cpu), CUDA
+// (csrc/cuda) and Triton (kernels/) implementations register against these names.
+// Shapes and semantics are documented on the pure-PyTorch references in attrefine_fast/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing attrefine_fast._C loads this library and runs the static registrations below; the
+// module itself is empty (no pybind11).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(attrefine_fast, m) {
+  // images (B,C,H,W), segments (B,H,W) int64 in [0, num_segments) -> (B, num_segments, C)
+  m.def("segment_mean(Tensor images, Tensor segments, int num_segments) -> Tensor");
+  // samples [offset, offset+count) of every image -> (B*count, C, H, W), optionally normalized,
+  // cast and channels-last
+  m.def(
+      "perturb(Tensor images, Tensor segments, Tensor masks, Tensor fudge, int offset, int count, "
+      "Tensor? mean, Tensor? std, ScalarType? out_dtype, bool channels_last) -> Tensor");
+  // masks (B,N,M), targets (B,N,L) -> coef (B,L,M), intercept (B,L), score (B,L), local_pred (B,L)
+  m.def(
+      "lime_fit(Tensor masks, Tensor targets, Tensor num_segments, Tensor? weights, float kernel_width, "
+      "float alpha) -> (Tensor, Tensor, Tensor, Tensor)");
+  // in place on x_adv (B,C,H,W); weight (B,H,W) broadcast over channels; norm "linf" or "l2"
+  m.def(
+      "masked_pgd_step(Tensor(a!) x_adv, Tensor x, Tensor grad, Tensor? weight, float step_size, "
+      "float eps, float lo, float hi, str norm) -> ()");
+}

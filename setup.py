@@ -1,0 +1,77 @@
+"""Build attrefine_fast and its compiled ops.
+
+The C++ CPU extension (``attrefine_fast._C``) is built wherever torch and a C++ compiler are
+present. CUDA sources are added when torch itself was built with CUDA and a toolkit is found,
+or when ``ATTREFINE_FORCE_CUDA=1`` (a build machine without a GPU). ``ATTREFINE_NO_EXTENSION=1``
+skips compiled code entirely; the package then runs on its pure-PyTorch backend.
+
+Install with ``pip install --no-build-isolation -e .`` after torch is installed.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = ["attrefine_fast", "attrefine_fast.ops", "attrefine_fast.kernels"]
+# The Triton kernels live in the top-level kernels/ folder but install inside our namespace:
+# a top-level package called `kernels` would collide with other projects.
+PACKAGE_DIR = {"attrefine_fast.kernels": "kernels"}
+
+
+def say(msg):
+    print(f"[attrefine_fast setup] {msg}", file=sys.stderr)
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def extensions():
+    if _flag("ATTREFINE_NO_EXTENSION"):
+        say("ATTREFINE_NO_EXTENSION=1: building no compiled ops (pure-PyTorch backend only)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        say("torch is not installed: install torch first, then build with --no-build-isolation")
+        raise
+
+    cpu_sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
+    cpu_sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    cuda_sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+    cuda_sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
+
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    link_flags = ["-fopenmp"]
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+
+    with_cuda = False
+    if _flag("ATTREFINE_FORCE_CUDA"):
+        with_cuda, why = True, "ATTREFINE_FORCE_CUDA=1"
+    elif torch.version.cuda is None:
+        why = f"torch {torch.__version__} was built without CUDA"
+    elif cpp_extension.CUDA_HOME is None:
+        why = "no CUDA toolkit found (set CUDA_HOME)"
+    else:
+        with_cuda, why = True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit at {cpp_extension.CUDA_HOME}"
+    if with_cuda and cuda_sources:
+        say(f"building the CPU (C++/OpenMP) and CUDA ops: {why}")
+        ext = cpp_extension.CUDAExtension(
+            "attrefine_fast._C",
+            cpu_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"], "nvcc": nvcc_flags + ["-DWITH_CUDA"]},
+            extra_link_args=link_flags,
+        )
+    else:
+        say(f"building the CPU (C++/OpenMP) ops only; CUDA ops skipped: {why}")
+        ext = cpp_extension.CppExtension(
+            "attrefine_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
