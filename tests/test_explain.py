@@ -1,0 +1,105 @@
+"""The batched tensor API: shapes, options, invariances and the model's state."""
+import pytest
+import torch
+
+import attrefine_fast as af
+from attrefine_fast.models import SmallCNN
+from conftest import DEVICES
+
+
+def batch(device="cpu", b=3, size=24):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(b, 3, size, size, generator=gen).to(device)
+    segments, counts = af.segment(images, "grid", n_segments=9)
+    segments[1] = torch.div(segments[1], 3, rounding_mode="floor")  # fewer segments in image 1
+    counts[1] = 3
+    return images, segments.to(device), counts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shapes_padding_and_heatmap(device):
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=6, width=8).to(device)
+    images, segments, counts = batch(device)
+    exp = af.explain(model, images, segments=segments, num_samples=64, top_labels=3, seed=1)
+    assert exp.coef.shape == (3, 3, 9) and exp.labels.shape == (3, 3)
+    for t in (exp.intercept, exp.score, exp.local_pred):
+        assert t.shape == (3, 3) and not t.requires_grad
+    assert torch.all(exp.coef[1, :, 3:] == 0)
+    heat = exp.heatmap()
+    assert heat.shape == (3, 3, 24, 24)
+    assert torch.equal(heat[2, 1], exp.coef[2, 1][segments[2]])
+    # labels are the most probable classes, most probable first
+    with torch.no_grad():
+        probs = model.eval()(images).softmax(1)
+    assert torch.equal(exp.labels, probs.argsort(1, descending=True)[:, :3])
+
+
+def test_chunking_and_backend_do_not_change_the_result():
+    model = SmallCNN(num_classes=4, width=8)
+    images, segments, _ = batch()
+    a = af.explain(model, images, segments=segments, num_samples=50, seed=3, batch_size=7)
+    b = af.explain(model, images, segments=segments, num_samples=50, seed=3, batch_size=1000, backend="torch")
+    torch.testing.assert_close(a.coef, b.coef, atol=1e-6, rtol=1e-5)
+    c = af.explain(model, images, segments=segments, num_samples=50, seed=4)
+    assert not torch.allclose(a.coef, c.coef)
+
+
+def test_model_state_and_inputs_untouched():
+    model = SmallCNN(num_classes=4, width=8).train()
+    model.features[1].eval()  # a mixed-mode model keeps its per-module modes
+    running = model.features[1].running_mean.clone()
+    images, segments, _ = batch()
+    before_images, before_segments = images.clone(), segments.clone()
+    af.explain(model, images, segments=segments, num_samples=20)
+    assert model.training and not model.features[1].training
+    assert torch.equal(model.features[1].running_mean, running)
+    assert torch.equal(images, before_images) and torch.equal(segments, before_segments)
+
+
+def test_normalization_channels_last_and_amp():
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    model = SmallCNN(num_classes=5, width=8).eval()
+
+    class Normalized(torch.nn.Module):
+        def forward(self, x):
+            return model((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+
+    images, segments, _ = batch()
+    a = af.explain(model, images, segments=segments, num_samples=40, seed=0, mean=mean, std=std, channels_last=True)
+    b = af.explain(Normalized(), images, segments=segments, num_samples=40, seed=0)
+    torch.testing.assert_close(a.coef, b.coef, atol=1e-5, rtol=1e-4)
+    c = af.explain(model, images, segments=segments, num_samples=40, seed=0, amp=True, labels=a.labels)
+    assert torch.isfinite(c.coef).all()
+
+
+def test_given_labels_hide_color_and_fit_dtype():
+    model = SmallCNN(num_classes=5, width=8)
+    images, segments, _ = batch()
+    exp = af.explain(model, images, segments=segments, labels=[4, 0], num_samples=30, hide_color=0.0, fit_dtype=torch.float32)
+    assert exp.labels.tolist() == [[4, 0]] * 3 and exp.coef.dtype == torch.float32
+    lime_view = exp.to_lime(0)
+    assert set(lime_view.local_exp) == {4, 0}
+    assert lime_view.score == pytest.approx(float(exp.score[0, 1]))  # lime keeps the last label's score
+    assert not hasattr(lime_view, "top_labels")
+
+
+def test_segments_computed_when_not_given():
+    model = SmallCNN(num_classes=3, width=8)
+    images = torch.rand(2, 3, 32, 32)
+    exp = af.explain(model, images, segmentation="slic", segmentation_params={"n_segments": 10}, num_samples=20, top_labels=1)
+    assert exp.segments.shape == (2, 32, 32)
+    assert torch.equal(exp.num_segments, exp.segments.flatten(1).max(1).values + 1)
+
+
+def test_plain_callable_model():
+    images, segments, counts = batch()
+    exp = af.explain(lambda x: x.mean(dim=(2, 3)), images, segments=segments, num_samples=60, output="identity",
+                     labels=[0], hide_color=0.0, alpha=1e-9)
+    # with black replacements the mean of channel 0 is linear in the segment switches: an exact fit
+    # whose coefficients are each segment's share of that mean
+    assert torch.allclose(exp.score, torch.ones_like(exp.score), atol=1e-9)
+    hw = images.shape[2] * images.shape[3]
+    for i in range(3):
+        share = torch.zeros(int(counts.max()), dtype=torch.float64).index_add_(0, segments[i].flatten(), images[i, 0].flatten().double()) / hw
+        torch.testing.assert_close(exp.coef[i, 0, : int(counts[i])], share[: int(counts[i])], atol=1e-6, rtol=1e-5)

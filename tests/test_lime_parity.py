@@ -1,0 +1,131 @@
+"""The drop-in explainer and the batched API against lime 0.2.0.1 on real photos."""
+import numpy as np
+import pytest
+import torch
+
+from attrefine_fast import explain
+from attrefine_fast import lime as ours
+from lime_helpers import PooledLinear, assert_same_explanation, lime_samples, numpy_classifier, photo
+
+lime_image = pytest.importorskip("lime.lime_image")
+
+
+@pytest.fixture(autouse=True)
+def quiet_lime(monkeypatch):
+    """lime shows a progress bar per sample; silence it (results are unaffected)."""
+    import functools
+
+    import tqdm.auto
+
+    monkeypatch.setattr(lime_image, "tqdm", functools.partial(tqdm.auto.tqdm, disable=True))
+
+
+def both(image, classifier, explainer_kwargs=None, **kwargs):
+    explainer_kwargs = explainer_kwargs or {}
+    ref = lime_image.LimeImageExplainer(**explainer_kwargs).explain_instance(image, classifier, **kwargs)
+    mine = ours.LimeImageExplainer(**explainer_kwargs).explain_instance(image, classifier, **kwargs)
+    return mine, ref
+
+
+@pytest.mark.parametrize(
+    "name,size,seed,num_samples",
+    [("astronaut", 64, 0, 500), ("coffee", 96, 1, 300), ("chelsea", 48, 7, 1000), ("rocket", 80, 3, 257)],
+)
+def test_default_explanation_matches_lime(name, size, seed, num_samples):
+    clf = numpy_classifier(PooledLinear(seed=seed))
+    mine, ref = both(photo(name, size), clf, {"random_state": seed}, num_samples=num_samples)
+    np.testing.assert_array_equal(mine.segments, ref.segments)
+    assert_same_explanation(mine, ref)
+
+
+@pytest.mark.parametrize(
+    "feature_selection,num_features",
+    [("auto", 100000), ("auto", 4), ("none", 3), ("highest_weights", 5), ("highest_weights", 100000), ("forward_selection", 3), ("lasso_path", 4)],
+)
+def test_feature_selection_matches_lime(feature_selection, num_features):
+    clf = numpy_classifier(PooledLinear(seed=2))
+    mine, ref = both(
+        photo("astronaut", 64), clf, {"random_state": 5, "feature_selection": feature_selection},
+        num_samples=400, num_features=num_features, top_labels=3,
+    )
+    assert_same_explanation(mine, ref)
+
+
+def test_explicit_labels_hide_color_kernel_and_distance_match_lime():
+    clf = numpy_classifier(PooledLinear(seed=4))
+
+    def kernel(d, kernel_width):
+        return np.exp(-d / kernel_width)
+
+    mine, ref = both(
+        photo("coffee", 64), clf, {"random_state": 11, "kernel_width": 0.4, "kernel": kernel},
+        labels=(2, 0, 5), top_labels=None, hide_color=17, num_samples=300, batch_size=7, distance_metric="euclidean",
+    )
+    assert_same_explanation(mine, ref)
+
+
+def test_model_regressor_and_custom_segmentation_match_lime():
+    from lime.wrappers.scikit_image import SegmentationAlgorithm
+    from sklearn.linear_model import Ridge
+
+    clf = numpy_classifier(PooledLinear(seed=6))
+    seg = SegmentationAlgorithm("slic", n_segments=20, start_label=0)
+    mine, ref = both(
+        photo("chelsea", 64), clf, {"random_state": 2}, segmentation_fn=seg, model_regressor=Ridge(alpha=0.3),
+        num_samples=300, random_seed=9,
+    )
+    assert_same_explanation(mine, ref)
+
+
+def test_float_and_grayscale_images_match_lime():
+    clf = numpy_classifier(PooledLinear(seed=1))
+    image = photo("rocket", 48).astype(np.float64)
+    assert_same_explanation(*both(image, clf, {"random_state": 8}, num_samples=300))
+    gray = photo("astronaut", 48)[..., 0]
+    assert_same_explanation(*both(gray, clf, {"random_state": 9}, num_samples=300))
+
+
+def test_torch_module_classifier_matches_lime():
+    """A module runs on tensors (no numpy round trips) and gives lime's explanation."""
+    module = PooledLinear(seed=3)
+    image = photo("astronaut", 64).astype(np.float64)
+    ref = lime_image.LimeImageExplainer(random_state=4).explain_instance(image, numpy_classifier(module), num_samples=300)
+    mine = ours.LimeImageExplainer(random_state=4).explain_instance(image, module, num_samples=300)
+    assert_same_explanation(mine, ref)
+
+
+def test_random_state_stream_matches_lime_across_calls():
+    """Two explanations in a row with one explainer draw the same samples as lime's."""
+    clf = numpy_classifier(PooledLinear(seed=0))
+    a, b = lime_image.LimeImageExplainer(random_state=21), ours.LimeImageExplainer(random_state=21)
+    for name in ("astronaut", "coffee"):
+        image = photo(name, 48)
+        assert_same_explanation(b.explain_instance(image, clf, num_samples=200), a.explain_instance(image, clf, num_samples=200))
+
+
+@pytest.mark.parametrize("name,size,seed", [("astronaut", 64, 0), ("chelsea", 72, 5)])
+def test_batched_api_given_lime_samples_matches_lime(name, size, seed):
+    module = PooledLinear(seed=seed)
+    image = photo(name, size).astype(np.float64)  # float images: the segment means are not truncated
+    ref = lime_image.LimeImageExplainer(random_state=seed).explain_instance(image, numpy_classifier(module), num_samples=400, top_labels=4)
+    m = int(ref.segments.max()) + 1
+    masks = torch.from_numpy(lime_samples(seed, 400, m).astype(bool)).unsqueeze(0)
+    images = torch.from_numpy(image.astype(np.float64)).permute(2, 0, 1).unsqueeze(0)
+    segments = torch.from_numpy(ref.segments.astype(np.int64)).unsqueeze(0)
+    exp = explain(module, images, segments=segments, masks=masks, top_labels=4, output="identity", batch_size=64)
+    assert exp.labels[0].tolist() == ref.top_labels
+    assert_same_explanation(exp.to_lime(0), ref)
+
+
+@pytest.mark.parametrize("positive_only,negative_only,hide_rest,num_features,min_weight",
+                         [(True, False, False, 5, 0.0), (False, True, True, 3, 0.0), (False, False, False, 4, 0.001), (False, False, True, 10, 0.0)])
+def test_get_image_and_mask_matches_lime(positive_only, negative_only, hide_rest, num_features, min_weight):
+    clf = numpy_classifier(PooledLinear(seed=2))
+    mine, ref = both(photo("coffee", 48), clf, {"random_state": 3}, num_samples=200)
+    label = ref.top_labels[0]
+    kwargs = dict(positive_only=positive_only, negative_only=negative_only, hide_rest=hide_rest, num_features=num_features, min_weight=min_weight)
+    img_a, mask_a = mine.get_image_and_mask(label, **kwargs)
+    img_b, mask_b = ref.get_image_and_mask(label, **kwargs)
+    np.testing.assert_array_equal(mask_a, mask_b)
+    np.testing.assert_array_equal(img_a, img_b)
+    assert img_a.dtype == img_b.dtype and mask_a.dtype == mask_b.dtype
