@@ -103,3 +103,16 @@ def test_plain_callable_model():
     for i in range(3):
         share = torch.zeros(int(counts.max()), dtype=torch.float64).index_add_(0, segments[i].flatten(), images[i, 0].flatten().double()) / hw
         torch.testing.assert_close(exp.coef[i, 0, : int(counts[i])], share[: int(counts[i])], atol=1e-6, rtol=1e-5)
+
+
+def test_perturbations_are_produced_in_bounded_chunks():
+    """Peak memory does not grow with num_samples: the model only ever sees batch_size inputs."""
+    seen = []
+
+    def model(x):
+        seen.append(x.shape[0])
+        return x.mean(dim=(2, 3))
+
+    images, segments, _ = batch(b=2)
+    af.explain(model, images, segments=segments, num_samples=1001, batch_size=64, labels=[0])
+    assert max(seen) <= 64 and sum(seen) == 2 * 1001
