@@ -1,0 +1,197 @@
+"""Dataset loaders: the embedded digits, and CIFAR-10/100 and CIFAR-10/100-C from tiny files built
+here in exactly the released formats (python-2 style pickles with bytes keys, tar.gz, .npy)."""
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from attrefine_fast.data import (
+    CIFAR_C_CORRUPTIONS, ImageDataset, available_cifar_c, load_cifar, load_cifar10, load_cifar100, load_cifar_c,
+    load_dataset, load_digits,
+)
+from cifar_files import md5_hex, write_cifar, write_cifar_c
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_split_shapes_and_range():
+    train, test = load_digits("train"), load_digits("test")
+    assert len(train) + len(test) == 1797 and len(test) == 450
+    assert train.images.shape[1:] == (3, 32, 32) and train.images.dtype == torch.float32
+    assert 0 <= float(test.images.min()) and float(test.images.max()) <= 1 and float(test.images.max()) > 0.9
+    assert train.num_classes == test.num_classes == 10
+    assert sorted(test.labels.unique().tolist()) == list(range(10))  # stratified
+    # The three channels are copies: the digits are grey.
+    assert test.images[:, 0].equal(test.images[:, 2])
+    # Fixed split: a new call gives the same rows, and train and test share no image.
+    assert load_digits("test").images.equal(test.images)
+    flat_train = {tuple(r) for r in train.images[:, 0].flatten(1).mul(1e4).round().int().tolist()}
+    assert not any(tuple(r) in flat_train for r in test.images[:, 0].flatten(1).mul(1e4).round().int().tolist()[:100])
+    small = load_digits("all", size=8)
+    assert small.images.shape == (1797, 3, 8, 8)
+
+
+def test_image_dataset_api():
+    ds = ImageDataset(torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8), torch.arange(10) % 3, name="toy")
+    assert ds.num_classes == 3 and len(ds) == 10
+    x, y = ds.tensors()
+    assert x.dtype == torch.float32 and torch.allclose(x * 255, ds.images.float())
+    batches = list(ds.batches(4))
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
+    assert torch.cat([b[0] for b in batches]).equal(x) and torch.cat([b[1] for b in batches]).equal(y)
+    img, label = ds[3]
+    assert img.equal(x[3]) and int(label) == 0
+    sub = ds.subset([1, 5])
+    assert sub.images.equal(ds.images[[1, 5]]) and sub.num_classes == 3
+    assert len(ds.subset(4)) == 4
+    for bad, match in [((torch.rand(3, 4, 4), torch.zeros(3)), "N, C, H, W"),
+                       ((torch.zeros(3, 3, 4, 4, dtype=torch.int32), torch.zeros(3)), "uint8 or float"),
+                       ((torch.rand(3, 3, 4, 4), torch.zeros(2)), "labels")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            ImageDataset(*bad)
+    with pytest.raises(ValueError, match="split"):
+        load_digits("val")
+
+
+# ----------------------------------------------------------------------------- CIFAR archives
+
+
+def _expected(files, members, label_key=b"labels"):
+    batches = [pickle.loads(files[m], encoding="bytes") for m in members]
+    x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+    y = np.concatenate([b[label_key] for b in batches])
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@pytest.mark.parametrize("archive", [True, False], ids=["tarball", "folder"])
+def test_cifar10_reads_the_standard_layout(tmp_path, archive):
+    files, md5 = write_cifar(tmp_path, "cifar10", archive=archive)
+    train = load_cifar10(tmp_path, "train", md5=md5)
+    test = load_cifar("cifar10", tmp_path, "test", md5=md5)
+    x, y = _expected(files, [f"data_batch_{i}" for i in range(1, 6)])
+    assert train.images.dtype == torch.uint8 and train.images.equal(x) and train.labels.equal(y)
+    x, y = _expected(files, ["test_batch"])
+    assert test.images.equal(x) and test.labels.equal(y)
+    assert test.classes == [f"class{i}" for i in range(10)] and test.name == "cifar10/test"
+    # Channel planes: the first 1024 bytes of a row are the red plane, row-major.
+    row = pickle.loads(files["test_batch"], encoding="bytes")[b"data"][0]
+    assert test.images[0, 0, 1, :].numpy().tolist() == row[32:64].tolist()
+    via_name = load_dataset("cifar10", "test", tmp_path, md5=md5)
+    assert via_name.images.equal(test.images)
+
+
+@pytest.mark.parametrize("archive", [True, False], ids=["tarball", "folder"])
+def test_cifar100_fine_and_coarse(tmp_path, archive):
+    files, md5 = write_cifar(tmp_path, "cifar100", archive=archive)
+    fine = load_cifar100(tmp_path, "test", md5=md5)
+    coarse = load_cifar100(tmp_path, "test", md5=md5, label="coarse")
+    x, y = _expected(files, ["test"], b"fine_labels")
+    assert fine.images.equal(x) and fine.labels.equal(y) and fine.num_classes == 100
+    assert coarse.labels.equal(_expected(files, ["test"], b"coarse_labels")[1]) and coarse.num_classes == 20
+
+
+def test_cifar_extracted_folder_given_directly(tmp_path):
+    _, md5 = write_cifar(tmp_path, "cifar10", archive=False)
+    assert len(load_cifar10(tmp_path / "cifar-10-batches-py", "test", md5=md5)) == 4
+
+
+@pytest.mark.parametrize("archive", [True, False], ids=["tarball", "folder"])
+def test_cifar_damaged_or_unknown_files_fail_the_md5_check(tmp_path, archive):
+    _, md5 = write_cifar(tmp_path, "cifar10", archive=archive)
+    # Our tiny files are not the released ones: the published table rejects them before unpickling.
+    with pytest.raises(ValueError, match="MD5"):
+        load_cifar10(tmp_path, "test")
+    target = tmp_path / ("cifar-10-python.tar.gz" if archive else "cifar-10-batches-py/test_batch")
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged"):
+        load_cifar10(tmp_path, "test", md5=md5)
+
+
+def test_cifar_missing_files_name_the_expected_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-python\.tar\.gz.*cifar-10-batches-py.*data_batch_1"):
+        load_cifar10(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"cifar-100-python\.tar\.gz"):
+        load_cifar100(tmp_path / "nowhere")
+    _, md5 = write_cifar(tmp_path, "cifar10", archive=False)
+    os.remove(tmp_path / "cifar-10-batches-py" / "batches.meta")
+    with pytest.raises(FileNotFoundError, match="batches.meta"):
+        load_cifar10(tmp_path, md5=md5)
+    with pytest.raises(ValueError, match="data_dir"):
+        load_dataset("cifar10")
+
+
+def test_tarball_lacking_a_member(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/readme.html")
+        info.size = 0
+        tar.addfile(info, io.BytesIO(b""))
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="lacks"):
+        load_cifar10(tmp_path, md5={"cifar-10-python.tar.gz": md5_hex(buf.getvalue())})
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    """Even with a matching checksum (a user's md5 override), only arrays are rebuilt."""
+    files, _ = write_cifar(tmp_path, "cifar10", archive=False)
+    evil = pickle.dumps({b"data": _RunsCode(), b"labels": []}, protocol=2)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(evil)
+    md5 = {f"cifar-10-batches-py/{m}": md5_hex(d) for m, d in files.items()}
+    md5["cifar-10-batches-py/test_batch"] = md5_hex(evil)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_cifar10(tmp_path, "test", md5=md5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="cifar10"):
+        load_cifar("mnist", ".")
+    with pytest.raises(ValueError, match="split"):
+        load_cifar10(".", "val")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("imagenet")
+
+
+# ----------------------------------------------------------------------------- CIFAR-C
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_cifar_c_severity_blocks(tmp_path, nested):
+    arrays, labels = write_cifar_c(tmp_path / "CIFAR-10-C" if nested else tmp_path)
+    assert available_cifar_c("cifar10", tmp_path) == ["gaussian_noise", "fog"]  # benchmark order
+    ds = load_cifar_c("cifar10", tmp_path, "gaussian_noise", 3)
+    block = arrays["gaussian_noise"][8:12]
+    assert ds.images.equal(torch.from_numpy(block.transpose(0, 3, 1, 2).copy()))
+    assert ds.labels.tolist() == labels[8:12].tolist() and ds.num_classes == 10
+    assert len(load_cifar_c("cifar10", tmp_path, "fog", 5, num_samples=2)) == 2
+    assert "fog" in CIFAR_C_CORRUPTIONS
+
+
+def test_cifar_c_errors_name_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"CIFAR-100-C.*labels\.npy.*severities"):
+        load_cifar_c("cifar100", tmp_path, "fog", 1)
+    write_cifar_c(tmp_path / "CIFAR-10-C")
+    with pytest.raises(FileNotFoundError, match="present"):
+        load_cifar_c("cifar10", tmp_path, "snow", 1)
+    with pytest.raises(ValueError, match="severity"):
+        load_cifar_c("cifar10", tmp_path, "fog", 6)
+    np.save(tmp_path / "CIFAR-10-C" / "contrast.npy", np.zeros((7, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="5 blocks"):
+        load_cifar_c("cifar10", tmp_path, "contrast", 1)
+    (tmp_path / "CIFAR-10-C" / "brightness.npy").write_bytes(b"not an npy file")
+    with pytest.raises(ValueError, match="brightness.npy"):
+        load_cifar_c("cifar10", tmp_path, "brightness", 1)
+    np.save(tmp_path / "CIFAR-10-C" / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickled.npy"):
+        load_cifar_c("cifar10", tmp_path, "pickled", 1)
