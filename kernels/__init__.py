@@ -1,11 +1,23 @@
 """Triton kernels of the attrefine_fast ops, installed as ``attrefine_fast.kernels``.
 
 ``get(op)`` returns the Triton implementation of an op (with the op schema's signature), or
-None where there is none yet.
+None where there is none yet. Each is the torch op ``attrefine_fast::<op>_triton`` (see
+op_registration.py for why it has its own name). On CPU tensors the kernels run only under
+``TRITON_INTERPRET=1``, which must be set before this package is imported.
 """
 import triton  # noqa: F401  (ImportError here tells backends that Triton is unavailable)
 
-_IMPLEMENTATIONS = {}
+from .lime_fit import lime_fit_triton
+from .masked_pgd_step import masked_pgd_step_triton
+from .perturb import perturb_triton
+from .segment_mean import segment_mean_triton
+
+_IMPLEMENTATIONS = {
+    "segment_mean": segment_mean_triton,
+    "perturb": perturb_triton,
+    "lime_fit": lime_fit_triton,
+    "masked_pgd_step": masked_pgd_step_triton,
+}
 
 
 def get(op):

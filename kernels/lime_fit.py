@@ -1,0 +1,265 @@
+"""Triton lime_fit: the whole weighted ridge fit of one image, all labels, in one program.
+
+masks (B, N, M) bool, targets (B, N, L), num_segments (B,), optional weights (B, N)
+-> coef (B, L, M), intercept (B, L), score (B, L), local_pred (B, L).
+Matches attrefine_fast.ops.lime_fit.lime_fit_ref (see its docstring for the formulas).
+
+Program b streams its samples in blocks of BLOCK_N rows, three times (at N = 1000, M = 64,
+L = 5 that is 84 kB per image, which stays in L2 between the passes):
+  1. LIME's kernel weights from the row sums of the mask (or the given weights) and the
+     weighted means x̄ (M) and ȳ (L);
+  2. the centred weighted Gram matrix Zcᵀ W Zc (M x M) and right-hand sides Zcᵀ W Yc (M x L)
+     with tl.dot, plus the ridge diagonal (1 for padded segments, so they solve to 0);
+  3. after the solve, the weighted residual and total sums of squares for the R² score.
+The solve runs in the same program, by Gauss-Jordan elimination on the register tile: the
+matrix is symmetric positive definite for alpha > 0, so no pivoting is needed, and fusing it
+removes the round trip of B Gram matrices through memory and the batched-solver launches.
+alpha = 0 can make the matrix singular; that case writes the normal equations out, solves
+them with a pseudo-inverse (the minimum-norm solution, which the reference's lstsq fallback
+also gives on CPU) and runs the remaining pass as a second launch.
+
+tl.dot needs blocks of at least 16, so M and L are padded to powers of two >= 16 with zeros.
+One program holds the whole M x M matrix in registers: without spills up to M = 128 in
+float32 (64 in float64, see _fits_in_registers), correct but slower up to MAX_SEGMENTS.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .op_registration import autotune_configs, triton_op, wrap_triton
+
+MAX_SEGMENTS = 256
+FUSED, NORMAL_EQUATIONS, FINISH = 0, 1, 2  # the PHASE of a launch
+# the same, readable inside the kernels (Triton reads only constexpr globals)
+_FUSED, _NORMAL_EQUATIONS, _FINISH = tl.constexpr(FUSED), tl.constexpr(NORMAL_EQUATIONS), tl.constexpr(FINISH)
+
+# Not measured (no GPU when written): candidates for M = 64 / 128 segments at N = 1000 samples.
+_CONFIGS = [
+    triton.Config({"BLOCK_N": 32}, num_warps=4),
+    triton.Config({"BLOCK_N": 64}, num_warps=4),
+    triton.Config({"BLOCK_N": 32}, num_warps=8),
+    triton.Config({"BLOCK_N": 64}, num_warps=8),
+    triton.Config({"BLOCK_N": 16}, num_warps=4),
+    triton.Config({"BLOCK_N": 32}, num_warps=16),
+]
+
+
+def _fits_in_registers(configs, named_args, **kwargs):
+    """Drop the configurations whose M x M tile cannot stay in registers.
+
+    From ptxas's resource usage for sm_90 (cubins built as in kernels/compile_check.py, no GPU
+    needed): the fused kernel spills at most a few bytes per thread while the Gram tile takes
+    at most 64 32-bit registers per thread with BLOCK_N = 32 (32 with BLOCK_N = 64), and
+    spills hundreds of bytes to kilobytes beyond that; e.g. float32 M = 128 spills 1.3 kB per
+    thread with 4 warps and nothing with 8.
+    """
+    words = kwargs["BLOCK_M"] ** 2 * (2 if named_args["targets_ptr"].dtype == torch.float64 else 1)
+
+    def per_thread(c):
+        return words / (32 * c.num_warps)
+
+    kept = [c for c in configs if per_thread(c) <= (32 if c.kwargs["BLOCK_N"] >= 64 else 64)]
+    return kept or [max(configs, key=lambda c: c.num_warps)]
+
+
+@triton.jit
+def _load_block(
+    masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
+    sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
+    HAS_WEIGHTS: tl.constexpr, F64: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Samples n0 .. n0+BLOCK_N: z (BLOCK_N, BLOCK_M) 0/1 with zeros outside the image's
+    segments, y (BLOCK_N, BLOCK_L) and w (BLOCK_N,), zero for rows past N."""
+    dtype = tl.float64 if F64 else tl.float32
+    rows = n0 + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_M)
+    labels = tl.arange(0, BLOCK_L)
+    row_ok = rows < N
+    z = tl.load(
+        masks_ptr + b * sm_b + rows[:, None] * sm_n + cols[None, :] * sm_m,
+        mask=row_ok[:, None] & (cols < mb)[None, :], other=0,
+    )
+    z = (z != 0).to(dtype)
+    y = tl.load(
+        targets_ptr + b * st_b + rows[:, None] * st_n + labels[None, :] * st_l,
+        mask=row_ok[:, None] & (labels < L)[None, :], other=0,
+    ).to(dtype)
+    if HAS_WEIGHTS:
+        w = tl.load(weights_ptr + b * sw_b + rows * sw_n, mask=row_ok, other=0).to(dtype)
+    else:
+        # cosine distance to the all-ones sample, then LIME's exponential kernel
+        if F64:
+            d = 1 - tl.sqrt(tl.sum(z, axis=1) / mb.to(dtype))
+            w = tl.sqrt(tl.exp(-(d * d) / kw2))
+        else:
+            d = 1 - tl.sqrt_rn(tl.sum(z, axis=1) / mb.to(dtype))
+            w = tl.sqrt_rn(tl.exp(-(d * d) / kw2))
+        w = tl.where(row_ok, w, 0)
+    return z, y, w
+
+
+@triton.jit
+def _ridge_solve(gram, rhs, mb, BLOCK_M: tl.constexpr):
+    """Solve gram @ beta = rhs by Gauss-Jordan elimination on the tile (gram is SPD)."""
+    idx = tl.arange(0, BLOCK_M)
+    rows = idx[:, None]
+    cols = idx[None, :]
+    for k in range(0, mb):
+        pivot_row = tl.sum(tl.where(rows == k, gram, 0), axis=0)
+        pivot_col = tl.sum(tl.where(cols == k, gram, 0), axis=1)
+        pivot = tl.sum(tl.where(idx == k, pivot_row, 0), axis=0)
+        rhs_row = tl.sum(tl.where(rows == k, rhs, 0), axis=0)
+        factor = tl.where(idx == k, 0, pivot_col / pivot)
+        gram = gram - factor[:, None] * pivot_row[None, :]
+        rhs = rhs - factor[:, None] * rhs_row[None, :]
+    diag = tl.sum(tl.where(rows == cols, gram, 0), axis=1)
+    return rhs / diag[:, None]
+
+
+@triton.autotune(
+    configs=autotune_configs(_CONFIGS), key=["N", "BLOCK_M", "BLOCK_L"],
+    prune_configs_by={"early_config_prune": _fits_in_registers},
+)
+@triton.jit
+def _lime_fit_kernel(
+    # pointers
+    masks_ptr, targets_ptr, weights_ptr, num_segments_ptr, params_ptr,
+    gram_ptr, rhs_ptr, beta_ptr,  # normal equations / solution of the alpha = 0 path
+    coef_ptr, intercept_ptr, score_ptr, local_pred_ptr,
+    # sizes
+    N, M, L,
+    # strides (elements); the outputs are contiguous
+    sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n, sk_b,
+    # compile-time
+    PHASE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, F64: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    dtype = tl.float64 if F64 else tl.float32
+    b = tl.program_id(0).to(tl.int64)
+    mb = tl.load(num_segments_ptr + b * sk_b)
+    kw2 = tl.load(params_ptr)
+    alpha = tl.load(params_ptr + 1)
+    idx_m = tl.arange(0, BLOCK_M)
+    idx_l = tl.arange(0, BLOCK_L)
+    seg_ok = idx_m < mb
+
+    # 1. weights and weighted means
+    acc_w = tl.zeros((BLOCK_N,), dtype)
+    acc_z = tl.zeros((BLOCK_M,), dtype)
+    acc_y = tl.zeros((BLOCK_L,), dtype)
+    for n0 in range(0, N, BLOCK_N):
+        z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
+                              sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
+                              HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
+        acc_w += w
+        acc_z += tl.sum(w[:, None] * z, axis=0)
+        acc_y += tl.sum(w[:, None] * y, axis=0)
+    sw = tl.sum(acc_w, axis=0)
+    xbar = tl.where(seg_ok, acc_z / sw, 0)
+    ybar = acc_y / sw
+
+    # 2. centred normal equations, then the solve
+    if PHASE != _FINISH:
+        gram = tl.zeros((BLOCK_M, BLOCK_M), dtype)
+        rhs = tl.zeros((BLOCK_M, BLOCK_L), dtype)
+        for n0 in range(0, N, BLOCK_N):
+            z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
+                                  sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
+                                  HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
+            zc = tl.where(seg_ok[None, :], z - xbar[None, :], 0)
+            yc = y - ybar[None, :]
+            wzc_t = tl.trans(w[:, None] * zc)
+            gram = tl.dot(wzc_t, zc, gram, input_precision="ieee")
+            rhs = tl.dot(wzc_t, yc, rhs, input_precision="ieee")
+        ridge = tl.where(seg_ok, alpha, 1.0).to(dtype)
+        gram += tl.where(idx_m[:, None] == idx_m[None, :], ridge[:, None], 0)
+    if PHASE == _NORMAL_EQUATIONS:
+        rc = idx_m[:, None] < M
+        tl.store(gram_ptr + b * M * M + idx_m[:, None] * M + idx_m[None, :], gram, mask=rc & (idx_m < M)[None, :])
+        tl.store(rhs_ptr + b * M * L + idx_m[:, None] * L + idx_l[None, :], rhs, mask=rc & (idx_l < L)[None, :])
+    else:
+        if PHASE == _FUSED:
+            beta = _ridge_solve(gram, rhs, mb, BLOCK_M)
+        else:
+            beta = tl.load(beta_ptr + b * M * L + idx_m[:, None] * L + idx_l[None, :],
+                           mask=seg_ok[:, None] & (idx_l < L)[None, :], other=0).to(dtype)
+
+        # 3. residual and total sums of squares
+        rss = tl.zeros((BLOCK_L,), dtype)
+        tss = tl.zeros((BLOCK_L,), dtype)
+        for n0 in range(0, N, BLOCK_N):
+            z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
+                                  sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
+                                  HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
+            zc = tl.where(seg_ok[None, :], z - xbar[None, :], 0)
+            yc = y - ybar[None, :]
+            resid = yc - tl.dot(zc, beta, input_precision="ieee")
+            rss += tl.sum(w[:, None] * resid * resid, axis=0)
+            tss += tl.sum(w[:, None] * yc * yc, axis=0)
+
+        intercept = ybar - tl.sum(xbar[:, None] * beta, axis=0)
+        local_pred = intercept + tl.sum(beta, axis=0)
+        # scikit-learn's r2_score with force_finite (see r2_from_sums)
+        score = 1 - rss / tl.where(tss == 0, 1, tss)
+        score = tl.where(tss == 0, tl.where(rss == 0, 1, 0).to(dtype), score)
+        label_ok = idx_l < L
+        tl.store(coef_ptr + b * L * M + idx_l[None, :] * M + idx_m[:, None], beta,
+                 mask=(idx_m < M)[:, None] & label_ok[None, :])
+        tl.store(intercept_ptr + b * L + idx_l, intercept, mask=label_ok)
+        tl.store(score_ptr + b * L + idx_l, score, mask=label_ok)
+        tl.store(local_pred_ptr + b * L + idx_l, local_pred, mask=label_ok)
+
+
+@triton_op("lime_fit_triton", mutates_args=())
+def lime_fit_triton(
+    masks: torch.Tensor,
+    targets: torch.Tensor,
+    num_segments: torch.Tensor,
+    weights: torch.Tensor | None,
+    kernel_width: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtype, device = targets.dtype, targets.device
+    b, n, m = masks.shape
+    l = targets.shape[2]
+    if m > MAX_SEGMENTS:
+        raise ValueError(
+            f"the Triton lime_fit keeps the M x M system of an image in registers and takes at most "
+            f"{MAX_SEGMENTS} segments, got M={m}; use backend='cuda', 'cpp' or 'torch' for more"
+        )
+    # int(): the block sizes are compile-time constants, so a symbolic size is specialized here
+    block_m = max(16, triton.next_power_of_2(int(m)))
+    block_l = max(16, triton.next_power_of_2(int(l)))
+    coef = torch.empty((b, l, m), dtype=dtype, device=device)
+    intercept, score, local_pred = (torch.empty((b, l), dtype=dtype, device=device) for _ in range(3))
+    # Scalars travel as a tensor of targets' dtype: Triton passes Python floats as float32.
+    params = torch.tensor([kernel_width**2, alpha], dtype=dtype, device=device)
+    masks_u8 = masks.view(torch.uint8) if masks.dtype == torch.bool else masks
+    has_weights = weights is not None
+    w = weights if has_weights else targets  # never read when HAS_WEIGHTS is off
+    sw_b, sw_n = w.stride()[:2]
+
+    def launch(phase, gram, rhs, beta):
+        wrap_triton(_lime_fit_kernel)[(b,)](
+            masks_u8, targets, w, num_segments, params,
+            gram, rhs, beta, coef, intercept, score, local_pred,
+            n, m, l,
+            *masks_u8.stride(), *targets.stride(), sw_b, sw_n, num_segments.stride(0),
+            PHASE=phase, HAS_WEIGHTS=has_weights, F64=dtype == torch.float64,
+            BLOCK_M=block_m, BLOCK_L=block_l,
+        )
+
+    if alpha > 0:
+        launch(FUSED, coef, coef, coef)  # the scratch pointers are unused
+        return coef, intercept, score, local_pred
+    gram = torch.empty((b, m, m), dtype=dtype, device=device)
+    rhs = torch.empty((b, m, l), dtype=dtype, device=device)
+    launch(NORMAL_EQUATIONS, gram, rhs, rhs)
+    # The minimum-norm solution, as the reference's lstsq gives on CPU; lstsq itself has no fake
+    # implementation (its outputs' shapes depend on the data), which torch.compile needs.
+    beta = (torch.linalg.pinv(gram, hermitian=True) @ rhs).contiguous()
+    launch(FINISH, gram, rhs, beta)
+    return coef, intercept, score, local_pred
