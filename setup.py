@@ -57,8 +57,10 @@ def extensions():
         why = "no CUDA toolkit found (set CUDA_HOME)"
     else:
         with_cuda, why = True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit at {cpp_extension.CUDA_HOME}"
+    say("C++/OpenMP CPU sources: " + ", ".join(cpu_sources))
     if with_cuda and cuda_sources:
         say(f"building the CPU (C++/OpenMP) and CUDA ops: {why}")
+        say("CUDA sources: " + ", ".join(cuda_sources))
         ext = cpp_extension.CUDAExtension(
             "attrefine_fast._C",
             cpu_sources + cuda_sources,

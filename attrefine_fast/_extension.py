@@ -23,12 +23,29 @@ def loaded() -> bool:
         _error = f"the compiled extension attrefine_fast._C is not available ({e}); {_BUILD_HINT}"
         return False
     _register_fakes()
+    _declare_not_differentiable()
     return True
 
 
 def load_error() -> str:
     loaded()
     return _error
+
+
+_NOT_DIFFERENTIABLE = ("segment_mean", "perturb", "lime_fit", "masked_pgd_step")
+_autograd_library = None
+
+
+def _declare_not_differentiable() -> None:
+    """None of the ops has a gradient: a fallthrough on the Autograd key says so, so that inputs
+    requiring grad give outputs that do not (instead of a graph that silently backpropagates
+    nothing, which torch warns about)."""
+    global _autograd_library
+    if _autograd_library is not None:
+        return
+    _autograd_library = torch.library.Library("attrefine_fast", "IMPL")
+    for op in _NOT_DIFFERENTIABLE:
+        _autograd_library.impl(op, torch.library.fallthrough_kernel, "Autograd")
 
 
 def _register_fakes() -> None:

@@ -1,0 +1,197 @@
+// masked_pgd_step on the CPU: one PGD update with a per-pixel weight, in place on x_adv.
+//
+//   x_adv, x, grad (B, C, H, W) float16 / bfloat16 / float32 / float64 (same dtype and shape),
+//   contiguous or channels-last;  weight: optional (B, H, W) in [0, 1], broadcast over channels
+//   L-inf:  x_adv = clamp(x + clamp(x_adv + step * weight * sign(grad) - x, -eps, eps), lo, hi)
+//   L2:     g = weight * grad;  δ = x_adv + step * g / (‖g‖ + 1e-10) - x;  δ *= min(1, eps / ‖δ‖)
+//           x_adv = clamp(x + δ, lo, hi)
+//
+// Every intermediate is rounded to the tensor's dtype in the reference's order
+// (attrefine_fast.ops.masked_pgd_step_ref), so L-inf matches it exactly in every dtype.
+// L-inf is one pass over memory. L2 needs the per-sample norms ‖g‖ and ‖δ‖ before any element can
+// be written, so it takes two passes: the first accumulates Σg², Σa·g and Σa² (a = x_adv - x) in
+// float64, from which ‖δ‖² = Σa² + 2c Σa·g + c² Σg² (c = step / (‖g‖ + 1e-10)) follows without
+// materializing δ; the second writes. float64 accumulation keeps that expansion's cancellation far
+// below the reference's own float32 rounding.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "tensor_checks.h"
+
+namespace attrefine_fast {
+namespace {
+
+// Elements per task: 16 Ki keeps a task's four streams in L2 and gives B * C * H * W / 16 Ki
+// tasks, enough to balance two to a few dozen threads even for one image.
+constexpr int64_t kChunk = 1 << 14;
+
+template <typename scalar_t>
+struct StepArgs {
+  scalar_t* x_adv;
+  const scalar_t *x, *grad, *weight;  // weight (B, H, W) or nullptr
+  int64_t batch, channels, pixels;
+  bool channels_last;
+  double step_size, eps, lo, hi;
+};
+
+template <typename scalar_t>
+inline scalar_t round_to(at::opmath_type<scalar_t> v) {
+  return static_cast<scalar_t>(v);
+}
+
+// Weight index of element e of sample b (per-pixel weights, broadcast over channels).
+template <typename scalar_t>
+inline int64_t pixel_of(const StepArgs<scalar_t>& a, int64_t e) {
+  return a.channels_last ? e / a.channels : e % a.pixels;
+}
+
+// Runs body(b, begin, end) over chunks of every sample in parallel.
+template <typename F>
+void for_sample_chunks(int64_t batch, int64_t per_sample, F body) {
+  const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
+  // 16 chunks (256 Ki elements) per thread at least, so small batches stay on one thread.
+  at::parallel_for(0, batch * chunks, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t b = t / chunks, begin = (t % chunks) * kChunk;
+      body(b, t, begin, std::min(per_sample, begin + kChunk));
+    }
+  });
+}
+
+template <typename scalar_t>
+void linf_step(const StepArgs<scalar_t>& a) {
+  using op_t = at::opmath_type<scalar_t>;
+  const op_t step = static_cast<op_t>(a.step_size), eps = static_cast<op_t>(a.eps);
+  const op_t lo = static_cast<op_t>(a.lo), hi = static_cast<op_t>(a.hi);
+  const int64_t per_sample = a.channels * a.pixels;
+  for_sample_chunks(a.batch, per_sample, [&](int64_t b, int64_t, int64_t begin, int64_t end) {
+    const int64_t base = b * per_sample;
+    for (int64_t e = begin; e < end; ++e) {
+      const op_t g = static_cast<op_t>(a.grad[base + e]);
+      scalar_t s = round_to<scalar_t>(static_cast<op_t>((op_t(0) < g) - (g < op_t(0))));
+      if (a.weight != nullptr) s = round_to<scalar_t>(s * static_cast<op_t>(a.weight[b * a.pixels + pixel_of(a, e)]));
+      const scalar_t moved = round_to<scalar_t>(static_cast<op_t>(a.x_adv[base + e]) + static_cast<op_t>(round_to<scalar_t>(step * static_cast<op_t>(s))));
+      const op_t xe = static_cast<op_t>(a.x[base + e]);
+      const op_t delta = std::min(std::max(static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(moved) - xe)), -eps), eps);
+      const op_t out = static_cast<op_t>(round_to<scalar_t>(xe + static_cast<op_t>(round_to<scalar_t>(delta))));
+      a.x_adv[base + e] = round_to<scalar_t>(std::min(std::max(out, lo), hi));
+    }
+  });
+}
+
+template <typename scalar_t>
+void l2_step(const StepArgs<scalar_t>& a) {
+  using op_t = at::opmath_type<scalar_t>;
+  const int64_t per_sample = a.channels * a.pixels;
+  const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
+  // Pass 1: per chunk Σg², Σa·g, Σa², summed per sample in a fixed order (deterministic).
+  std::vector<double> partial(a.batch * chunks * 3, 0.0);
+  const auto masked_grad = [&](int64_t b, int64_t e) {
+    const scalar_t g = a.grad[b * per_sample + e];
+    if (a.weight == nullptr) return g;
+    return round_to<scalar_t>(static_cast<op_t>(g) * static_cast<op_t>(a.weight[b * a.pixels + pixel_of(a, e)]));
+  };
+  for_sample_chunks(a.batch, per_sample, [&](int64_t b, int64_t task, int64_t begin, int64_t end) {
+    double gg = 0.0, ag = 0.0, aa = 0.0;
+    for (int64_t e = begin; e < end; ++e) {
+      const double g = static_cast<double>(masked_grad(b, e));
+      const double d = static_cast<double>(a.x_adv[b * per_sample + e]) - static_cast<double>(a.x[b * per_sample + e]);
+      gg += g * g;
+      ag += d * g;
+      aa += d * d;
+    }
+    partial[task * 3] = gg, partial[task * 3 + 1] = ag, partial[task * 3 + 2] = aa;
+  });
+  std::vector<op_t> g_norm(a.batch), factor(a.batch);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    double gg = 0.0, ag = 0.0, aa = 0.0;
+    for (int64_t t = b * chunks; t < (b + 1) * chunks; ++t) gg += partial[t * 3], ag += partial[t * 3 + 1], aa += partial[t * 3 + 2];
+    TORCH_CHECK_VALUE(std::isfinite(gg) && std::isfinite(aa), "masked_pgd_step: grad or x_adv - x of sample ", b,
+                      " contains NaN or infinite values");
+    const scalar_t gn = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(std::sqrt(gg)))) + static_cast<op_t>(1e-10));
+    g_norm[b] = static_cast<op_t>(gn);
+    const double c = a.step_size / static_cast<double>(gn);
+    const double d_norm = std::sqrt(std::max(0.0, aa + 2.0 * c * ag + c * c * gg));
+    const scalar_t ratio = round_to<scalar_t>(static_cast<op_t>(a.eps) / static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(d_norm))));
+    // clamp(max=1) as torch does it: NaN (eps = ‖δ‖ = 0) stays NaN.
+    factor[b] = std::isnan(static_cast<double>(ratio)) ? static_cast<op_t>(ratio) : std::min(static_cast<op_t>(ratio), op_t(1));
+  }
+  // Pass 2: δ in the reference's rounding order, scaled, clamped, written.
+  const op_t step = static_cast<op_t>(a.step_size), lo = static_cast<op_t>(a.lo), hi = static_cast<op_t>(a.hi);
+  for_sample_chunks(a.batch, per_sample, [&](int64_t b, int64_t, int64_t begin, int64_t end) {
+    const int64_t base = b * per_sample;
+    const op_t f = factor[b], gn = g_norm[b];
+    for (int64_t e = begin; e < end; ++e) {
+      const scalar_t scaled = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(step * static_cast<op_t>(masked_grad(b, e)))) / gn);
+      const scalar_t moved = round_to<scalar_t>(static_cast<op_t>(a.x_adv[base + e]) + static_cast<op_t>(scaled));
+      const op_t xe = static_cast<op_t>(a.x[base + e]);
+      const scalar_t delta = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(moved) - xe)) * f);
+      const op_t out = static_cast<op_t>(round_to<scalar_t>(xe + static_cast<op_t>(delta)));
+      a.x_adv[base + e] = round_to<scalar_t>(std::min(std::max(out, lo), hi));
+    }
+  });
+}
+
+void masked_pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
+                         const std::optional<at::Tensor>& weight, double step_size, double eps, double lo, double hi,
+                         c10::string_view norm) {
+  check_dim(x_adv, "x_adv", 4, "(B, C, H, W)");
+  check_dtype_in(x_adv, "x_adv", kFloatDtypes);
+  check_device_type(x_adv, "x_adv", at::kCPU);
+  for (const auto* t : {&x, &grad}) {
+    const char* name = t == &x ? "x" : "grad";
+    check_same_device(x_adv, "x_adv", *t, name);
+    TORCH_CHECK_TYPE(t->scalar_type() == x_adv.scalar_type(), name, " must have x_adv's dtype ", x_adv.scalar_type(),
+                     ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->sizes() == x_adv.sizes(), name, " must have the shape of x_adv ", shape_of(x_adv), ", got ",
+                      shape_of(*t));
+  }
+  const bool linf = norm == "linf";
+  TORCH_CHECK_VALUE(linf || norm == "l2", "norm must be 'linf' or 'l2', got '", std::string(norm), "'");
+  TORCH_CHECK_VALUE(step_size >= 0 && eps >= 0 && lo <= hi, "need step_size >= 0, eps >= 0 and lo <= hi, got ",
+                    step_size, ", ", eps, ", ", lo, ", ", hi);
+  const int64_t b = x_adv.size(0), c = x_adv.size(1), h = x_adv.size(2), w = x_adv.size(3);
+  at::Tensor wt;
+  if (weight.has_value()) {
+    check_dim(*weight, "weight", 3, "(B, H, W)");
+    TORCH_CHECK_TYPE(weight->scalar_type() == x_adv.scalar_type(), "weight must have x_adv's dtype ",
+                     x_adv.scalar_type(), ", got ", weight->scalar_type());
+    check_same_device(x_adv, "x_adv", *weight, "weight");
+    TORCH_CHECK_VALUE(weight->size(0) == b && weight->size(1) == h && weight->size(2) == w,
+                      "weight must have shape (B, H, W) = (", b, ", ", h, ", ", w, "), got ", shape_of(*weight));
+    wt = weight->contiguous();
+  }
+  // A NaN or infinite gradient would silently poison x_adv: refuse it before anything is written.
+  TORCH_CHECK_VALUE(at::isfinite(grad).all().item<bool>(), "grad contains NaN or infinite values");
+  if (x_adv.numel() == 0) return;
+
+  // Work in x_adv's own layout when it is NCHW- or NHWC-dense; otherwise on a dense copy.
+  const bool channels_last = !x_adv.is_contiguous() && x_adv.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor work = x_adv.is_contiguous(format) ? x_adv : x_adv.contiguous(format);
+  const auto xc = x.contiguous(format);
+  const auto gc = grad.contiguous(format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "masked_pgd_step_cpu", [&] {
+    StepArgs<scalar_t> args{work.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
+                            wt.defined() ? wt.data_ptr<scalar_t>() : nullptr, b, c, h * w, channels_last,
+                            step_size, eps, lo, hi};
+    if (linf)
+      linf_step(args);
+    else
+      l2_step(args);
+  });
+  if (!work.is_same(x_adv)) x_adv.copy_(work);
+}
+
+}  // namespace
+}  // namespace attrefine_fast
+
+TORCH_LIBRARY_IMPL(attrefine_fast, CPU, m) {
+  m.impl("masked_pgd_step", &attrefine_fast::masked_pgd_step_cpu);
+}

@@ -1,0 +1,127 @@
+"""Sample inputs for the compiled ops, in schema order: one list per op feeds the parity tests,
+the torch.library.opcheck registration checks and the CUDA parity tests alike.
+
+Every list holds the awkward shapes: a prime size, a size-1 dimension, a non-power-of-two size,
+a non-contiguous input and an image with a single segment.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def labels(b: int, h: int, w: int, counts, gen: torch.Generator, coherent: bool = False) -> torch.Tensor:
+    """(B, H, W) int64 segment ids with every label 0..counts[i]-1 present in image i.
+
+    coherent=True gives horizontal bands (long runs of equal labels, like real superpixels);
+    otherwise labels are scattered pixel by pixel.
+    """
+    out = torch.empty(b, h, w, dtype=torch.long)
+    for i, m in enumerate(counts):
+        if coherent:
+            band = torch.arange(h * w) * m // (h * w)
+            out[i] = band.view(h, w)
+        else:
+            flat = torch.cat([torch.arange(m), torch.randint(0, m, (h * w - m,), generator=gen)])
+            out[i] = flat[torch.randperm(h * w, generator=gen)].view(h, w)
+    return out
+
+
+def _images(shape, dtype, gen):
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    return torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def segment_mean_cases(dtype=torch.float32, device="cpu"):
+    """(id, (images, segments, num_segments))"""
+    gen = torch.Generator().manual_seed(1)
+    cases = []
+    for name, (b, c, h, w), counts, coherent in [
+        ("prime", (2, 3, 7, 13), [5, 3], False),
+        ("single_segment", (1, 1, 5, 4), [1], False),
+        ("one_pixel", (3, 4, 1, 1), [1, 1, 1], False),
+        ("bands", (2, 3, 16, 24), [6, 11], True),
+    ]:
+        seg = labels(b, h, w, counts, gen, coherent)
+        cases.append((name, (_images((b, c, h, w), dtype, gen), seg, max(counts))))
+    # channels-last storage: a non-contiguous NCHW view
+    img = _images((2, 9, 11, 3), dtype, gen).permute(0, 3, 1, 2)
+    cases.append(("non_contiguous", (img, labels(2, 11, 9, [4, 7], gen).transpose(1, 2), 7)))
+    return [(n, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)) for n, args in cases]
+
+
+def perturb_cases(dtype=torch.float32, device="cpu"):
+    """(id, (images, segments, masks, fudge, offset, count, mean, std, out_dtype, channels_last))"""
+    gen = torch.Generator().manual_seed(2)
+    norm = (torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
+    cases = []
+    for name, (b, c, h, w), counts, n, offset, count, normalize, out_dtype, cl, coherent in [
+        ("prime", (2, 3, 7, 13), [5, 3], 11, 2, 7, False, None, False, False),
+        ("single_segment", (1, 3, 5, 4), [1], 3, 0, 3, True, None, False, False),
+        ("bands_channels_last", (2, 3, 17, 24), [6, 9], 5, 1, 4, True, torch.float32, True, True),
+        ("bands_bf16_out", (1, 3, 16, 10), [4], 4, 3, 1, False, torch.bfloat16, False, True),
+        ("one_pixel", (3, 1, 1, 1), [1, 1, 1], 2, 0, 2, False, None, True, False),
+    ]:
+        seg = labels(b, h, w, counts, gen, coherent)
+        masks = torch.rand(b, n, max(counts), generator=gen) > 0.5
+        mean, std = (norm[0][:c].to(torch.float64), norm[1][:c]) if normalize else (None, None)
+        args = (_images((b, c, h, w), dtype, gen), seg, masks, _images((b, c, h, w), dtype, gen), offset, count, mean, std, out_dtype, cl)
+        cases.append((name, args))
+    img = _images((2, 6, 9, 3), dtype, gen).permute(0, 3, 1, 2)  # non-contiguous
+    masks = (torch.rand(2, 9, 5, generator=gen) > 0.5).transpose(1, 2).contiguous().transpose(1, 2)
+    cases.append(("non_contiguous", (img, labels(2, 6, 9, [5, 2], gen), masks, torch.flip(img, [3]), 4, 5, None, None, None, False)))
+    return [(nm, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)) for nm, args in cases]
+
+
+def lime_fit_cases(dtype=torch.float64, device="cpu"):
+    """(id, (masks, targets, num_segments, weights, kernel_width, alpha))"""
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for name, b, n, m, l, counts, with_weights, alpha in [
+        ("prime", 3, 37, 5, 3, [5, 2, 4], False, 1.0),
+        ("single_segment", 2, 5, 1, 1, [1, 1], False, 1.0),
+        ("weights_small_alpha", 2, 23, 7, 2, [7, 6], True, 0.01),
+        ("fast_path_limit", 2, 300, 256, 2, [256, 255], False, 1.0),
+        ("above_fast_path", 1, 320, 257, 3, [257], False, 1.0),
+    ]:
+        masks = torch.rand(b, n, m, generator=gen) > 0.5
+        masks[:, 0] = True
+        targets = torch.rand(b, n, l, generator=gen, dtype=torch.float64).to(dtype)
+        weights = torch.rand(b, n, generator=gen, dtype=torch.float64).to(dtype) if with_weights else None
+        cases.append((name, (masks, targets, torch.tensor(counts), weights, 0.25, alpha)))
+    masks = torch.rand(2, 8, 19, generator=gen) > 0.5
+    targets = torch.rand(2, 4, 19, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)  # non-contiguous (2, 19, 4)
+    cases.append(("non_contiguous", (masks.transpose(1, 2), targets, torch.tensor([8, 3]), None, 0.5, 1.0)))
+    return [(nm, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)) for nm, args in cases]
+
+
+def masked_pgd_step_cases(dtype=torch.float32, device="cpu"):
+    """(id, (x_adv, x, grad, weight, step_size, eps, lo, hi, norm)); x_adv is updated in place."""
+    gen = torch.Generator().manual_seed(4)
+    cases = []
+    for norm in ("linf", "l2"):
+        for name, (b, c, h, w), with_weight, layout in [
+            ("prime", (3, 3, 7, 13), True, "contiguous"),
+            ("one_pixel", (1, 1, 1, 1), False, "contiguous"),
+            ("channels_last", (2, 3, 5, 6), True, "channels_last"),
+            ("non_contiguous", (2, 4, 6, 5), False, "transposed"),
+        ]:
+            x = torch.rand(b, c, h, w, generator=gen, dtype=torch.float64)
+            x_adv = (x + 0.05 * torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)).clamp(0, 1)
+            grad = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
+            grad[0, 0, 0, 0] = 0.0  # sign(0) = 0
+            x, x_adv, grad = (t.to(dtype) for t in (x, x_adv, grad))
+            if layout == "channels_last":
+                x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+                grad = grad.contiguous(memory_format=torch.channels_last)
+            elif layout == "transposed":
+                x_adv = x_adv.transpose(2, 3).contiguous().transpose(2, 3)
+            weight = torch.rand(b, h, w, generator=gen, dtype=torch.float64).to(dtype) if with_weight else None
+            step, eps = (0.02, 0.03) if norm == "linf" else (0.1, 0.2)
+            cases.append((f"{norm}-{name}", (x_adv, x, grad, weight, step, eps, 0.0, 1.0, norm)))
+    return [(nm, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)) for nm, args in cases]
+
+
+def clone_args(args):
+    """A copy whose tensors share nothing with ``args`` (for in-place ops)."""
+    return tuple(a.clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor) else a for a in args)

@@ -1,0 +1,374 @@
+"""The compiled C++/OpenMP CPU ops (csrc/cpu) against the pure-PyTorch references: parity over
+(dtype, atol, rtol) with awkward shapes, torch.library.opcheck on the registrations, errors on bad
+input straight from the op, and one end-to-end explanation with each backend."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import attrefine_fast as af
+from attrefine_fast import _extension, backends
+from attrefine_fast.models import SmallCNN
+from attrefine_fast.ops import (
+    lime_fit,
+    lime_fit_ref,
+    masked_pgd_step,
+    masked_pgd_step_ref,
+    perturb,
+    perturb_ref,
+    segment_mean,
+    segment_mean_ref,
+)
+from op_cases import clone_args, labels, lime_fit_cases, masked_pgd_step_cases, perturb_cases, segment_mean_cases
+
+LOADED = _extension.loaded()
+ops = torch.ops.attrefine_fast if LOADED else None
+
+
+@pytest.fixture(autouse=True)
+def needs_extension(request):
+    """Every test here needs the compiled ops, except the one that checks that they were built."""
+    if not LOADED and request.function is not test_extension_is_built_where_a_compiler_exists:
+        pytest.skip(f"compiled extension not loaded: {_extension.load_error()}")
+
+
+def _ids(cases):
+    return [name for name, _ in cases]
+
+
+def test_extension_is_built_where_a_compiler_exists():
+    """A broken build must not hide behind the skips: with a C++ compiler present (and the build
+    not switched off) the extension has to load and carry a CPU kernel for every op."""
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None or os.environ.get("ATTREFINE_NO_EXTENSION", "0") == "1":
+        pytest.skip("no C++ compiler, or the build was switched off with ATTREFINE_NO_EXTENSION=1")
+    assert _extension.loaded(), _extension.load_error()
+    for op in backends.OPS:
+        assert backends.status(op, "cpp", "cpu") == (True, "C++/OpenMP kernel"), op
+
+
+# ---- segment_mean: float64 sums in pixel order, so every dtype matches exactly ----
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("case", segment_mean_cases(), ids=_ids(segment_mean_cases()))
+def test_segment_mean_parity(case, dtype):
+    name, _ = case
+    images, segments, m = dict(segment_mean_cases(dtype))[name]
+    expected = segment_mean_ref(images, segments, m)
+    out = ops.segment_mean(images, segments, m)
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(segment_mean(images, segments, m, backend="cpp"), expected, atol=0, rtol=0)
+
+
+def test_segment_mean_int32_segments_and_padding():
+    images, segments, m = segment_mean_cases(torch.float64)[0][1]
+    out = ops.segment_mean(images, segments.int(), m + 3)  # padded segments have mean 0
+    torch.testing.assert_close(out, segment_mean_ref(images, segments, m + 3), atol=0, rtol=0)
+    assert torch.all(out[:, m:] == 0)
+
+
+# ---- perturb: a pure select after the reference's own normalization and cast: exact ----
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.uint8])
+@pytest.mark.parametrize("case", perturb_cases(), ids=_ids(perturb_cases()))
+def test_perturb_parity(case, dtype):
+    name, _ = case
+    args = dict(perturb_cases(dtype))[name]
+    expected = perturb_ref(*args)
+    out = ops.perturb(*args)
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if args[-1] else torch.contiguous_format)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0, equal_nan=True)
+    images, segments, masks, fudge, offset, count, mean, std, out_dtype, cl = args
+    public = perturb(images, segments, masks, fudge, offset, count, mean=mean, std=std, out_dtype=out_dtype,
+                     channels_last=cl, backend="cpp")
+    torch.testing.assert_close(public, expected, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16, torch.uint8])
+def test_perturb_both_paths_on_coherent_and_scattered_labels(out_dtype):
+    """Long runs of equal labels take the run-copy path, scattered labels the select path; a batch
+    mixing both must match the reference image by image."""
+    gen = torch.Generator().manual_seed(5)
+    images = torch.rand(2, 3, 31, 29, generator=gen)
+    segments = torch.cat([labels(1, 31, 29, [7], gen, coherent=True), labels(1, 31, 29, [7], gen)])
+    masks = torch.rand(2, 6, 7, generator=gen) > 0.5
+    fudge = torch.rand(2, 3, 31, 29, generator=gen)
+    for cl in (False, True):
+        args = (images, segments, masks, fudge, 1, 5, None, None, out_dtype, cl)
+        torch.testing.assert_close(ops.perturb(*args), perturb_ref(*args), atol=0, rtol=0)
+
+
+# ---- lime_fit: float64 accumulation; float32 judged against the reference's own float32 error ----
+def _as_float64(args):
+    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float64, 1e-9, 1e-7), (torch.float32, 2e-5, 0.0)])
+@pytest.mark.parametrize("case", lime_fit_cases(), ids=_ids(lime_fit_cases()))
+def test_lime_fit_parity(case, dtype, atol, rtol):
+    name, _ = case
+    args = dict(lime_fit_cases(dtype))[name]
+    out = ops.lime_fit(*args)
+    assert all(t.dtype == dtype for t in out)
+    assert out[0].shape == (args[1].shape[0], args[1].shape[2], args[0].shape[2])
+    if dtype == torch.float64:
+        for got, want in zip(out, lime_fit_ref(*args)):
+            torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    else:
+        exact = lime_fit_ref(*_as_float64(args))
+        for got, ref32, want in zip(out, lime_fit_ref(*args), exact):
+            ref_error = (ref32.double() - want).abs().max().item()
+            assert (got.double() - want).abs().max().item() <= 2 * ref_error + atol
+    # padded columns are exactly zero
+    counts = args[2]
+    for i, m_i in enumerate(counts.tolist()):
+        assert torch.all(out[0][i, :, m_i:] == 0)
+    masks, targets, num_segments, weights, kw, alpha = args
+    public = lime_fit(masks, targets, num_segments, weights, kernel_width=kw, alpha=alpha, backend="cpp")
+    for got, want in zip(public, out):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_lime_fit_singular_system_falls_back_to_least_squares():
+    """alpha = 0 with a column that is always on: the Gram matrix is singular, so Cholesky fails
+    and the op takes the minimum-norm least-squares solution. Only the split between that column's
+    coefficient and the intercept is not identifiable; everything else must match the reference."""
+    gen = torch.Generator().manual_seed(6)
+    masks = torch.rand(2, 40, 4, generator=gen) > 0.5
+    masks[:, :, 2] = True
+    targets = torch.rand(2, 40, 2, generator=gen, dtype=torch.float64)
+    args = (masks, targets, torch.tensor([4, 4]), None, 0.25, 0.0)
+    coef, intercept, score, local_pred = ops.lime_fit(*args)
+    ref = lime_fit_ref(*args)
+    assert torch.all(coef[:, :, 2] == 0)  # minimum norm: nothing on the constant column
+    keep = [0, 1, 3]
+    torch.testing.assert_close(coef[:, :, keep], ref[0][:, :, keep], atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(intercept, ref[1] + ref[0][:, :, 2], atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(score, ref[2], atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(local_pred, ref[3], atol=1e-8, rtol=1e-6)
+
+
+def test_lime_fit_matches_the_paths_across_batch_sizes():
+    """Many images (one per thread) and a single image (threads inside it) give the same fit."""
+    gen = torch.Generator().manual_seed(7)
+    masks = torch.rand(5, 50, 9, generator=gen) > 0.5
+    targets = torch.rand(5, 50, 3, generator=gen, dtype=torch.float64)
+    counts = torch.tensor([9, 4, 1, 7, 9])
+    batched = ops.lime_fit(masks, targets, counts, None, 0.25, 1.0)
+    for i in range(5):
+        single = ops.lime_fit(masks[i : i + 1], targets[i : i + 1], counts[i : i + 1], None, 0.25, 1.0)
+        for got, want in zip(single, batched):
+            torch.testing.assert_close(got[0], want[i], atol=0, rtol=0)
+
+
+# ---- masked_pgd_step: the reference's rounding order, so L-inf is exact; L2's norms differ in
+# summation order (float64 accumulation here) ----
+PGD_TOLERANCES = {
+    ("linf", torch.float64): (0.0, 0.0),
+    ("linf", torch.float32): (0.0, 0.0),
+    ("linf", torch.bfloat16): (2**-7, 0.0),  # one bfloat16 ulp at 1.0: intermediate rounding
+    ("l2", torch.float64): (1e-12, 1e-12),
+    ("l2", torch.float32): (1e-6, 1e-5),
+    ("l2", torch.bfloat16): (2**-6, 0.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", masked_pgd_step_cases(), ids=_ids(masked_pgd_step_cases()))
+def test_masked_pgd_step_parity(case, dtype):
+    name, _ = case
+    args = dict(masked_pgd_step_cases(dtype))[name]
+    atol, rtol = PGD_TOLERANCES[(args[-1], dtype)]
+    expected = masked_pgd_step_ref(*clone_args(args))
+    mine = clone_args(args)
+    x_before, grad_before = mine[1].clone(), mine[2].clone()
+    assert ops.masked_pgd_step(*mine) is None
+    torch.testing.assert_close(mine[0], expected, atol=atol, rtol=rtol)
+    assert mine[0].stride() == args[0].stride()  # updated in place, layout kept
+    assert torch.equal(mine[1], x_before) and torch.equal(mine[2], grad_before)
+    x_adv, x, grad, weight, step, eps, lo, hi, norm = clone_args(args)
+    out = masked_pgd_step(x_adv, x, grad, weight, step_size=step, eps=eps, lo=lo, hi=hi, norm=norm, backend="cpp")
+    assert out is x_adv
+    torch.testing.assert_close(x_adv, expected, atol=atol, rtol=rtol)
+
+
+def test_masked_pgd_step_stays_in_the_ball_and_the_range():
+    x = torch.rand(2, 3, 8, 8)
+    for norm, eps in (("linf", 0.05), ("l2", 0.3)):
+        x_adv = x.clone()
+        for _ in range(5):
+            ops.masked_pgd_step(x_adv, x, torch.randn_like(x), None, 0.1, eps, 0.0, 1.0, norm)
+        delta = (x_adv - x).flatten(1)
+        size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        assert torch.all(size <= eps * (1 + 1e-5)) and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_masked_pgd_step_zero_weight_leaves_pixels_alone():
+    x = torch.rand(1, 3, 6, 6)
+    x_adv = x.clone()
+    weight = torch.zeros(1, 6, 6)
+    weight[0, :3] = 1.0
+    ops.masked_pgd_step(x_adv, x, torch.randn_like(x), weight, 0.1, 0.1, 0.0, 1.0, "linf")
+    assert torch.equal(x_adv[:, :, 3:], x[:, :, 3:]) and not torch.equal(x_adv[:, :, :3], x[:, :, :3])
+
+
+def test_ops_declare_that_they_are_not_differentiable():
+    masks = torch.rand(1, 6, 3) > 0.5
+    targets = torch.rand(1, 6, 2, requires_grad=True)
+    images = torch.rand(1, 3, 4, 4, requires_grad=True)
+    segments = labels(1, 4, 4, [3], torch.Generator().manual_seed(0))
+    outputs = list(ops.lime_fit(masks, targets, torch.tensor([3]), None, 0.25, 1.0))
+    outputs.append(ops.segment_mean(images, segments, 3))
+    outputs.append(ops.perturb(images, segments, masks, images.detach(), 0, 2, None, None, None, False))
+    assert not any(t.requires_grad for t in outputs)
+
+
+# ---- registrations: one list of samples for opcheck (schema, fake tensors, AOT dispatch) ----
+OPCHECK_SAMPLES = (
+    [("segment_mean", args) for _, args in segment_mean_cases()[:2]]
+    + [("segment_mean", segment_mean_cases(torch.uint8)[-1][1])]
+    + [("perturb", args) for _, args in perturb_cases()[2:4]]
+    + [("lime_fit", args) for _, args in lime_fit_cases()[:3]]
+    + [("masked_pgd_step", args) for _, args in masked_pgd_step_cases()[::4]]
+)
+
+
+@pytest.mark.parametrize("op, args", OPCHECK_SAMPLES, ids=[f"{op}-{i}" for i, (op, _) in enumerate(OPCHECK_SAMPLES)])
+def test_opcheck(op, args):
+    torch.library.opcheck(getattr(torch.ops.attrefine_fast, op).default, clone_args(args))
+
+
+# ---- bad input: a clear ValueError / TypeError from the op itself, never a crash ----
+def _img(b=2, c=3, h=5, w=4, dtype=torch.float32):
+    return torch.rand(b, c, h, w, dtype=dtype)
+
+
+def _seg(b=2, h=5, w=4, m=3):
+    return labels(b, h, w, [m] * b, torch.Generator().manual_seed(0))
+
+
+BAD_CALLS = {
+    "segment_mean id >= M": (lambda: ops.segment_mean(_img(), _seg(m=3), 2), ValueError, "segment ids"),
+    "segment_mean negative id": (lambda: ops.segment_mean(_img(), _seg() - 1, 3), ValueError, "segment ids"),
+    "segment_mean float segments": (lambda: ops.segment_mean(_img(), _seg().float(), 3), TypeError, "segments"),
+    "segment_mean shape": (lambda: ops.segment_mean(_img(), _seg(h=6), 3), ValueError, "segments must have shape"),
+    "segment_mean 3d images": (lambda: ops.segment_mean(_img()[0], _seg(), 3), ValueError, "images must be"),
+    "segment_mean int images": (lambda: ops.segment_mean(_img().int(), _seg(), 3), TypeError, "images"),
+    "perturb id >= M": (lambda: ops.perturb(_img(), _seg(m=4), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, None, None, None, False), ValueError, "segment ids"),
+    "perturb masks dtype": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3), _img(), 0, 3, None, None, None, False), TypeError, "masks"),
+    "perturb fudge dtype": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img().double(), 0, 3, None, None, None, False), ValueError, "fudge"),
+    "perturb chunk": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 2, 2, None, None, None, False), ValueError, "outside"),
+    "perturb mean only": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, torch.zeros(3), None, None, False), ValueError, "mean and std"),
+    "perturb mean size": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, torch.zeros(2), torch.ones(2), None, False), ValueError, "per channel"),
+    "perturb out_dtype": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, None, None, torch.int32, False), TypeError, "out_dtype"),
+    "perturb batch": (lambda: ops.perturb(_img(), _seg(), torch.ones(3, 3, 3, dtype=torch.bool), _img(), 0, 3, None, None, None, False), ValueError, "masks must have shape"),
+    "lime_fit counts": (lambda: ops.lime_fit(torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 4, 1), torch.tensor([3, 4]), None, 0.25, 1.0), ValueError, "num_segments"),
+    "lime_fit zero count": (lambda: ops.lime_fit(torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 4, 1), torch.tensor([0, 3]), None, 0.25, 1.0), ValueError, "num_segments"),
+    "lime_fit targets shape": (lambda: ops.lime_fit(torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 5, 1), torch.tensor([3, 3]), None, 0.25, 1.0), ValueError, "targets must have shape"),
+    "lime_fit targets nan": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.tensor([[[0.1], [float("nan")], [0.2], [0.3]]]), torch.tensor([3]), None, 0.25, 1.0), ValueError, "NaN"),
+    "lime_fit int targets": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.ones(1, 4, 1, dtype=torch.long), torch.tensor([3]), None, 0.25, 1.0), TypeError, "targets"),
+    "lime_fit float masks": (lambda: ops.lime_fit(torch.ones(1, 4, 3), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.25, 1.0), TypeError, "masks"),
+    "lime_fit negative weights": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), -torch.ones(1, 4), 0.25, 1.0), ValueError, "non-negative"),
+    "lime_fit weights dtype": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), torch.ones(1, 4, dtype=torch.float64), 0.25, 1.0), TypeError, "weights"),
+    "lime_fit kernel width": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.0, 1.0), ValueError, "kernel_width"),
+    "lime_fit alpha": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.25, -1.0), ValueError, "alpha"),
+    "pgd norm": (lambda: ops.masked_pgd_step(_img(), _img(), _img(), None, 0.1, 0.1, 0.0, 1.0, "l3"), ValueError, "norm"),
+    "pgd shape": (lambda: ops.masked_pgd_step(_img(), _img(h=6), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "shape of x_adv"),
+    "pgd dtype": (lambda: ops.masked_pgd_step(_img(), _img(dtype=torch.float64), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), TypeError, "dtype"),
+    "pgd weight shape": (lambda: ops.masked_pgd_step(_img(), _img(), _img(), torch.rand(2, 4, 5), 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "weight"),
+    "pgd range": (lambda: ops.masked_pgd_step(_img(), _img(), _img(), None, 0.1, 0.1, 1.0, 0.0, "linf"), ValueError, "lo <= hi"),
+    "pgd int": (lambda: ops.masked_pgd_step(_img().int(), _img().int(), _img().int(), None, 0.1, 0.1, 0.0, 1.0, "linf"), TypeError, "x_adv"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_input_raises_a_clear_error(name):
+    call, error, match = BAD_CALLS[name]
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_masked_pgd_step_refuses_a_non_finite_gradient_before_writing(norm):
+    x = torch.rand(1, 3, 4, 4)
+    x_adv = x.clone() + 0.01
+    before = x_adv.clone()
+    grad = torch.randn(1, 3, 4, 4)
+    grad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ops.masked_pgd_step(x_adv, x, grad, None, 0.1, 0.1, 0.0, 1.0, norm)
+    assert torch.equal(x_adv, before)
+
+
+# ---- CUDA kernels (csrc/cuda) against the reference, on machines with a GPU ----
+needs_cuda_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and LOADED and backends.status("perturb", "cuda", "cuda")[0]),
+    reason="needs a CUDA GPU and the extension built with CUDA",
+)
+
+
+def _cpu(args):
+    return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _assert_all_close(got, want, atol, rtol):
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, atol=atol, rtol=rtol, equal_nan=True)
+
+
+# float64 atomics make segment sums order-dependent in the last bits; perturb and L-inf stay exact.
+CUDA_CASES = (
+    [("segment_mean", dt, name, args, 1e-12, 1e-12) for dt in (torch.float64, torch.uint8) for name, args in segment_mean_cases(dt, "cuda")]
+    + [("segment_mean", torch.float32, name, args, 1e-6, 1e-6) for name, args in segment_mean_cases(torch.float32, "cuda")]
+    + [("perturb", dt, name, args, 0.0, 0.0) for dt in (torch.float32, torch.uint8) for name, args in perturb_cases(dt, "cuda")]
+    + [("lime_fit", torch.float64, name, args, 1e-9, 1e-7) for name, args in lime_fit_cases(torch.float64, "cuda")]
+    + [("lime_fit", torch.float32, name, args, 1e-4, 1e-4) for name, args in lime_fit_cases(torch.float32, "cuda")]
+    + [("masked_pgd_step", dt, name, args, *PGD_TOLERANCES[(args[-1], dt)]) for dt in (torch.float32, torch.float64) for name, args in masked_pgd_step_cases(dt, "cuda")]
+) if torch.cuda.is_available() else []
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("op, dtype, name, args, atol, rtol", CUDA_CASES, ids=[f"{c[0]}-{c[2]}-{str(c[1])[6:]}" for c in CUDA_CASES])
+def test_cuda_parity(op, dtype, name, args, atol, rtol):
+    reference = {"segment_mean": segment_mean_ref, "perturb": perturb_ref, "lime_fit": lime_fit_ref,
+                 "masked_pgd_step": masked_pgd_step_ref}[op]
+    expected = reference(*clone_args(_cpu(args)))
+    mine = clone_args(args)
+    out = getattr(ops, op)(*mine)
+    if op == "masked_pgd_step":
+        out = mine[0]
+    _assert_all_close(out, expected, atol, rtol)
+
+
+@needs_cuda_kernels
+def test_cuda_lime_fit_singular_system_and_opcheck():
+    gen = torch.Generator().manual_seed(6)
+    masks = torch.rand(2, 40, 4, generator=gen) > 0.5
+    masks[:, :, 2] = True
+    targets = torch.rand(2, 40, 2, generator=gen, dtype=torch.float64)
+    args = (masks, targets, torch.tensor([4, 4]), None, 0.25, 0.0)
+    on_gpu = ops.lime_fit(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+    _assert_all_close(on_gpu, ops.lime_fit(*args), 1e-9, 1e-7)  # re-solved by the CPU's least squares
+    for op, sample in OPCHECK_SAMPLES:
+        cuda_sample = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in clone_args(sample))
+        torch.library.opcheck(getattr(torch.ops.attrefine_fast, op).default, cuda_sample)
+
+
+# ---- end to end: the explanation does not depend on the backend ----
+def test_explain_cpp_equals_torch():
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=5, width=8)
+    gen = torch.Generator().manual_seed(8)
+    images = torch.rand(2, 3, 24, 24, generator=gen)
+    segments, _ = af.segment(images, "grid", n_segments=9)
+    segments[1] = torch.div(segments[1], 2, rounding_mode="floor")
+    kwargs = dict(segments=segments, num_samples=96, top_labels=3, seed=3, batch_size=40,
+                  mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.25])
+    cpp = af.explain(model, images, backend="cpp", **kwargs)
+    ref = af.explain(model, images, backend="torch", **kwargs)
+    assert torch.equal(cpp.labels, ref.labels)
+    for field in ("coef", "intercept", "score", "local_pred"):
+        torch.testing.assert_close(getattr(cpp, field), getattr(ref, field), atol=1e-10, rtol=1e-8)
