@@ -76,8 +76,10 @@ def lime_fit_ref(
     gram = gram + torch.diag_embed(alpha * valid + (1 - valid))
     rhs = wzc.transpose(1, 2) @ yc  # (B, M, L)
     chol, info = torch.linalg.cholesky_ex(gram)
-    if bool((info != 0).any()):  # singular (alpha = 0 with a constant column): least squares
-        beta = torch.linalg.lstsq(gram, rhs).solution
+    if bool((info != 0).any()):
+        # Singular (alpha = 0 with a constant column): the minimum-norm least-squares solution.
+        # pinv works on every device; lstsq's default CPU driver (gelsy) can misjudge the rank.
+        beta = torch.linalg.pinv(gram, hermitian=True) @ rhs
     else:
         beta = torch.cholesky_solve(rhs, chol)
     beta = beta * valid.unsqueeze(2)
