@@ -14,7 +14,8 @@ install:
 	@# torchattacks pins an old requests and requires torchvision, neither of which it needs here.
 	$(PIP) install --no-deps "torchattacks>=3.5"
 
-demo: explain-demo
+demo: install
+	$(PYTHON) -m attrefine_fast demo
 
 explain-demo: install
 	$(PYTHON) -m attrefine_fast explain-demo

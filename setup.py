@@ -14,7 +14,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["attrefine_fast", "attrefine_fast.ops", "attrefine_fast.kernels"]
+PACKAGES = ["attrefine_fast", "attrefine_fast.ops", "attrefine_fast.kernels", "attrefine_fast.benchmarking", "attrefine_fast.refine"]
 # The Triton kernels live in the top-level kernels/ folder but install inside our namespace:
 # a top-level package called `kernels` would collide with other projects.
 PACKAGE_DIR = {"attrefine_fast.kernels": "kernels"}

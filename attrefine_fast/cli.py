@@ -9,6 +9,10 @@ import importlib
 COMMANDS = {
     "explain-demo": ("attrefine_fast.demo_explain", "explain scikit-image's photos with our engine and with lime"),
     "info": ("attrefine_fast.info", "list the available backends of each op"),
+    "refine": ("attrefine_fast.refine.command", "train a model with ERM, PGD-AT or attribution-aware refinement"),
+    "demo": ("attrefine_fast.demo_refine", "the main job: ERM vs PGD-AT vs refinement on the embedded digits, with a report"),
+    "bench": ("attrefine_fast.bench", "benchmark suite: medians and ratios to lime, captum and torchattacks, JSON report"),
+    "evaluate": ("attrefine_fast.evaluate", "robustness report: clean, FGSM, PGD, AutoAttack and corruption accuracy"),
 }
 
 

@@ -102,6 +102,16 @@ def _load_block(
 
 
 @triton.jit
+def _dot_acc(a, b, acc, F64: tl.constexpr):
+    """acc + a @ b. float64 avoids tl.dot: Triton 3.6's fp64 MMA path fails to compile for K > 16
+    (an assertion in its MMAv2 lowering, seen on sm_90), so it reduces a broadcast product instead."""
+    if F64:
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
 def _ridge_solve(gram, rhs, mb, BLOCK_M: tl.constexpr):
     """Solve gram @ beta = rhs by Gauss-Jordan elimination on the tile (gram is SPD)."""
     idx = tl.arange(0, BLOCK_M)
@@ -172,8 +182,8 @@ def _lime_fit_kernel(
             zc = tl.where(seg_ok[None, :], z - xbar[None, :], 0)
             yc = y - ybar[None, :]
             wzc_t = tl.trans(w[:, None] * zc)
-            gram = tl.dot(wzc_t, zc, gram, input_precision="ieee")
-            rhs = tl.dot(wzc_t, yc, rhs, input_precision="ieee")
+            gram = _dot_acc(wzc_t, zc, gram, F64)
+            rhs = _dot_acc(wzc_t, yc, rhs, F64)
         ridge = tl.where(seg_ok, alpha, 1.0).to(dtype)
         gram += tl.where(idx_m[:, None] == idx_m[None, :], ridge[:, None], 0)
     if PHASE == _NORMAL_EQUATIONS:
@@ -196,7 +206,7 @@ def _lime_fit_kernel(
                                   HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
             zc = tl.where(seg_ok[None, :], z - xbar[None, :], 0)
             yc = y - ybar[None, :]
-            resid = yc - tl.dot(zc, beta, input_precision="ieee")
+            resid = yc - _dot_acc(zc, beta, tl.zeros((BLOCK_N, BLOCK_L), dtype), F64)
             rss += tl.sum(w[:, None] * resid * resid, axis=0)
             tss += tl.sum(w[:, None] * yc * yc, axis=0)
 

@@ -95,11 +95,17 @@ __global__ void __launch_bounds__(kThreads) lime_fit_kernel(
   // 2. weighted means: one column (segment or label) per thread
   for (int64_t c = threadIdx.x; c < m + nl; c += blockDim.x) {
     double acc = 0.0;
-    if (c < m)
-      for (int64_t i = 0; i < n; ++i) acc += z[i * mm + c] ? w[i] : 0.0;
-    else
+    if (c < m) {
+      int64_t ones = 0;
+      for (int64_t i = 0; i < n; ++i) acc += z[i * mm + c] ? (++ones, w[i]) : 0.0;
+      // A constant column gets its exact mean, so it centres to exactly zero and alpha = 0 is
+      // detected as singular: sw comes from a tree reduction, acc from a sequential sum, and their
+      // ratio can miss 1 by an ulp, which leaves a tiny positive pivot and a meaningless coefficient.
+      xbar[c] = ones == n ? 1.0 : ones == 0 ? 0.0 : acc / sw;
+    } else {
       for (int64_t i = 0; i < n; ++i) acc += w[i] * static_cast<double>(y[i * nl + (c - m)]);
-    xbar[c] = acc / sw;  // xbar and ybar are adjacent
+      xbar[c] = acc / sw;  // xbar and ybar are adjacent
+    }
   }
   const int64_t gram_entries = m * (m + 1) / 2, entries = gram_entries + m * nl;
   for (int64_t p = threadIdx.x; p < entries; p += blockDim.x) {

@@ -40,6 +40,11 @@ __device__ __forceinline__ typename Op<T>::type rnd(typename Op<T>::type v) {
   return load(&t);
 }
 
+// Products that nvcc must not contract into an FMA with a following add: the reference rounds the
+// product first, and an FMA differs from it in the last bit (seen on an H200: 1-ulp mismatches).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 template <typename T>
 struct Step {
   T* x_adv;
@@ -61,7 +66,7 @@ __device__ __forceinline__ typename Op<T>::type masked_grad(const Step<T>& s, in
   using op_t = typename Op<T>::type;
   const op_t g = load(s.grad + b * s.per_sample + e);
   if (s.weight == nullptr) return g;
-  return rnd<T>(g * load(s.weight + b * s.pixels + pixel_of(s, e)));
+  return rnd<T>(mul_rn(g, load(s.weight + b * s.pixels + pixel_of(s, e))));
 }
 
 template <typename T>
@@ -78,9 +83,9 @@ __global__ void linf_kernel(Step<T> s, double step_size, double eps, double lo, 
     const op_t g = load(s.grad + i);
     op_t sg = static_cast<op_t>((op_t(0) < g) - (g < op_t(0)));
     if (s.weight != nullptr) {
-      sg = rnd<T>(sg * load(s.weight + b * s.pixels + pixel_of(s, e)));
+      sg = rnd<T>(mul_rn(sg, load(s.weight + b * s.pixels + pixel_of(s, e))));
     }
-    const op_t moved = rnd<T>(load(s.x_adv + i) + rnd<T>(step * sg));
+    const op_t moved = rnd<T>(load(s.x_adv + i) + rnd<T>(mul_rn(step, sg)));
     const op_t xe = load(s.x + i);
     const op_t delta = fmin(fmax(rnd<T>(moved - xe), -ep), ep);
     const op_t out = rnd<T>(xe + delta);
@@ -146,7 +151,7 @@ __global__ void l2_write_kernel(Step<T> s, const double* __restrict__ sums, doub
     const op_t scaled = rnd<T>(rnd<T>(step * masked_grad(s, b, e)) / gn);
     const op_t moved = rnd<T>(load(s.x_adv + i) + scaled);
     const op_t xe = load(s.x + i);
-    const op_t delta = rnd<T>(rnd<T>(moved - xe) * factor);
+    const op_t delta = rnd<T>(mul_rn(rnd<T>(moved - xe), factor));
     const op_t out = rnd<T>(xe + delta);
     store(s.x_adv + i, fmin(fmax(out, static_cast<op_t>(lo)), static_cast<op_t>(hi)));
   }

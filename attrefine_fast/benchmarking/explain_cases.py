@@ -1,0 +1,202 @@
+"""End-to-end setup functions: explaining images (the explanation overhead) and segmenting them.
+
+Explanation overhead = time(explain) / time(the model's forward passes over the same B*N
+perturbed inputs, in the same batches) - 1: what the explainer adds to the work the model must
+do anyway. Every explainer's model calls are also timed from inside (a wrapped model), so its
+non-model time (total minus the time inside the model) is reported beside it and compared with
+lime's. Segmentation is computed once outside the timed region (the same segments for every
+provider) and timed separately in the segmentation cases.
+
+All explainers explain the most probable class of each image (``top_labels=1``): captum's Lime
+attributes one target per call, so one label keeps the providers doing the same work.
+
+Memory layout: lime hands the model (n, H, W, 3) arrays, which become channels-last tensors at no
+cost, and convolutions on the CPU run up to twice as fast on those (SmallCNN at 224x224, one
+thread: 0.68 s against 1.12 s for 32 images). So ours runs with ``channels_last=True`` and the
+model alone is timed on channels-last inputs too; captum and our lime drop-in feed (n, C, H, W)
+as they do by default.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..explain import explain
+from ..neighborhood import draw_masks, fudge_images, perturbed_chunks
+from ..segmentation import segment
+from .core import Case, Provider, Stopwatch, skip
+from .inputs import (
+    MODELS,
+    OUR_BACKENDS,
+    TimedModel,
+    auto_choice,
+    backend_status,
+    build_model,
+    explanation_segments,
+    model_forwards,
+    numpy_classifier,
+    photo_batch,
+    quiet_lime,
+)
+
+EXPLAIN_OPS = ("segment_mean", "perturb", "lime_fit")
+# Model inputs per forward pass, for every explainer (lime's own default is 10).
+FORWARD_BATCH = 256
+# The per-image explainers (lime, captum, our drop-in) run only up to this batch: beyond it
+# they take minutes per call, and their per-image cost is measured at B=1 anyway.
+PEER_MAX_BATCH = 8
+
+
+def _softmax(module: torch.nn.Module) -> torch.nn.Module:
+    return torch.nn.Sequential(module, torch.nn.Softmax(dim=1))
+
+
+def _our_explainers(images, seg, model, samples, device) -> list[Provider]:
+    """ours[backend] for every backend that has all the explanation ops, and ours[auto] when
+    ``backend="auto"`` mixes backends (so a partly compiled backend is still timed)."""
+    out = []
+
+    def provider(name, backend):
+        watch = Stopwatch(device)
+        timed = TimedModel(model, watch)
+        fn = lambda: explain(  # noqa: E731
+            timed, images, segments=seg, top_labels=1, num_samples=samples, seed=0,
+            batch_size=FORWARD_BATCH, channels_last=True, backend=backend,
+        )
+        return Provider(name, "ours", fn=fn, stopwatch=watch, detail="attrefine_fast.explain, whole batch, channels-last")
+
+    for backend in OUR_BACKENDS:
+        ok, why = backend_status(EXPLAIN_OPS, backend, device)
+        out.append(provider(f"ours[{backend}]", backend) if ok else skip(f"ours[{backend}]", "ours", why))
+    choice = auto_choice(EXPLAIN_OPS, device)
+    if len(set(choice.values())) > 1:
+        mixed = ", ".join(f"{op}={b}" for op, b in choice.items())
+        p = provider("ours[auto]", "auto")
+        p.detail = f"backend='auto': {mixed}"
+        out.append(p)
+    return out
+
+
+def _drop_in(images_np, seg_np, model, samples, device) -> Provider:
+    """Our lime drop-in (same API and results as lime), one image at a time like lime."""
+    from ..lime import LimeImageExplainer
+
+    watch = Stopwatch(device)
+    timed = _softmax(TimedModel(model, watch))
+    explainer = LimeImageExplainer(random_state=0)
+
+    def run():
+        for im, s in zip(images_np, seg_np):
+            explainer.explain_instance(
+                im, timed, top_labels=1, num_samples=samples, batch_size=FORWARD_BATCH,
+                segmentation_fn=lambda _, s=s: s,
+            )
+
+    return Provider("ours[drop-in]", "ours", fn=run, stopwatch=watch, detail="attrefine_fast.lime.LimeImageExplainer, per image")
+
+
+def _lime(images_np, seg_np, model, samples, device) -> Provider:
+    import lime.lime_image
+
+    watch = Stopwatch(device)
+    classifier = numpy_classifier(model, device, watch)
+    explainer = lime.lime_image.LimeImageExplainer(random_state=0)
+
+    def run():
+        with quiet_lime():
+            for im, s in zip(images_np, seg_np):
+                explainer.explain_instance(
+                    im, classifier, top_labels=1, num_samples=samples, batch_size=FORWARD_BATCH,
+                    segmentation_fn=lambda _, s=s: s,
+                )
+
+    return Provider("lime", "peer", fn=run, stopwatch=watch, detail=f"lime.lime_image, per image, batch_size={FORWARD_BATCH}")
+
+
+def _captum(images, seg, fudge, model, samples, device) -> Provider:
+    """captum's Lime set up as LIME: the hide-colour image as baseline, the superpixels as the
+    feature mask, a ridge fit (alpha=1) and an exponential cosine kernel of width 0.25."""
+    try:
+        from captum._utils.models.linear_model import SkLearnRidge
+        from captum.attr import Lime
+        from captum.attr._core.lime import get_exp_kernel_similarity_function
+    except ImportError as e:
+        return skip("captum", "peer", f"captum is not importable ({e}); install it with `pip install captum`")
+    watch = Stopwatch(device)
+    forward = _softmax(TimedModel(model, watch))
+    explainer = Lime(forward, interpretable_model=SkLearnRidge(alpha=1.0),
+                     similarity_func=get_exp_kernel_similarity_function("cosine", kernel_width=0.25))
+
+    def run():
+        for i in range(images.shape[0]):
+            x = images[i : i + 1]
+            with torch.no_grad():
+                target = int(forward(x).argmax())
+            explainer.attribute(
+                x, baselines=fudge[i : i + 1], target=target, feature_mask=seg[i].view(1, 1, *seg.shape[1:]),
+                n_samples=samples, perturbations_per_eval=FORWARD_BATCH,
+            )
+
+    return Provider("captum", "peer", fn=run, stopwatch=watch, detail=f"captum.attr.Lime, per image, {FORWARD_BATCH} per eval")
+
+
+def setup_explain(device: torch.device, model: str, size: int, batch: int, samples: int, captum: bool = True) -> Case:
+    """Explain B images with N samples each, top label. Providers: the model's forward passes
+    alone ("model"), ours per backend, and up to B=PEER_MAX_BATCH our lime drop-in, lime and
+    captum (beyond it they are listed as skipped, with the reason; ``captum=False`` leaves
+    captum out where it would dominate a short run)."""
+    net = build_model(model, device)
+    images = photo_batch(size, batch).to(device)
+    seg, counts, seg_name = explanation_segments(images)
+    seg, counts = seg.to(device), counts.to(device)
+    m = int(counts.max())
+    rows_per_chunk = batch * max(1, FORWARD_BATCH // batch)
+    fudge = fudge_images(images, seg, m, "mean", "torch")
+    masks = draw_masks(counts, samples, seed=0, device=device)
+    chunk = next(perturbed_chunks(images, seg, masks, fudge, rows_per_chunk // batch, "torch", channels_last=True))[2]
+
+    providers = [Provider("model", "model", fn=model_forwards(net, chunk, batch * samples),
+                          detail=f"the model alone over {batch * samples} channels-last inputs, {chunk.shape[0]} per pass")]
+    providers += _our_explainers(images, seg, net, samples, device)
+    if batch <= PEER_MAX_BATCH:
+        images_np = [im.permute(1, 2, 0).cpu().numpy().copy() for im in images]
+        seg_np = seg.cpu().numpy()
+        providers.append(_drop_in(images_np, seg_np, net, samples, device))
+        providers.append(_lime(images_np, seg_np, net, samples, device))
+        if captum:
+            providers.append(_captum(images, seg, fudge, net, samples, device))
+        else:
+            providers.append(skip("captum", "peer", "left out of this case to keep the CPU run short (the other cases compare captum)"))
+    else:
+        reason = f"explains one image at a time: timed up to B={PEER_MAX_BATCH}, per image in the B=1 cases"
+        providers += [skip(n, r, reason) for n, r in (("ours[drop-in]", "ours"), ("lime", "peer"), ("captum", "peer"))]
+    segs = counts.float()
+    return Case(
+        id=f"explain/{model}/{size}px/B{batch}/N{samples}", kind="explain",
+        title=f"explain: {MODELS[model][0]}, {size}x{size}, B={batch}, N={samples}, top label",
+        params={"model": model, "size": size, "batch": batch, "samples": samples, "segmentation": seg_name,
+                "segments_mean": round(float(segs.mean()), 1), "segments_max": m, "forward_batch": int(chunk.shape[0])},
+        device=device, providers=providers,
+    )
+
+
+def setup_segmentation(device: torch.device, size: int, batch: int) -> Case:
+    """Superpixels for B images (scikit-image on the CPU whatever the device). lime: its
+    quickshift wrapper, one image at a time; ours: segment() with the same quickshift settings
+    (one image per thread), and the cheaper slic and grid."""
+    from lime.wrappers.scikit_image import SegmentationAlgorithm
+
+    images = photo_batch(size, batch)
+    images_np = [im.permute(1, 2, 0).numpy().copy() for im in images]
+    lime_quickshift = SegmentationAlgorithm("quickshift", kernel_size=4, max_dist=200, ratio=0.2, random_seed=0)
+    providers = [
+        Provider("ours[quickshift]", "ours", fn=lambda: segment(images, "quickshift"), detail="lime's quickshift settings, threaded"),
+        Provider("ours[slic]", "ours", fn=lambda: segment(images, "slic", n_segments=50), detail="slic, 50 segments"),
+        Provider("ours[grid]", "ours", fn=lambda: segment(images, "grid", n_segments=64), detail="8x8 grid"),
+        Provider("lime", "peer", fn=lambda: [lime_quickshift(im) for im in images_np], detail="lime's quickshift, per image"),
+    ]
+    return Case(
+        id=f"segmentation/{size}px/B{batch}", kind="segmentation",
+        title=f"segmentation: {size}x{size}, B={batch}",
+        params={"size": size, "batch": batch}, device=torch.device("cpu"), providers=providers,
+        notes=["scikit-image runs on the CPU; only ours[quickshift] computes what lime computes"],
+    )

@@ -1,0 +1,175 @@
+"""The refinement run's settings: one dataclass, read from JSON or YAML and overridden by flags.
+
+Every default of the method is one of our documented choices (docs/refinement.md): the paper's
+body is not available, so none of these numbers come from it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+MODES = ("erm", "pgd_at", "refine")
+FILLS = ("mean", "zero", "blur", "noise")
+ADV_REGIONS = ("full", "flagged")
+INSTABILITIES = ("adversarial", "runs", "none")
+EXPLAIN_LABELS = ("true", "predicted")
+
+
+@dataclass
+class RefineConfig:
+    """Settings of one training run (``mode`` picks ERM, PGD-AT or attribution-aware refinement).
+
+    Training: ``cycles`` x ``epochs_per_cycle`` epochs of SGD (momentum, weight decay) with a
+    cosine schedule over all steps, gradients clipped to norm ``grad_clip`` (every mode alike). Attack budget (PGD-AT and refine alike): ``eps``,
+    ``attack_steps``, ``attack_step_size`` (default 2.5 * eps / steps), L-inf or L2 ``norm``.
+    Detection: LIME with ``lime_samples`` samples on ``segmentation`` superpixels of a
+    ``refresh_fraction`` of the training set, at the start of every cycle from
+    ``explain_from_cycle`` on (cycle 0 of a fresh model has nothing meaningful to explain); thresholds ``tau`` (relevance),
+    ``eps_s`` (sensitivity) and ``delta`` (instability) on normalized scores.
+    Loss: CE(f(mask(x, S)), y) + ``alpha`` * CE(f(x_adv), y) + ``lam`` * ||grad_x l * 1_S||^2,
+    the last term estimated on at most ``penalty_samples`` flagged images per batch.
+    """
+
+    mode: str = "refine"
+    # data and model
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int = 32
+    train_subset: int | None = None
+    arch: str = "small_cnn"
+    width: int = 16
+    normalization: str | None = None
+    # optimization
+    cycles: int = 2
+    epochs_per_cycle: int = 2
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    grad_clip: float | None = 5.0
+    seed: int = 0
+    amp: bool = False
+    device: str = "auto"
+    # attack budget, shared by pgd_at and refine
+    eps: float = 0.1
+    attack_steps: int = 3
+    attack_step_size: float | None = None
+    norm: str = "linf"
+    # detection
+    segmentation: str = "slic"
+    segmentation_params: dict = field(default_factory=lambda: {"n_segments": 25, "compactness": 10.0})
+    lime_samples: int = 64
+    explain_label: str = "true"
+    refresh_fraction: float = 0.1
+    explain_from_cycle: int = 1
+    detect_batch_size: int = 64
+    tau: float = 0.02
+    eps_s: float = 0.08
+    delta: float = 0.15
+    instability: str = "adversarial"
+    instability_runs: int = 3
+    max_flagged_fraction: float = 0.5
+    # refinement loss
+    fill: str = "mean"
+    alpha: float = 1.0
+    lam: float = 10.0
+    adv_region: str = "full"
+    penalty_samples: int = 16
+    # outputs
+    out: str = "outputs/refine"
+    progress: bool = True
+
+    @property
+    def epochs(self) -> int:
+        return self.cycles * self.epochs_per_cycle
+
+    def step_size(self) -> float:
+        return self.attack_step_size if self.attack_step_size is not None else 2.5 * self.eps / max(1, self.attack_steps)
+
+    def validate(self) -> "RefineConfig":
+        """Raise ValueError on any inconsistent setting; returns self."""
+        for name, value, choices in (
+            ("mode", self.mode, MODES), ("fill", self.fill, FILLS), ("adv_region", self.adv_region, ADV_REGIONS),
+            ("instability", self.instability, INSTABILITIES), ("explain_label", self.explain_label, EXPLAIN_LABELS),
+            ("norm", self.norm, ("linf", "l2")),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        for name in ("cycles", "epochs_per_cycle", "batch_size", "lime_samples", "detect_batch_size", "instability_runs", "width", "penalty_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.lime_samples < 2:
+            raise ValueError(f"lime_samples must be at least 2, got {self.lime_samples}")
+        if isinstance(self.attack_steps, bool) or not isinstance(self.attack_steps, int) or self.attack_steps < 0:
+            raise ValueError(f"attack_steps must be an integer >= 0, got {self.attack_steps!r}")
+        if isinstance(self.explain_from_cycle, bool) or not isinstance(self.explain_from_cycle, int) or self.explain_from_cycle < 0:
+            raise ValueError(f"explain_from_cycle must be an integer >= 0, got {self.explain_from_cycle!r}")
+        if not 0.0 < self.refresh_fraction <= 1.0:
+            raise ValueError(f"refresh_fraction must be in (0, 1], got {self.refresh_fraction}")
+        if not 0.0 <= self.max_flagged_fraction <= 1.0:
+            raise ValueError(f"max_flagged_fraction must be in [0, 1], got {self.max_flagged_fraction}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip}")
+        for name in ("lr", "eps", "alpha", "lam", "weight_decay", "momentum"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        return self
+
+    # ------------------------------------------------------------------ (de)serialization
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RefineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values).validate()
+
+    @classmethod
+    def from_file(cls, path) -> "RefineConfig":
+        """Read a JSON (.json) or YAML (.yaml/.yml) file holding a mapping of config keys."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path) as f:
+            text = f.read()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per config field (default None: the config file or the dataclass decides)."""
+    parser.add_argument("--config", help="JSON or YAML file of config keys; flags override it")
+    for f in dataclasses.fields(RefineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool",):
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction)
+        elif f.name == "segmentation_params":
+            parser.add_argument(flag, dest=f.name, default=None, type=json.loads, help="JSON mapping, e.g. '{\"n_segments\": 25}'")
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
+            parser.add_argument(flag, dest=f.name, default=None, type=kind)
+
+
+def config_from_args(args: argparse.Namespace) -> RefineConfig:
+    """The config file (if any) with every flag given on the command line applied on top."""
+    base = RefineConfig.from_file(args.config).to_dict() if getattr(args, "config", None) else RefineConfig().to_dict()
+    for name in base:
+        value = getattr(args, name, None)
+        if value is not None:
+            base[name] = value
+    return RefineConfig.from_dict(base)

@@ -1,0 +1,23 @@
+"""The main job's smoke run: three models trained, evaluated and reported."""
+import json
+
+from attrefine_fast.cli import main
+
+from refine_helpers import one_thread  # noqa: F401
+
+
+def test_demo_quick(tmp_path, capsys):
+    main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["models"]) == {"erm", "pgd_at", "refine"}
+    for result in report["models"].values():
+        ev = result["evaluation"]
+        assert 0 <= ev["clean_accuracy"] <= 1 and len(ev["fgsm"]) == len(report["settings"]["eval_eps"])
+        assert len(ev["pgd"]["PGD-10"]) == len(ev["fgsm"]) and ev["corruptions"]["mean"] is not None
+        assert {"mean_estimate", "mean_empirical_eps", "spearman", "mean_rho"} <= set(result["bound"])
+    refine_events = [m["event"] for m in report["models"]["refine"]["metrics"]]
+    assert "refresh" in refine_events
+    assert (tmp_path / "accuracy_vs_eps.png").stat().st_size > 0
+    assert (tmp_path / "explanations_before_after.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "PGD-AT" in out and "Refined" in out and "ERM" in out

@@ -1,0 +1,104 @@
+"""The shared training loop: exact resume, configuration files and flags, the command line."""
+import json
+import os
+
+import pytest
+import torch
+
+from attrefine_fast.refine import RefineConfig, Refiner
+from attrefine_fast.refine.trainer import CHECKPOINT, FINAL, METRICS
+
+from conftest import DEVICES
+from refine_helpers import digits_subset, one_thread  # noqa: F401
+
+TINY = dict(device="cpu", batch_size=16, lime_samples=12, detect_batch_size=16, refresh_fraction=0.5, width=4, progress=False,
+            attack_steps=1, penalty_samples=4)
+
+
+@pytest.fixture
+def deterministic_cuda(request):
+    """Bit-exact comparisons on a GPU need deterministic kernels (cuDNN's default convolution
+    backward and atomic scatter-adds are not): on for CUDA runs, restored afterwards."""
+    if request.node.callspec.params.get("device") != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, device, deterministic_cuda):
+    train = digits_subset(48)
+    # refine mode exercises everything saved: a refresh at epoch 1 (cycle 1), masks, the attack RNG.
+    cfg = dict(mode="refine", cycles=2, epochs_per_cycle=1, explain_from_cycle=1, **{**TINY, "device": device})
+    full = Refiner(RefineConfig(out=str(tmp_path / "full"), **cfg), train=train)
+    full.fit()
+    part = Refiner(RefineConfig(out=str(tmp_path / "part"), **cfg), train=train)
+    part.fit(stop_after=1)
+    assert part.epoch == 1 and not (tmp_path / "part" / FINAL).exists()
+    with open(tmp_path / "part" / METRICS, "a") as f:  # as if interrupted after the next refresh
+        f.write(json.dumps({"event": "refresh", "epoch": 1, "cycle": 1}) + "\n")
+    resumed = Refiner(RefineConfig(out=str(tmp_path / "part"), **cfg), train=train)
+    resumed.fit(resume=True)
+    assert resumed.epoch == 2
+    for (name, a), b in zip(full.module.state_dict().items(), resumed.module.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(full.store.flags, resumed.store.flags)
+    assert full.store.flags.any()
+    opt_a, opt_b = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"]) for k in opt_a)
+    lines = [json.loads(line) for line in open(tmp_path / "part" / METRICS)]
+    assert [(r["event"], r["epoch"]) for r in lines] == [("epoch", 1), ("refresh", 1), ("epoch", 2)]
+    assert (tmp_path / "part" / CHECKPOINT).exists() and (tmp_path / "part" / FINAL).exists()
+
+
+@pytest.mark.parametrize("mode", ["erm", "pgd_at"])
+def test_baselines_train_and_log(tmp_path, mode):
+    train = digits_subset(32)
+    refiner = Refiner(RefineConfig(mode=mode, cycles=1, epochs_per_cycle=1, out=str(tmp_path), **TINY), train=train)
+    refiner.fit()
+    record = json.loads(open(tmp_path / METRICS).readline())
+    assert record["mode"] == mode and record["epoch"] == 1 and 0 <= record["train_acc"] <= 1
+    assert refiner.store is None
+    from attrefine_fast.models import load_checkpoint
+
+    model, ckpt = load_checkpoint(tmp_path / FINAL)
+    assert ckpt["mode"] == mode and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_config_files_and_flags(tmp_path):
+    import yaml
+
+    from attrefine_fast.cli import main
+    from attrefine_fast.refine.config import add_config_arguments, config_from_args
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"mode": "pgd_at", "eps": 0.2, "segmentation_params": {"n_segments": 9}}))
+    (tmp_path / "c.json").write_text(json.dumps({"mode": "erm", "lam": 3.0}))
+    assert RefineConfig.from_file(tmp_path / "c.yaml").eps == 0.2
+    assert RefineConfig.from_file(tmp_path / "c.json").lam == 3.0
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--eps", "0.3", "--no-progress"]))
+    assert (cfg.mode, cfg.eps, cfg.progress, cfg.segmentation_params) == ("pgd_at", 0.3, False, {"n_segments": 9})
+    (tmp_path / "bad.json").write_text(json.dumps({"mode": "refine", "lamda": 1.0}))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        RefineConfig.from_file(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="mode"):
+        RefineConfig(mode="trades").validate()
+    with pytest.raises(ValueError, match="refresh_fraction"):
+        RefineConfig(refresh_fraction=0.0).validate()
+    with pytest.raises(FileNotFoundError):
+        RefineConfig.from_file(tmp_path / "missing.yaml")
+    # the command line end to end, stopped after one epoch and resumed
+    argv = ["refine", "--mode", "erm", "--train-subset", "32", "--cycles", "1", "--epochs-per-cycle", "2", "--batch-size", "16",
+            "--width", "4", "--no-progress", "--out", str(tmp_path / "run")]
+    main(argv + ["--stop-after", "1"])
+    main(argv + ["--resume"])
+    lines = [json.loads(line) for line in open(tmp_path / "run" / METRICS)]
+    assert [r["epoch"] for r in lines] == [1, 2]
