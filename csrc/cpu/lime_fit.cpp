@@ -25,7 +25,7 @@
 #include <tuple>
 #include <vector>
 
-#include "tensor_checks.h"
+#include "../op_args.h"
 
 namespace attrefine_fast {
 namespace {
@@ -210,38 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lime_fit_cpu(const at
                                                                          const at::Tensor& num_segments,
                                                                          const std::optional<at::Tensor>& weights,
                                                                          double kernel_width, double alpha) {
-  check_dim(masks, "masks", 3, "(B, N, M)");
-  check_dtype_in(masks, "masks", {at::kBool});
-  check_device_type(masks, "masks", at::kCPU);
-  check_dim(targets, "targets", 3, "(B, N, L)");
-  check_dtype_in(targets, "targets", {at::kFloat, at::kDouble});
-  check_same_device(masks, "masks", targets, "targets");
-  check_dim(num_segments, "num_segments", 1, "(B,)");
-  check_dtype_in(num_segments, "num_segments", {at::kLong});
-  check_same_device(masks, "masks", num_segments, "num_segments");
+  check_lime_fit_args(masks, targets, num_segments, weights, kernel_width, alpha, at::kCPU);
   const int64_t b = masks.size(0), n = masks.size(1), m = masks.size(2), nl = targets.size(2);
-  TORCH_CHECK_VALUE(b >= 1 && n >= 1 && m >= 1 && nl >= 1, "masks (B, N, M) and targets (B, N, L) must be non-empty, got ",
-                    shape_of(masks), " and ", shape_of(targets));
-  TORCH_CHECK_VALUE(targets.size(0) == b && targets.size(1) == n, "targets must have shape (B, N, L) = (", b, ", ", n,
-                    ", L) to match masks, got ", shape_of(targets));
-  TORCH_CHECK_VALUE(num_segments.size(0) == b, "num_segments must hold B=", b, " counts, got shape ",
-                    shape_of(num_segments));
-  TORCH_CHECK_VALUE(num_segments.min().item<int64_t>() >= 1 && num_segments.max().item<int64_t>() <= m,
-                    "num_segments must hold counts in 1..", m);
-  TORCH_CHECK_VALUE(kernel_width > 0, "kernel_width must be positive, got ", kernel_width);
-  TORCH_CHECK_VALUE(alpha >= 0, "alpha must be non-negative, got ", alpha);
-  TORCH_CHECK_VALUE(at::isfinite(targets).all().item<bool>(), "targets contains NaN or infinite values");
-  if (weights.has_value()) {
-    check_dim(*weights, "weights", 2, "(B, N)");
-    TORCH_CHECK_TYPE(weights->scalar_type() == targets.scalar_type(), "weights must have the targets' dtype ",
-                     targets.scalar_type(), ", got ", weights->scalar_type());
-    check_same_device(masks, "masks", *weights, "weights");
-    TORCH_CHECK_VALUE(weights->size(0) == b && weights->size(1) == n, "weights must have shape (B, N) = (", b, ", ", n,
-                      "), got ", shape_of(*weights));
-    TORCH_CHECK_VALUE(at::isfinite(*weights).all().item<bool>(), "weights contains NaN or infinite values");
-    TORCH_CHECK_VALUE(!(*weights < 0).any().item<bool>() && !(weights->sum(1) <= 0).any().item<bool>(),
-                      "weights must be non-negative with a positive sum per image");
-  }
 
   const auto msk = masks.contiguous();
   const auto tgt = targets.contiguous();

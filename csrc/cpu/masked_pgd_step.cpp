@@ -22,7 +22,7 @@
 #include <optional>
 #include <vector>
 
-#include "tensor_checks.h"
+#include "../op_args.h"
 
 namespace attrefine_fast {
 namespace {
@@ -141,34 +141,9 @@ void l2_step(const StepArgs<scalar_t>& a) {
 void masked_pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
                          const std::optional<at::Tensor>& weight, double step_size, double eps, double lo, double hi,
                          c10::string_view norm) {
-  check_dim(x_adv, "x_adv", 4, "(B, C, H, W)");
-  check_dtype_in(x_adv, "x_adv", kFloatDtypes);
-  check_device_type(x_adv, "x_adv", at::kCPU);
-  for (const auto* t : {&x, &grad}) {
-    const char* name = t == &x ? "x" : "grad";
-    check_same_device(x_adv, "x_adv", *t, name);
-    TORCH_CHECK_TYPE(t->scalar_type() == x_adv.scalar_type(), name, " must have x_adv's dtype ", x_adv.scalar_type(),
-                     ", got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->sizes() == x_adv.sizes(), name, " must have the shape of x_adv ", shape_of(x_adv), ", got ",
-                      shape_of(*t));
-  }
-  const bool linf = norm == "linf";
-  TORCH_CHECK_VALUE(linf || norm == "l2", "norm must be 'linf' or 'l2', got '", std::string(norm), "'");
-  TORCH_CHECK_VALUE(step_size >= 0 && eps >= 0 && lo <= hi, "need step_size >= 0, eps >= 0 and lo <= hi, got ",
-                    step_size, ", ", eps, ", ", lo, ", ", hi);
+  const bool linf = check_masked_pgd_step_args(x_adv, x, grad, weight, step_size, eps, lo, hi, norm, at::kCPU);
   const int64_t b = x_adv.size(0), c = x_adv.size(1), h = x_adv.size(2), w = x_adv.size(3);
-  at::Tensor wt;
-  if (weight.has_value()) {
-    check_dim(*weight, "weight", 3, "(B, H, W)");
-    TORCH_CHECK_TYPE(weight->scalar_type() == x_adv.scalar_type(), "weight must have x_adv's dtype ",
-                     x_adv.scalar_type(), ", got ", weight->scalar_type());
-    check_same_device(x_adv, "x_adv", *weight, "weight");
-    TORCH_CHECK_VALUE(weight->size(0) == b && weight->size(1) == h && weight->size(2) == w,
-                      "weight must have shape (B, H, W) = (", b, ", ", h, ", ", w, "), got ", shape_of(*weight));
-    wt = weight->contiguous();
-  }
-  // A NaN or infinite gradient would silently poison x_adv: refuse it before anything is written.
-  TORCH_CHECK_VALUE(at::isfinite(grad).all().item<bool>(), "grad contains NaN or infinite values");
+  const at::Tensor wt = weight.has_value() ? weight->contiguous() : at::Tensor();
   if (x_adv.numel() == 0) return;
 
   // Work in x_adv's own layout when it is NCHW- or NHWC-dense; otherwise on a dense copy.

@@ -24,7 +24,7 @@
 #include <optional>
 #include <vector>
 
-#include "tensor_checks.h"
+#include "../op_args.h"
 
 namespace attrefine_fast {
 namespace {
@@ -138,53 +138,13 @@ at::Tensor perturb_cpu(const at::Tensor& images, const at::Tensor& segments, con
                        const at::Tensor& fudge, int64_t offset, int64_t count, const std::optional<at::Tensor>& mean,
                        const std::optional<at::Tensor>& std, std::optional<at::ScalarType> out_dtype,
                        bool channels_last) {
-  check_segments_shape(images, segments);
-  check_dtype_in(images, "images", kImageDtypes);
-  check_device_type(images, "images", at::kCPU);
-  check_dim(masks, "masks", 3, "(B, N, M)");
-  check_dtype_in(masks, "masks", {at::kBool});
-  check_same_device(images, "images", masks, "masks");
-  check_same_device(images, "images", fudge, "fudge");
+  const auto dtype = check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype, at::kCPU);
   const int64_t b = images.size(0), c = images.size(1), h = images.size(2), w = images.size(3);
-  TORCH_CHECK_VALUE(masks.size(0) == b && masks.size(2) >= 1, "masks must have shape (B, N, M) with B=", b,
-                    ", got ", shape_of(masks));
-  TORCH_CHECK_VALUE(fudge.sizes() == images.sizes() && fudge.scalar_type() == images.scalar_type(),
-                    "fudge must match images in shape and dtype: ", shape_of(images), " ", images.scalar_type(),
-                    ", got ", shape_of(fudge), " ", fudge.scalar_type());
   const int64_t n = masks.size(1), m = masks.size(2);
-  TORCH_CHECK_VALUE(offset >= 0 && count >= 1 && offset + count <= n, "samples [offset, offset+count) = [", offset,
-                    ", ", offset + count, ") are outside 0..", n);
-  TORCH_CHECK_VALUE(mean.has_value() == std.has_value(), "give both mean and std, or neither");
-  const bool normalized = mean.has_value();
-  if (normalized) {
-    for (const auto* t : {&*mean, &*std}) {
-      const char* name = t == &*mean ? "mean" : "std";
-      check_dim(*t, name, 1, "(C,)");
-      check_dtype_in(*t, name, kFloatDtypes);
-      check_same_device(images, "images", *t, name);
-      TORCH_CHECK_VALUE(t->size(0) == c, name, " must have one value per channel (", c, "), got shape ", shape_of(*t));
-    }
-  }
-  const auto dtype = out_dtype.has_value() ? *out_dtype
-                     : (normalized && !images.is_floating_point()) ? at::kFloat
-                                                                   : images.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble ||
-                       dtype == at::kByte,
-                   "out_dtype must be a float dtype or uint8, got ", dtype);
-  check_segment_ids(segments, m);
 
   // The reference's normalization and cast, per source image (see the header).
-  const auto prepare = [&](const at::Tensor& src) {
-    at::Tensor v = src;
-    if (normalized) {
-      const auto compute = images.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      v = (v.to(compute) - mean->to(compute).view({1, c, 1, 1})) / std->to(compute).view({1, c, 1, 1});
-    }
-    v = v.to(dtype);
-    return channels_last ? v.permute({0, 2, 3, 1}).contiguous() : v.contiguous();
-  };
-  const auto kept = prepare(images);
-  const auto replaced = prepare(fudge);
+  const auto kept = perturb_source(images, mean, std, dtype, channels_last);
+  const auto replaced = perturb_source(fudge, mean, std, dtype, channels_last);
   const auto seg = segments.to(at::kInt).contiguous();
   const auto msk = masks.contiguous();
   auto out = at::empty({b * count, c, h, w}, images.options().dtype(dtype),

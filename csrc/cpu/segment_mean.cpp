@@ -13,7 +13,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "tensor_checks.h"
+#include "../op_args.h"
 
 namespace attrefine_fast {
 namespace {
@@ -42,10 +42,7 @@ void segment_sums(const scalar_t* images, const index_t* segments, int64_t batch
 }
 
 at::Tensor segment_mean_cpu(const at::Tensor& images, const at::Tensor& segments, int64_t num_segments) {
-  check_segments_shape(images, segments);
-  check_dtype_in(images, "images", kImageDtypes);
-  check_device_type(images, "images", at::kCPU);
-  check_segment_ids(segments, num_segments);
+  check_segment_mean_args(images, segments, num_segments, at::kCPU);
 
   const int64_t b = images.size(0), c = images.size(1), pixels = images.size(2) * images.size(3);
   const auto img = images.contiguous();

@@ -1,0 +1,152 @@
+// The argument contract of each op, checked the same way by its CPU kernel (csrc/cpu) and its CUDA
+// glue (csrc/cuda/ops_cuda.cpp), so a direct torch.ops.attrefine_fast.<op> call with bad input
+// raises the same ValueError / TypeError on every device. Device-specific limits stay with the
+// device's entry point.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <string>
+
+#include "tensor_checks.h"
+
+namespace attrefine_fast {
+
+inline void check_segment_mean_args(const at::Tensor& images, const at::Tensor& segments, int64_t num_segments,
+                                    at::DeviceType device) {
+  check_segments_shape(images, segments);
+  check_dtype_in(images, "images", kImageDtypes);
+  check_device_type(images, "images", device);
+  check_segment_ids(segments, num_segments);
+}
+
+// Checks perturb's arguments and returns the output dtype (perturb_output_dtype in ops/perturb.py).
+inline at::ScalarType check_perturb_args(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
+                                         const at::Tensor& fudge, int64_t offset, int64_t count,
+                                         const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
+                                         std::optional<at::ScalarType> out_dtype, at::DeviceType device) {
+  check_segments_shape(images, segments);
+  check_dtype_in(images, "images", kImageDtypes);
+  check_device_type(images, "images", device);
+  check_dim(masks, "masks", 3, "(B, N, M)");
+  check_dtype_in(masks, "masks", {at::kBool});
+  check_same_device(images, "images", masks, "masks");
+  check_same_device(images, "images", fudge, "fudge");
+  const int64_t b = images.size(0), c = images.size(1);
+  TORCH_CHECK_VALUE(masks.size(0) == b && masks.size(2) >= 1, "masks must have shape (B, N, M) with B=", b, ", got ",
+                    shape_of(masks));
+  TORCH_CHECK_VALUE(fudge.sizes() == images.sizes() && fudge.scalar_type() == images.scalar_type(),
+                    "fudge must match images in shape and dtype: ", shape_of(images), " ", images.scalar_type(),
+                    ", got ", shape_of(fudge), " ", fudge.scalar_type());
+  const int64_t n = masks.size(1);
+  TORCH_CHECK_VALUE(offset >= 0 && count >= 1 && offset + count <= n, "samples [offset, offset+count) = [", offset,
+                    ", ", offset + count, ") are outside 0..", n);
+  TORCH_CHECK_VALUE(mean.has_value() == std.has_value(), "give both mean and std, or neither");
+  const bool normalized = mean.has_value();
+  if (normalized) {
+    for (const auto* t : {&*mean, &*std}) {
+      const char* name = t == &*mean ? "mean" : "std";
+      check_dim(*t, name, 1, "(C,)");
+      check_dtype_in(*t, name, kFloatDtypes);
+      check_same_device(images, "images", *t, name);
+      TORCH_CHECK_VALUE(t->size(0) == c, name, " must have one value per channel (", c, "), got shape ", shape_of(*t));
+    }
+  }
+  const auto dtype = out_dtype.has_value()                        ? *out_dtype
+                     : (normalized && !images.is_floating_point()) ? at::kFloat
+                                                                   : images.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble ||
+                       dtype == at::kByte,
+                   "out_dtype must be a float dtype or uint8, got ", dtype);
+  check_segment_ids(segments, masks.size(2));
+  return dtype;
+}
+
+// One source image of perturb (the image or its fudge) normalized and cast exactly as the reference
+// does, once per image rather than once per sample: the per-sample choice then only copies.
+// channels_last returns the (B, H, W, C) permutation, contiguous.
+inline at::Tensor perturb_source(const at::Tensor& src, const std::optional<at::Tensor>& mean,
+                                 const std::optional<at::Tensor>& std, at::ScalarType dtype, bool channels_last) {
+  at::Tensor v = src;
+  if (mean.has_value()) {
+    const auto compute = src.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const int64_t c = src.size(1);
+    v = (v.to(compute) - mean->to(compute).view({1, c, 1, 1})) / std->to(compute).view({1, c, 1, 1});
+  }
+  v = v.to(dtype);
+  return channels_last ? v.permute({0, 2, 3, 1}).contiguous() : v.contiguous();
+}
+
+inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targets, const at::Tensor& num_segments,
+                                const std::optional<at::Tensor>& weights, double kernel_width, double alpha,
+                                at::DeviceType device) {
+  check_dim(masks, "masks", 3, "(B, N, M)");
+  check_dtype_in(masks, "masks", {at::kBool});
+  check_device_type(masks, "masks", device);
+  check_dim(targets, "targets", 3, "(B, N, L)");
+  check_dtype_in(targets, "targets", {at::kFloat, at::kDouble});
+  check_same_device(masks, "masks", targets, "targets");
+  check_dim(num_segments, "num_segments", 1, "(B,)");
+  check_dtype_in(num_segments, "num_segments", {at::kLong});
+  check_same_device(masks, "masks", num_segments, "num_segments");
+  const int64_t b = masks.size(0), n = masks.size(1), m = masks.size(2), nl = targets.size(2);
+  TORCH_CHECK_VALUE(b >= 1 && n >= 1 && m >= 1 && nl >= 1, "masks (B, N, M) and targets (B, N, L) must be non-empty, got ",
+                    shape_of(masks), " and ", shape_of(targets));
+  TORCH_CHECK_VALUE(targets.size(0) == b && targets.size(1) == n, "targets must have shape (B, N, L) = (", b, ", ", n,
+                    ", L) to match masks, got ", shape_of(targets));
+  TORCH_CHECK_VALUE(num_segments.size(0) == b, "num_segments must hold B=", b, " counts, got shape ",
+                    shape_of(num_segments));
+  TORCH_CHECK_VALUE(num_segments.min().item<int64_t>() >= 1 && num_segments.max().item<int64_t>() <= m,
+                    "num_segments must hold counts in 1..", m);
+  TORCH_CHECK_VALUE(kernel_width > 0, "kernel_width must be positive, got ", kernel_width);
+  TORCH_CHECK_VALUE(alpha >= 0, "alpha must be non-negative, got ", alpha);
+  TORCH_CHECK_VALUE(at::isfinite(targets).all().item<bool>(), "targets contains NaN or infinite values");
+  if (weights.has_value()) {
+    check_dim(*weights, "weights", 2, "(B, N)");
+    TORCH_CHECK_TYPE(weights->scalar_type() == targets.scalar_type(), "weights must have the targets' dtype ",
+                     targets.scalar_type(), ", got ", weights->scalar_type());
+    check_same_device(masks, "masks", *weights, "weights");
+    TORCH_CHECK_VALUE(weights->size(0) == b && weights->size(1) == n, "weights must have shape (B, N) = (", b, ", ", n,
+                      "), got ", shape_of(*weights));
+    TORCH_CHECK_VALUE(at::isfinite(*weights).all().item<bool>(), "weights contains NaN or infinite values");
+    TORCH_CHECK_VALUE(!(*weights < 0).any().item<bool>() && !(weights->sum(1) <= 0).any().item<bool>(),
+                      "weights must be non-negative with a positive sum per image");
+  }
+}
+
+// Checks masked_pgd_step's arguments, including a finite gradient (a NaN would silently poison
+// x_adv), before anything is written. Returns true for L-inf, false for L2.
+inline bool check_masked_pgd_step_args(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
+                                       const std::optional<at::Tensor>& weight, double step_size, double eps,
+                                       double lo, double hi, c10::string_view norm, at::DeviceType device) {
+  check_dim(x_adv, "x_adv", 4, "(B, C, H, W)");
+  check_dtype_in(x_adv, "x_adv", kFloatDtypes);
+  check_device_type(x_adv, "x_adv", device);
+  for (const auto* t : {&x, &grad}) {
+    const char* name = t == &x ? "x" : "grad";
+    check_same_device(x_adv, "x_adv", *t, name);
+    TORCH_CHECK_TYPE(t->scalar_type() == x_adv.scalar_type(), name, " must have x_adv's dtype ", x_adv.scalar_type(),
+                     ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->sizes() == x_adv.sizes(), name, " must have the shape of x_adv ", shape_of(x_adv), ", got ",
+                      shape_of(*t));
+  }
+  const bool linf = norm == "linf";
+  TORCH_CHECK_VALUE(linf || norm == "l2", "norm must be 'linf' or 'l2', got '", std::string(norm), "'");
+  TORCH_CHECK_VALUE(step_size >= 0 && eps >= 0 && lo <= hi, "need step_size >= 0, eps >= 0 and lo <= hi, got ",
+                    step_size, ", ", eps, ", ", lo, ", ", hi);
+  if (weight.has_value()) {
+    const int64_t b = x_adv.size(0), h = x_adv.size(2), w = x_adv.size(3);
+    check_dim(*weight, "weight", 3, "(B, H, W)");
+    TORCH_CHECK_TYPE(weight->scalar_type() == x_adv.scalar_type(), "weight must have x_adv's dtype ",
+                     x_adv.scalar_type(), ", got ", weight->scalar_type());
+    check_same_device(x_adv, "x_adv", *weight, "weight");
+    TORCH_CHECK_VALUE(weight->size(0) == b && weight->size(1) == h && weight->size(2) == w,
+                      "weight must have shape (B, H, W) = (", b, ", ", h, ", ", w, "), got ", shape_of(*weight));
+  }
+  TORCH_CHECK_VALUE(at::isfinite(grad).all().item<bool>(), "grad contains NaN or infinite values");
+  return linf;
+}
+
+}  // namespace attrefine_fast
