@@ -19,8 +19,11 @@ from . import _extension
 
 OPS = ("segment_mean", "perturb", "lime_fit", "masked_pgd_step")
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-# backend="auto" takes the first available backend in this order. The CUDA order follows the
-# GPU measurements in benchmarks/RESULTS.md; until a GPU run decides it, CUDA C++ goes first.
+# backend="auto" takes the first available backend in this order. CUDA C++ before Triton: on an
+# H200 (benchmarks/RESULTS.md, quick profile) the CUDA C++ kernel was faster than the Triton one
+# for every op and size timed (e.g. lime_fit B=16, N=256, M=16: 221 us against 475 us). That run
+# also had the pure-PyTorch backend ahead of both for perturb at 32x32 (573 us against 871 us);
+# one partial run does not justify reordering yet.
 AUTO_ORDER = {
     "cpu": ("cpp", "torch"),
     "cuda": ("cuda", "triton", "torch"),
