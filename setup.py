@@ -64,7 +64,7 @@ def extensions():
         ext = cpp_extension.CUDAExtension(
             "attrefine_fast._C",
             cpu_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"], "nvcc": nvcc_flags + ["-DWITH_CUDA"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
         )
     else:

@@ -109,10 +109,7 @@ def resolve(op: str, backend: str, device: torch.device | str) -> Callable:
     """The implementation of ``op`` for ``backend`` on ``device``, with the schema's signature."""
     device_type = torch.device(device).type
     if backend == "auto":
-        for candidate in AUTO_ORDER.get(device_type, ("torch",)):
-            if status(op, candidate, device_type)[0]:
-                return _implementation(op, candidate)
-        return _reference(op)
+        return _implementation(op, selected(op, backend, device))
     ok, why = status(op, backend, device_type)
     if not ok:
         raise BackendUnavailable(f"backend {backend!r} cannot run {op} on {device_type}: {why}")

@@ -69,7 +69,7 @@ def speckle_noise(x, c, gen):
     return x + x * _noise(x.shape, x, gen) * c
 
 
-def _depthwise(x, kernel, padding_mode):
+def depthwise_filter(x, kernel, padding_mode):
     """Convolve each channel with the same 2-D kernel (k, k), k odd, same-size output."""
     k = kernel.shape[-1]
     c = x.shape[1]
@@ -79,7 +79,7 @@ def _depthwise(x, kernel, padding_mode):
     return F.conv2d(F.pad(x, (pad, pad, pad, pad), mode=mode), weight, groups=c)
 
 
-def _gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
+def gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
     r = torch.arange(-radius, radius + 1, dtype=torch.float64)
     g = torch.exp(-0.5 * (r / sigma) ** 2)
     g = g / g.sum()
@@ -88,7 +88,7 @@ def _gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
 
 def gaussian_blur(x, sigma, gen):
     # Truncated at 4 sigma with edge replication, as scikit-image's gaussian filter does by default.
-    return _depthwise(x, _gaussian_kernel(sigma, max(1, int(4 * sigma + 0.5))), "replicate")
+    return depthwise_filter(x, gaussian_kernel(sigma, max(1, int(4 * sigma + 0.5))), "replicate")
 
 
 def defocus_blur(x, c, gen):
@@ -99,8 +99,8 @@ def defocus_blur(x, c, gen):
     yy, xx = torch.meshgrid(r, r, indexing="ij")
     disk = (xx**2 + yy**2 <= radius**2).double()
     disk = disk / disk.sum()
-    soft = F.conv2d(disk[None, None], _gaussian_kernel(alias_sigma, 1).double()[None, None], padding=1)[0, 0]
-    return _depthwise(x, (soft / soft.sum()).float(), "reflect")
+    soft = F.conv2d(disk[None, None], gaussian_kernel(alias_sigma, 1).double()[None, None], padding=1)[0, 0]
+    return depthwise_filter(x, (soft / soft.sum()).float(), "reflect")
 
 
 def zoom_blur(x, c, gen):
@@ -221,8 +221,8 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int | torch
 def corrupt_dataset(
     dataset: ImageDataset, name: str, severity: int, *, seed: int = 0, batch_size: int = 1024
 ) -> ImageDataset:
-    """A corrupted copy of a whole dataset (float32 images), seeded per batch so that the result
-    does not depend on anything but ``seed``."""
+    """A corrupted copy of a whole dataset (float32 images). One generator seeded by ``seed`` runs
+    through the batches in order, so the result is fixed by ``seed`` and ``batch_size`` together."""
     gen = torch.Generator().manual_seed(int(seed))
     parts = [corrupt(x, name, severity, seed=gen) for x, _ in dataset.batches(batch_size)]
     return ImageDataset(torch.cat(parts), dataset.labels.clone(), dataset.classes, f"{dataset.name}/{name}/{severity}")

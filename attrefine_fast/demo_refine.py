@@ -70,11 +70,7 @@ def _detect(model, cfg, images, labels, seed):
     from .segmentation import segment
 
     segments, counts = segment(images, cfg.segmentation, **cfg.segmentation_params)
-    return detect_spurious(
-        model, images, labels, segments, counts, num_samples=cfg.lime_samples, explain_label=cfg.explain_label, tau=cfg.tau,
-        eps_s=cfg.eps_s, delta=cfg.delta, instability=cfg.instability, eps=cfg.eps, norm=cfg.norm,
-        max_flagged_fraction=cfg.max_flagged_fraction, seed=seed,
-    )
+    return detect_spurious(model, images, labels, segments, counts, seed=seed, **cfg.detect_kwargs())
 
 
 def _bound(model, cfg, images, labels, seed) -> dict:

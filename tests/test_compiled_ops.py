@@ -301,6 +301,27 @@ def test_masked_pgd_step_refuses_a_non_finite_gradient_before_writing(norm):
     assert torch.equal(x_adv, before)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_masked_pgd_step_tells_autograd_that_x_adv_changed(channels_last):
+    # The kernel writes through a raw pointer; without a version bump autograd would not notice
+    # that a tensor saved for backward had changed.
+    x = torch.rand(2, 3, 5, 5)
+    x_adv = x.clone() + 0.01
+    if channels_last:
+        x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+    before = x_adv._version
+    ops.masked_pgd_step(x_adv, x, torch.randn(2, 3, 5, 5), None, 0.1, 0.2, 0.0, 1.0, "linf")
+    assert x_adv._version > before
+
+
+def test_perturb_of_empty_images_is_empty_not_a_crash():
+    images = torch.rand(1, 0, 4, 4)
+    segments = torch.zeros(1, 4, 4, dtype=torch.long)
+    masks = torch.ones(1, 3, 1, dtype=torch.bool)
+    out = ops.perturb(images, segments, masks, images.clone(), 0, 3, None, None, None, False)
+    assert out.shape == (3, 0, 4, 4)
+
+
 # ---- CUDA kernels (csrc/cuda) against the reference, on machines with a GPU ----
 needs_cuda_kernels = pytest.mark.skipif(
     not (torch.cuda.is_available() and LOADED and backends.status("perturb", "cuda", "cuda")[0]),

@@ -45,12 +45,13 @@ def attribution_bound(model, images: torch.Tensor, labels: torch.Tensor, pixel_m
     if tuple(pixel_mask.shape) != (images.shape[0],) + tuple(images.shape[2:]):
         raise ValueError(f"pixel_mask must be (B, H, W) = {(images.shape[0],) + tuple(images.shape[2:])}, got {tuple(pixel_mask.shape)}")
     margin, grad = margin_and_gradient(model, images, labels)
-    s = pixel_mask.unsqueeze(1).to(grad.dtype)
+    s = pixel_mask.unsqueeze(1).to(grad.device, grad.dtype)
     p = 1 if norm == "linf" else 2
     l_s = (grad * s).flatten(1).norm(p=p, dim=1)
     l_r = (grad * (1 - s)).flatten(1).norm(p=p, dim=1)
     total = l_r + l_s
-    estimate = torch.where(total > 0, margin.clamp_min(0) / total.clamp_min(1e-30), torch.full_like(margin, float("inf")))
+    estimate = torch.where(margin <= 0, torch.zeros_like(margin),
+                           torch.where(total > 0, margin / total.clamp_min(1e-30), torch.full_like(margin, float("inf"))))
     rho = torch.where(total > 0, l_r / total.clamp_min(1e-30), torch.ones_like(total))
     return {"margin": margin, "L_R": l_r, "L_S": l_s, "estimate": estimate, "rho": rho}
 

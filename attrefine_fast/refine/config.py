@@ -121,6 +121,14 @@ class RefineConfig:
 
     # ------------------------------------------------------------------ (de)serialization
 
+    def detect_kwargs(self) -> dict:
+        """The keyword arguments of :func:`~attrefine_fast.refine.detect_spurious` this config sets."""
+        return dict(
+            num_samples=self.lime_samples, explain_label=self.explain_label, tau=self.tau, eps_s=self.eps_s, delta=self.delta,
+            instability=self.instability, instability_runs=self.instability_runs, eps=self.eps, norm=self.norm,
+            max_flagged_fraction=self.max_flagged_fraction,
+        )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -139,7 +139,7 @@ def detect_spurious(
             or "none" (v = 0).
         seed: seeds the LIME samples and the attack.
     """
-    check_batch(images, labels)
+    labels = check_batch(images, labels)
     b, _, h, w = images.shape
     if tuple(segments.shape) != (b, h, w) or tuple(counts.shape) != (b,):
         raise ValueError(f"segments must be (B, H, W) = {(b, h, w)} and counts (B,), got {tuple(segments.shape)} and {tuple(counts.shape)}")

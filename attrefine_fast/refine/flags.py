@@ -71,7 +71,9 @@ class FlagStore:
         if world_size > 1:
             import torch.distributed as dist
 
+            new_flags = new_flags.to(device)  # NCCL reduces CUDA tensors only
             dist.all_reduce(new_flags, op=dist.ReduceOp.SUM)
+            new_flags = new_flags.cpu()
         self.flags[index] = new_flags.bool()
         self.refreshed[index] = cycle
 

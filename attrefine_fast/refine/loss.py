@@ -9,30 +9,17 @@ import torch
 from torch.nn import functional as F
 
 from ..attacks import masked_pgd
-from ..ops.segment_mean import segment_mean
+from ..corruptions import depthwise_filter, gaussian_kernel
+from ..neighborhood import fudge_images
 
 # sigma=1.5 px erases a stroke of the 32x32 digits while keeping the region's overall brightness.
 BLUR_SIGMA = 1.5
 
 
-def _gaussian_blur(images: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
-    radius = max(1, int(round(2 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    k1 = torch.exp(-(t**2) / (2 * sigma**2))
-    k1 = k1 / k1.sum()
-    c = images.shape[1]
-    kernel = (k1[:, None] * k1[None, :]).expand(c, 1, -1, -1)
-    padded = F.pad(images, (radius,) * 4, mode="reflect" if min(images.shape[2:]) > radius else "replicate")
-    return F.conv2d(padded, kernel, groups=c)
-
-
 def segment_mean_images(images: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W): every pixel replaced by its superpixel's mean colour."""
-    b, c, h, w = images.shape
+    """(B, C, H, W): every pixel replaced by its superpixel's mean colour (LIME's hide colour)."""
     seg = segments.long()
-    means = segment_mean(images.detach().float().contiguous(), seg, int(seg.max()) + 1)  # (B, M, C)
-    index = seg.reshape(b, 1, h * w).expand(b, c, h * w)
-    return torch.gather(means.transpose(1, 2), 2, index).reshape(b, c, h, w).to(images.dtype)
+    return fudge_images(images.detach(), seg, int(seg.max()) + 1)
 
 
 def mask_images(
@@ -66,7 +53,7 @@ def mask_images(
     elif fill == "zero":
         replacement = torch.zeros_like(images)
     elif fill == "blur":
-        replacement = _gaussian_blur(images)
+        replacement = depthwise_filter(images, gaussian_kernel(BLUR_SIGMA, max(1, round(2 * BLUR_SIGMA))), "reflect")
     elif fill == "noise":
         device = images.device if generator is None else generator.device
         replacement = torch.rand(images.shape, generator=generator, device=device).to(images.device, images.dtype)

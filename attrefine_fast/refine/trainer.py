@@ -25,6 +25,8 @@ from .config import RefineConfig
 from .flags import FlagStore
 from .loss import batch_loss, segment_mean_images
 
+# Config keys a resumed run may change: where it runs and how it reports, not what it computes.
+RESUMABLE_CHANGES = ("out", "device", "progress")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 FINAL = "model.pt"
@@ -145,6 +147,12 @@ class Refiner:
         state = torch.load(path, map_location=self.device, weights_only=True)
         if state.get("world_size", 1) != self.world_size:
             raise ValueError(f"{path} was written by {state.get('world_size')} ranks; resume with the same number (now {self.world_size})")
+        # Exact continuation needs the same run: only where it runs and how it reports may change.
+        now, then = self.cfg.to_dict(), state.get("config", {})
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and k in then and then[k] != now[k])
+        if changed:
+            raise ValueError(f"{path} was written with a different config ({', '.join(f'{k}: {then[k]!r} -> {now[k]!r}' for k in changed)}); "
+                             "resume with the same settings or use another --out")
         self.load_state_dict(state)
         if self.rank == 0:
             self._truncate_metrics()
@@ -177,8 +185,10 @@ class Refiner:
         ``resume=True`` continues from ``out/checkpoint.pt`` when it exists.
         """
         cfg = self.cfg
-        if resume:
-            self.resume()
+        resumed = self.resume() if resume else False
+        if not resumed and self.epoch == 0 and self.rank == 0:
+            # a fresh run in a used folder starts a fresh log rather than appending to the old one
+            open(os.path.join(self.out, METRICS), "w").close()
         end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         while self.epoch < end:
             cycle = self.epoch // cfg.epochs_per_cycle
@@ -228,15 +238,10 @@ class Refiner:
         n = len(self.train)
         count = max(1, math.ceil(cfg.refresh_fraction * n))
         index = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(cfg.seed, 1, cycle)))[:count].sort().values
-        detect_kwargs = dict(
-            num_samples=cfg.lime_samples, explain_label=cfg.explain_label, tau=cfg.tau, eps_s=cfg.eps_s, delta=cfg.delta,
-            instability=cfg.instability, instability_runs=cfg.instability_runs, eps=cfg.eps, norm=cfg.norm,
-            max_flagged_fraction=cfg.max_flagged_fraction,
-        )
         start = time.perf_counter()
         bar = self._progress(math.ceil(count / cfg.detect_batch_size), f"{cfg.mode} cycle {cycle}: explain {count} images")
         self.store.refresh(
-            self.module, self.images, self.labels, index, cycle=cycle, chunk_size=cfg.detect_batch_size, detect_kwargs=detect_kwargs,
+            self.module, self.images, self.labels, index, cycle=cycle, chunk_size=cfg.detect_batch_size, detect_kwargs=cfg.detect_kwargs(),
             seed=_mix(cfg.seed, 2, cycle), device=self.device, rank=self.rank, world_size=self.world_size,
             progress=lambda done, total: bar.update(done - bar.n),
         )
@@ -295,7 +300,10 @@ class Refiner:
         if self.world_size > 1:
             import torch.distributed as dist
 
+            # on the training device: NCCL reduces CUDA tensors only
+            totals = totals.to(self.device)
             dist.all_reduce(totals)
+            totals = totals.cpu()
         seen = float(totals[2])
         record = {"event": "epoch", "epoch": epoch + 1, "cycle": cycle, "mode": cfg.mode, "loss": float(totals[0]) / seen,
                   "train_acc": float(totals[1]) / seen, "lr": self.optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - start}

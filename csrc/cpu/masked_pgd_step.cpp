@@ -161,7 +161,12 @@ void masked_pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x, const at::Tenso
     else
       l2_step(args);
   });
-  if (!work.is_same(x_adv)) x_adv.copy_(work);
+  if (work.is_same(x_adv)) {
+    // Written through a raw pointer: tell autograd x_adv changed, as an in-place torch op would.
+    x_adv.unsafeGetTensorImpl()->bump_version();
+  } else {
+    x_adv.copy_(work);
+  }
 }
 
 }  // namespace

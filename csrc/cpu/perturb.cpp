@@ -149,6 +149,7 @@ at::Tensor perturb_cpu(const at::Tensor& images, const at::Tensor& segments, con
   const auto msk = masks.contiguous();
   auto out = at::empty({b * count, c, h, w}, images.options().dtype(dtype),
                        channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
 
   const auto run = [&](auto zero_bits) {
     using bits_t = decltype(zero_bits);

@@ -23,6 +23,9 @@ namespace {
 constexpr int kThreads = 256;
 // The default per-block shared-memory limit on every architecture; no opt-in attribute needed.
 constexpr int64_t kSharedBytes = 48 * 1024;
+// The kernel's static shared variables (the reduction buffer and flags, ~76 B) count against the
+// same 48 KiB as the dynamic part: without this margin some (M, L) fail to launch.
+constexpr int64_t kStaticSharedBytes = 128;
 constexpr int64_t kMaxTile = 16;
 
 __device__ double block_sum(double v, double* scratch) {
@@ -224,7 +227,7 @@ int64_t tile_for(int64_t segments, int64_t labels) {
 
 bool fits_shared(int64_t segments, int64_t labels, int64_t tile) {
   const int64_t doubles = segments * segments + segments * labels + segments + labels + tile * (segments + labels + 1);
-  return doubles * 8 <= kSharedBytes;
+  return doubles * 8 <= kSharedBytes - kStaticSharedBytes;
 }
 
 template <typename T>

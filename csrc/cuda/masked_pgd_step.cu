@@ -88,7 +88,7 @@ __global__ void linf_kernel(Step<T> s, double step_size, double eps, double lo, 
     const op_t moved = rnd<T>(load(s.x_adv + i) + rnd<T>(mul_rn(step, sg)));
     const op_t xe = load(s.x + i);
     const op_t delta = fmin(fmax(rnd<T>(moved - xe), -ep), ep);
-    const op_t out = rnd<T>(xe + delta);
+    const op_t out = rnd<T>(xe + rnd<T>(delta));  // the reference clamps in T: delta is rounded to T
     store(s.x_adv + i, fmin(fmax(out, static_cast<op_t>(lo)), static_cast<op_t>(hi)));
   }
 }
