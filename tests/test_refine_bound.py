@@ -60,6 +60,16 @@ def test_empirical_eps_matches_the_exact_linear_answer():
     assert ((emp >= est - 1e-6) & (emp <= est + width + 1e-6)).all(), (emp, est)
 
 
+def test_estimate_is_zero_for_a_misclassified_sample_even_with_a_zero_gradient():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    torch.nn.init.zeros_(model[1].weight)
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))  # always class 0, gradient exactly zero
+    x = torch.rand(2, 3, 4, 4)
+    out = attribution_bound(model, x, torch.tensor([0, 1]), torch.zeros(2, 4, 4))
+    assert out["estimate"][0] == float("inf") and out["estimate"][1] == 0
+
+
 def test_misclassified_and_unbreakable_samples():
     model = _linear_model(2)
     x = 0.5 + 0.02 * torch.randn(4, 3, 6, 6)

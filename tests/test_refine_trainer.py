@@ -56,6 +56,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, device, deterministic
     assert (tmp_path / "part" / CHECKPOINT).exists() and (tmp_path / "part" / FINAL).exists()
 
 
+def test_resume_refuses_a_different_config_and_a_fresh_run_starts_a_fresh_log(tmp_path):
+    train = digits_subset(32)
+    cfg = dict(mode="erm", cycles=1, epochs_per_cycle=2, **TINY)
+    Refiner(RefineConfig(out=str(tmp_path), **cfg), train=train).fit(stop_after=1)
+    with pytest.raises(ValueError, match="different config.*lr"):
+        Refiner(RefineConfig(out=str(tmp_path), **{**cfg, "lr": 0.01}), train=train).fit(resume=True)
+    Refiner(RefineConfig(out=str(tmp_path), **cfg), train=train).fit()  # not resumed: starts over
+    lines = [json.loads(line) for line in open(tmp_path / METRICS)]
+    assert [r["epoch"] for r in lines] == [1, 2]
+
+
 @pytest.mark.parametrize("mode", ["erm", "pgd_at"])
 def test_baselines_train_and_log(tmp_path, mode):
     train = digits_subset(32)
