@@ -14,6 +14,7 @@ not linear, and the true smallest epsilon can be smaller.
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 import torch
 
 from ..attacks import check_batch, frozen, pgd, predict
@@ -102,18 +103,6 @@ def empirical_min_eps(model, images: torch.Tensor, labels: torch.Tensor, *, eps_
     return result, flipped
 
 
-def _ranks(a: np.ndarray) -> np.ndarray:
-    order = a.argsort(kind="stable")
-    ranks = np.empty(len(a))
-    ranks[order] = np.arange(len(a))
-    # ties share their mean rank
-    for v in np.unique(a):
-        same = a == v
-        if same.sum() > 1:
-            ranks[same] = ranks[same].mean()
-    return ranks
-
-
 def correlation(a, b) -> dict:
     """Pearson and Spearman correlation of two equally long sequences (NaN when undefined)."""
     a = np.asarray(a, dtype=np.float64)
@@ -128,4 +117,4 @@ def correlation(a, b) -> dict:
             return float("nan")
         return float(np.corrcoef(u, v)[0, 1])
 
-    return {"pearson": pearson(a, b), "spearman": pearson(_ranks(a), _ranks(b)), "n": int(len(a))}
+    return {"pearson": pearson(a, b), "spearman": pearson(rankdata(a), rankdata(b)), "n": int(len(a))}
