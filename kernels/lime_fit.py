@@ -265,8 +265,10 @@ def lime_fit_triton(
     if alpha > 0:
         launch(FUSED, coef, coef, coef)  # the scratch pointers are unused
         return coef, intercept, score, local_pred
-    gram = torch.empty((b, m, m), dtype=dtype, device=device)
-    rhs = torch.empty((b, m, l), dtype=dtype, device=device)
+    # zeros, not empty: the launch writes every entry, but a solve of uninitialized memory (where a
+    # launch is skipped, as when the launcher is traced with stubbed kernels) can fail to converge.
+    gram = torch.zeros((b, m, m), dtype=dtype, device=device)
+    rhs = torch.zeros((b, m, l), dtype=dtype, device=device)
     launch(NORMAL_EQUATIONS, gram, rhs, rhs)
     # The minimum-norm solution, as the reference's lstsq gives on CPU; lstsq itself has no fake
     # implementation (its outputs' shapes depend on the data), which torch.compile needs.
