@@ -149,4 +149,27 @@ inline bool check_masked_pgd_step_args(const at::Tensor& x_adv, const at::Tensor
   return linf;
 }
 
+// masked_pgd_step updates x_adv in place through a raw pointer. It works in x_adv's own layout
+// when that is NCHW- or NHWC-dense, otherwise on a dense copy that finish_in_place writes back.
+struct InPlaceWork {
+  at::Tensor tensor;  // x_adv itself, or its dense copy
+  at::MemoryFormat format;
+  bool channels_last;
+};
+
+inline InPlaceWork dense_work(const at::Tensor& x_adv) {
+  const bool channels_last = !x_adv.is_contiguous() && x_adv.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return {x_adv.is_contiguous(format) ? x_adv : x_adv.contiguous(format), format, channels_last};
+}
+
+inline void finish_in_place(at::Tensor& x_adv, const InPlaceWork& work) {
+  if (work.tensor.is_same(x_adv)) {
+    // Written through a raw pointer: tell autograd x_adv changed, as an in-place torch op would.
+    x_adv.unsafeGetTensorImpl()->bump_version();
+  } else {
+    x_adv.copy_(work.tensor);
+  }
+}
+
 }  // namespace attrefine_fast

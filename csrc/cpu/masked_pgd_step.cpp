@@ -146,27 +146,19 @@ void masked_pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x, const at::Tenso
   const at::Tensor wt = weight.has_value() ? weight->contiguous() : at::Tensor();
   if (x_adv.numel() == 0) return;
 
-  // Work in x_adv's own layout when it is NCHW- or NHWC-dense; otherwise on a dense copy.
-  const bool channels_last = !x_adv.is_contiguous() && x_adv.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor work = x_adv.is_contiguous(format) ? x_adv : x_adv.contiguous(format);
-  const auto xc = x.contiguous(format);
-  const auto gc = grad.contiguous(format);
+  const auto work = dense_work(x_adv);
+  const auto xc = x.contiguous(work.format);
+  const auto gc = grad.contiguous(work.format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "masked_pgd_step_cpu", [&] {
-    StepArgs<scalar_t> args{work.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
-                            wt.defined() ? wt.data_ptr<scalar_t>() : nullptr, b, c, h * w, channels_last,
+    StepArgs<scalar_t> args{work.tensor.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
+                            wt.defined() ? wt.data_ptr<scalar_t>() : nullptr, b, c, h * w, work.channels_last,
                             step_size, eps, lo, hi};
     if (linf)
       linf_step(args);
     else
       l2_step(args);
   });
-  if (work.is_same(x_adv)) {
-    // Written through a raw pointer: tell autograd x_adv changed, as an in-place torch op would.
-    x_adv.unsafeGetTensorImpl()->bump_version();
-  } else {
-    x_adv.copy_(work);
-  }
+  finish_in_place(x_adv, work);
 }
 
 }  // namespace

@@ -124,21 +124,14 @@ void masked_pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& x, const at::Tens
   TORCH_CHECK_VALUE(b <= 65535, "masked_pgd_step on CUDA supports at most 65535 images per call, got ", b);
   if (x_adv.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x_adv.device());
-  const bool channels_last = !x_adv.is_contiguous() && x_adv.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor work = x_adv.is_contiguous(format) ? x_adv : x_adv.contiguous(format);
-  const auto xc = x.contiguous(format), gc = grad.contiguous(format);
+  const auto work = dense_work(x_adv);
+  const auto xc = x.contiguous(work.format), gc = grad.contiguous(work.format);
   auto sums = at::zeros({3 * b}, x_adv.options().dtype(at::kDouble));
-  cuda::masked_pgd_step(work.data_ptr(), xc.data_ptr(), gc.data_ptr(), wt.defined() ? wt.data_ptr() : nullptr,
-                        elem_of(work), b, c, h * w, channels_last, step_size, eps, lo, hi, linf,
+  cuda::masked_pgd_step(work.tensor.data_ptr(), xc.data_ptr(), gc.data_ptr(), wt.defined() ? wt.data_ptr() : nullptr,
+                        elem_of(work.tensor), b, c, h * w, work.channels_last, step_size, eps, lo, hi, linf,
                         sums.data_ptr<double>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (work.is_same(x_adv)) {
-    // Written through a raw pointer: tell autograd x_adv changed, as an in-place torch op would.
-    x_adv.unsafeGetTensorImpl()->bump_version();
-  } else {
-    x_adv.copy_(work);
-  }
+  finish_in_place(x_adv, work);
 }
 
 }  // namespace
