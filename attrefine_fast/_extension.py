@@ -32,7 +32,7 @@ def load_error() -> str:
     return _error
 
 
-_NOT_DIFFERENTIABLE = ("segment_mean", "perturb", "lime_fit", "masked_pgd_step")
+_NOT_DIFFERENTIABLE = ("segment_mean", "perturb", "perturb_into", "lime_fit", "masked_pgd_step")
 _autograd_library = None
 
 
@@ -63,6 +63,11 @@ def _register_fakes() -> None:
         b, c, h, w = images.shape
         out = images.new_empty((b * count, c, h, w), dtype=perturb_output_dtype(images.dtype, mean is not None, out_dtype))
         return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+    @torch.library.register_fake("attrefine_fast::perturb_into")
+    def _(images, segments, masks, fudge, offset, mean, std, out):
+        torch._check(images.dim() == 4 and out.dim() == 4)
+        return None
 
     @torch.library.register_fake("attrefine_fast::lime_fit")
     def _(masks, targets, num_segments, weights, kernel_width, alpha):

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from .checks import FLOAT_DTYPES, check_choice, check_finite, check_tensor
 from .models import Normalize, NormalizedModel
-from .ops.masked_pgd_step import EPS_FOR_DIVISION, NORMS, masked_pgd_step
+from .ops.masked_pgd_step import NORMS, division_guard, masked_pgd_step
 
 __all__ = [
     "Attack", "FGSM", "PGD", "PGDL2", "Normalize", "NormalizedModel",
@@ -156,7 +156,7 @@ def _random_start(x, weight, eps, norm, gen):
         delta = (2 * _rand(x.shape, x, gen) - 1) * eps * w
     else:  # direction ~ N(0, I) restricted to the mask, radius ~ U(0, eps)
         delta = _rand(x.shape, x, gen, normal=True) * w
-        norms = delta.reshape(b, -1).norm(dim=1).view(b, 1, 1, 1) + EPS_FOR_DIVISION
+        norms = delta.reshape(b, -1).norm(dim=1).view(b, 1, 1, 1) + division_guard(delta.dtype)
         delta = delta / norms * _rand((b, 1, 1, 1), x, gen) * eps
     return (x + delta).clamp(0.0, 1.0)
 

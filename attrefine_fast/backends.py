@@ -17,7 +17,7 @@ import torch
 
 from . import _extension
 
-OPS = ("segment_mean", "perturb", "lime_fit", "masked_pgd_step")
+OPS = ("segment_mean", "perturb", "perturb_into", "lime_fit", "masked_pgd_step")
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 # backend="auto" takes the first available backend in this order. CUDA C++ before Triton: on an
 # H200 (benchmarks/RESULTS.md, quick profile) the CUDA C++ kernel was faster than the Triton one
@@ -40,7 +40,7 @@ def _check_op(op: str) -> None:
 
 
 def _reference(op: str) -> Callable:
-    module = importlib.import_module(f"attrefine_fast.ops.{op}")
+    module = importlib.import_module(f"attrefine_fast.ops.{op.removesuffix('_into')}")
     return getattr(module, f"{op}_ref")
 
 

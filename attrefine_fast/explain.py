@@ -131,6 +131,9 @@ def explain(
     Args:
         model: a torch module (or any callable) mapping (n, C, H, W) to (n, classes) scores on
             the images' device. Its train/eval mode is restored afterwards; no autograd runs.
+            Its input batches share one buffer, overwritten batch after batch (a fresh tensor per
+            batch would cost more than writing it): a model that keeps its inputs beyond the call
+            must keep copies.
         images: (B, C, H, W) float tensor, the model's input before ``mean``/``std``.
         segments: (B, H, W) labels 0..M_b-1; computed with :func:`segment` when None
             (``segmentation`` and ``segmentation_params``).
@@ -220,7 +223,7 @@ def explain(
     chosen = fixed_labels
     with eval_mode(model), autocast:
         for offset, count, inputs in perturbed_chunks(
-            images, segments, masks, fudge, per_chunk, backend, channels_last=channels_last, **norm
+            images, segments, masks, fudge, per_chunk, backend, reuse_buffer=True, channels_last=channels_last, **norm
         ):
             out = _forward(model, inputs, b * count, output).view(b, count, -1)
             if chosen is None:  # offset 0: sample 0 is the image itself

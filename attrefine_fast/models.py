@@ -9,10 +9,10 @@ Checkpoint format (a ``torch.save``'d dict, loaded with ``weights_only=True``)::
 
     {
         "model": state_dict of the bare network (without the Normalize wrapper),
-        "arch": "small_cnn" | "preact_resnet18" | "wrn_34_10",
+        "arch": "small_cnn" | "preact_resnet18" | "wrn_34_10", or None for a custom model
         "num_classes": int,
         "normalization": {"mean": [..C floats], "std": [..C floats]} or None,   # optional
-        "model_kwargs": {...},   # optional extra arguments of the architecture, e.g. {"width": 16}
+        "model_kwargs": {...},   # optional extra arguments of the architecture, e.g. {"in_channels": 1}
     }
 """
 from __future__ import annotations
@@ -252,8 +252,10 @@ def save_checkpoint(path, model: nn.Module, arch: str, num_classes: int, *, norm
 
     A :class:`NormalizedModel` stores its bare network and its normalization; ``extra`` entries
     (epoch, metrics...) are saved beside them and must be plain data (tensors, numbers, strings).
+    ``arch=None`` saves the weights of a model that is not one of :data:`MODELS`:
+    :func:`load_checkpoint` cannot rebuild it, the caller loads ``checkpoint["model"]`` into their own.
     """
-    arch = canonical_arch(arch)
+    arch = None if arch is None else canonical_arch(arch)
     net = model
     if isinstance(model, NormalizedModel):
         if normalization is None:
@@ -285,6 +287,11 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
         raise ValueError(
             f"{path} is not an attrefine_fast checkpoint: expected a dict with keys 'model' (state_dict), "
             "'arch', 'num_classes' and optionally 'normalization' and 'model_kwargs'"
+        )
+    if ckpt["arch"] is None:
+        raise ValueError(
+            f"{path} holds the weights of a custom model (arch None), which cannot be rebuilt by name: "
+            "build that model and load checkpoint['model'] into it with load_state_dict"
         )
     model = build_model(
         ckpt["arch"], int(ckpt["num_classes"]), normalization=ckpt.get("normalization"), **(ckpt.get("model_kwargs") or {})

@@ -5,10 +5,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "tensor_checks.h"
 
@@ -62,6 +64,31 @@ inline at::ScalarType check_perturb_args(const at::Tensor& images, const at::Ten
                    "out_dtype must be a float dtype or uint8, got ", dtype);
   check_segment_ids(segments, masks.size(2));
   return dtype;
+}
+
+// perturb_into's out: (B * count, C, H, W) for `count` samples of each of the B images, dense in
+// the contiguous or the channels-last layout, on the images' device and sharing no memory with the
+// inputs. Returns count; out's dtype is the output dtype and its layout the output layout.
+inline int64_t check_perturb_out(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
+                                 const at::Tensor& fudge, const at::Tensor& out) {
+  check_dim(images, "images", 4, "(B, C, H, W)");
+  check_dim(out, "out", 4, "(B * count, C, H, W)");
+  check_same_device(images, "images", out, "out");
+  const int64_t b = images.size(0);
+  TORCH_CHECK_VALUE(b >= 1 && out.size(0) >= b && out.size(0) % b == 0 && out.size(1) == images.size(1) &&
+                        out.size(2) == images.size(2) && out.size(3) == images.size(3),
+                    "out must have shape (B * count, C, H, W) with B=", b, " images of shape ",
+                    shape_of(images.select(0, 0)), " and count >= 1, got ", shape_of(out));
+  TORCH_CHECK_VALUE(out.is_contiguous() || out.is_contiguous(at::MemoryFormat::ChannelsLast),
+                    "out must be contiguous or channels-last, got strides ", out.strides());
+  const std::pair<const at::Tensor*, const char*> inputs[] = {
+      {&images, "images"}, {&segments, "segments"}, {&masks, "masks"}, {&fudge, "fudge"}};
+  for (const auto& [t, name] : inputs) {
+    const auto overlap = at::get_overlap_status(out, *t);
+    TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+                      "out shares memory with ", name);
+  }
+  return out.size(0) / b;
 }
 
 // One source image of perturb (the image or its fudge) normalized and cast exactly as the reference

@@ -21,6 +21,11 @@ TORCH_LIBRARY(attrefine_fast, m) {
   m.def(
       "perturb(Tensor images, Tensor segments, Tensor masks, Tensor fudge, int offset, int count, "
       "Tensor? mean, Tensor? std, ScalarType? out_dtype, bool channels_last) -> Tensor");
+  // perturb written into out (B*count, C, H, W): count, dtype and layout (contiguous or
+  // channels-last) are out's
+  m.def(
+      "perturb_into(Tensor images, Tensor segments, Tensor masks, Tensor fudge, int offset, Tensor? mean, "
+      "Tensor? std, Tensor(a!) out) -> ()");
   // masks (B,N,M), targets (B,N,L) -> coef (B,L,M), intercept (B,L), score (B,L), local_pred (B,L)
   m.def(
       "lime_fit(Tensor masks, Tensor targets, Tensor num_segments, Tensor? weights, float kernel_width, "

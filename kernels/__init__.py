@@ -9,12 +9,13 @@ import triton  # noqa: F401  (ImportError here tells backends that Triton is una
 
 from .lime_fit import lime_fit_triton
 from .masked_pgd_step import masked_pgd_step_triton
-from .perturb import perturb_triton
+from .perturb import perturb_into_triton, perturb_triton
 from .segment_mean import segment_mean_triton
 
 _IMPLEMENTATIONS = {
     "segment_mean": segment_mean_triton,
     "perturb": perturb_triton,
+    "perturb_into": perturb_into_triton,
     "lime_fit": lime_fit_triton,
     "masked_pgd_step": masked_pgd_step_triton,
 }

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .contracts import check_lime_fit, concrete
 from .op_registration import autotune_configs, triton_op, wrap_triton
 
 MAX_SEGMENTS = 256
@@ -232,6 +233,8 @@ def lime_fit_triton(
     kernel_width: float,
     alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if concrete(masks, targets, num_segments, weights):
+        check_lime_fit(masks, targets, num_segments, weights, kernel_width, alpha)
     dtype, device = targets.dtype, targets.device
     b, n, m = masks.shape
     l = targets.shape[2]

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from attrefine_fast.ops.masked_pgd_step import EPS_FOR_DIVISION
 
+from .contracts import check_masked_pgd_step, concrete
 from .op_registration import triton_op, wrap_triton
 
 # An elementwise pass: 1024 elements per program keeps 32x32x3 images at 3 programs per sample.
@@ -106,7 +107,9 @@ def _masked_pgd_kernel(
                     d_norm = tl.sqrt(_row_total(d_partial_ptr, b, num_blocks, 128, F64))
                 else:
                     d_norm = tl.sqrt_rn(_row_total(d_partial_ptr, b, num_blocks, 128, F64))
-                delta = delta * tl.minimum(eps / d_norm, 1.0)
+                # d_norm = 0 (then delta = 0): a factor of 1, with no 0 / 0 computed on the way
+                moved = d_norm > 0
+                delta = delta * tl.where(moved, tl.minimum(eps / tl.where(moved, d_norm, 1.0), 1.0), 1.0)
     else:
         sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(g.dtype)
         delta = a + step_size * (sign * wt) - x
@@ -129,6 +132,8 @@ def masked_pgd_step_triton(
     hi: float,
     norm: str,
 ) -> None:
+    if concrete(x_adv, x, grad, weight):
+        check_masked_pgd_step(x_adv, x, grad, weight, step_size, eps, lo, hi, norm)
     b, c, h, w = x_adv.shape
     f64 = x_adv.dtype == torch.float64
     compute = torch.float64 if f64 else torch.float32

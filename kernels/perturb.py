@@ -16,6 +16,7 @@ import triton.language as tl
 
 from attrefine_fast.ops.perturb import perturb_output_dtype
 
+from .contracts import check_perturb, check_perturb_into, concrete
 from .op_registration import autotune_configs, triton_op, wrap_triton
 
 # Not measured: no GPU was available when these were written. The candidates cover 32x32
@@ -79,27 +80,10 @@ def _perturb_kernel(
             tl.store(out_at + ch * so_c, v.to(out_ptr.dtype.element_ty), mask=live)
 
 
-@triton_op("perturb_triton", mutates_args=())
-def perturb_triton(
-    images: torch.Tensor,
-    segments: torch.Tensor,
-    masks: torch.Tensor,
-    fudge: torch.Tensor,
-    offset: int,
-    count: int,
-    mean: torch.Tensor | None,
-    std: torch.Tensor | None,
-    out_dtype: torch.dtype | None,
-    channels_last: bool,
-) -> torch.Tensor:
+def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out) -> None:
+    """Launch the kernel for samples [offset, offset + count) into ``out`` (any strides)."""
     b, c, h, w = images.shape
     normalized = mean is not None
-    out = torch.empty(
-        (b * count, c, h, w),
-        dtype=perturb_output_dtype(images.dtype, normalized, out_dtype),
-        device=images.device,
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
-    )
     compute_f64 = images.dtype == torch.float64
     if normalized:
         compute = torch.float64 if compute_f64 else torch.float32
@@ -115,4 +99,45 @@ def perturb_triton(
         *images.stride(), *fudge.stride(), *segments.stride(), *masks_u8.stride(), *out.stride(),
         NORMALIZE=normalized, COMPUTE_F64=compute_f64, HALF_OUT=out.dtype in (torch.float16, torch.bfloat16),
     )
+
+
+@triton_op("perturb_triton", mutates_args=())
+def perturb_triton(
+    images: torch.Tensor,
+    segments: torch.Tensor,
+    masks: torch.Tensor,
+    fudge: torch.Tensor,
+    offset: int,
+    count: int,
+    mean: torch.Tensor | None,
+    std: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+    channels_last: bool,
+) -> torch.Tensor:
+    if concrete(images, segments, masks, fudge, mean, std):
+        check_perturb(images, segments, masks, fudge, offset, count, mean, std, out_dtype)
+    b, c, h, w = images.shape
+    out = torch.empty(
+        (b * count, c, h, w),
+        dtype=perturb_output_dtype(images.dtype, mean is not None, out_dtype),
+        device=images.device,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )
+    _write_samples(images, segments, masks, fudge, offset, count, mean, std, out)
     return out
+
+
+@triton_op("perturb_into_triton", mutates_args={"out"})
+def perturb_into_triton(
+    images: torch.Tensor,
+    segments: torch.Tensor,
+    masks: torch.Tensor,
+    fudge: torch.Tensor,
+    offset: int,
+    mean: torch.Tensor | None,
+    std: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    if concrete(images, segments, masks, fudge, mean, std, out):
+        check_perturb_into(images, segments, masks, fudge, offset, mean, std, out)
+    _write_samples(images, segments, masks, fudge, offset, out.shape[0] // images.shape[0], mean, std, out)

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .contracts import check_segment_mean, concrete
 from .op_registration import triton_op, wrap_triton
 
 # Not measured (no GPU when written). BLOCK x BLOCK_M is the one-hot tile; with 8 warps ptxas
@@ -56,6 +57,8 @@ def _segment_sums_kernel(
 
 @triton_op("segment_mean_triton", mutates_args=())
 def segment_mean_triton(images: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
+    if concrete(images, segments):
+        check_segment_mean(images, segments, num_segments)
     b, c, h, w = images.shape
     out_dtype = images.dtype if images.is_floating_point() else torch.float64
     sums = torch.zeros((b, num_segments, c), dtype=torch.float64, device=images.device)

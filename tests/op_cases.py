@@ -73,6 +73,24 @@ def perturb_cases(dtype=torch.float32, device="cpu"):
     return [(nm, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)) for nm, args in cases]
 
 
+def perturb_into_cases(dtype=torch.float32, device="cpu"):
+    """(id, (images, segments, masks, fudge, offset, mean, std, out)): perturb_cases with an
+    uninitialized ``out`` in the output's dtype and layout, and one ``out`` that is the leading
+    rows of a larger buffer (as for the last, shorter chunk of an explanation)."""
+    from attrefine_fast.ops.perturb import perturb_output_dtype
+
+    cases = []
+    for name, (images, segments, masks, fudge, offset, count, mean, std, out_dtype, cl) in perturb_cases(dtype, device):
+        b, c, h, w = images.shape
+        spare = 2 if name == "bands_channels_last" else 0
+        out = torch.empty(
+            (b * (count + spare), c, h, w), dtype=perturb_output_dtype(images.dtype, mean is not None, out_dtype),
+            device=images.device, memory_format=torch.channels_last if cl else torch.contiguous_format,
+        )[: b * count]
+        cases.append((name, (images, segments, masks, fudge, offset, mean, std, out)))
+    return cases
+
+
 def lime_fit_cases(dtype=torch.float64, device="cpu"):
     """(id, (masks, targets, num_segments, weights, kernel_width, alpha))"""
     gen = torch.Generator().manual_seed(3)
@@ -125,3 +143,60 @@ def masked_pgd_step_cases(dtype=torch.float32, device="cpu"):
 def clone_args(args):
     """A copy whose tensors share nothing with ``args`` (for in-place ops)."""
     return tuple(a.clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+# ---- bad input ----
+def _img(b=2, c=3, h=5, w=4, dtype=torch.float32):
+    return torch.rand(b, c, h, w, dtype=dtype)
+
+
+def _seg(b=2, h=5, w=4, m=3):
+    return labels(b, h, w, [m] * b, torch.Generator().manual_seed(0))
+
+
+def _overlapping_out():
+    x = torch.rand(4, 3, 5, 4)
+    return x[:2], _seg(), torch.ones(2, 1, 3, dtype=torch.bool), x[:2].clone(), 0, None, None, x[1:3]
+
+
+# name -> (op, positional arguments, error, message): every backend's op raises these, never
+# crashing or answering on bad input.
+BAD_CALLS = {
+    "segment_mean id >= M": ("segment_mean", lambda: (_img(), _seg(m=3), 2), ValueError, "segment ids"),
+    "segment_mean negative id": ("segment_mean", lambda: (_img(), _seg() - 1, 3), ValueError, "segment ids"),
+    "segment_mean float segments": ("segment_mean", lambda: (_img(), _seg().float(), 3), TypeError, "segments"),
+    "segment_mean shape": ("segment_mean", lambda: (_img(), _seg(h=6), 3), ValueError, "segments must have shape"),
+    "segment_mean 3d images": ("segment_mean", lambda: (_img()[0], _seg(), 3), ValueError, "images must"),
+    "segment_mean int images": ("segment_mean", lambda: (_img().int(), _seg(), 3), TypeError, "images"),
+    "perturb id >= M": ("perturb", lambda: (_img(), _seg(m=4), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, None, None, None, False), ValueError, "segment ids"),
+    "perturb masks dtype": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3), _img(), 0, 3, None, None, None, False), TypeError, "masks"),
+    "perturb fudge dtype": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img().double(), 0, 3, None, None, None, False), ValueError, "fudge"),
+    "perturb chunk": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 2, 2, None, None, None, False), ValueError, "outside"),
+    "perturb mean only": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, torch.zeros(3), None, None, False), ValueError, "mean and std"),
+    "perturb mean size": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, torch.zeros(2), torch.ones(2), None, False), ValueError, "per channel"),
+    "perturb out_dtype": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, None, None, torch.int32, False), TypeError, "out_dtype"),
+    "perturb batch": ("perturb", lambda: (_img(), _seg(), torch.ones(3, 3, 3, dtype=torch.bool), _img(), 0, 3, None, None, None, False), ValueError, "masks must have shape"),
+    "perturb_into out rows": ("perturb_into", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, None, None, torch.empty(3, 3, 5, 4)), ValueError, "out must have shape"),
+    "perturb_into out size": ("perturb_into", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, None, None, torch.empty(4, 3, 4, 5)), ValueError, "out must have shape"),
+    "perturb_into out layout": ("perturb_into", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, None, None, torch.empty(4, 3, 4, 5).transpose(2, 3)), ValueError, "contiguous or channels-last"),
+    "perturb_into out dtype": ("perturb_into", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, None, None, torch.empty(4, 3, 5, 4, dtype=torch.int32)), TypeError, "out_dtype"),
+    "perturb_into out chunk": ("perturb_into", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 1, None, None, torch.empty(6, 3, 5, 4)), ValueError, "outside"),
+    "perturb_into out overlaps": ("perturb_into", lambda: _overlapping_out(), ValueError, "shares memory with images"),
+    "perturb_into id >= M": ("perturb_into", lambda: (_img(), _seg(m=4), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, None, None, torch.empty(4, 3, 5, 4)), ValueError, "segment ids"),
+    "lime_fit counts": ("lime_fit", lambda: (torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 4, 1), torch.tensor([3, 4]), None, 0.25, 1.0), ValueError, "num_segments"),
+    "lime_fit zero count": ("lime_fit", lambda: (torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 4, 1), torch.tensor([0, 3]), None, 0.25, 1.0), ValueError, "num_segments"),
+    "lime_fit targets shape": ("lime_fit", lambda: (torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 5, 1), torch.tensor([3, 3]), None, 0.25, 1.0), ValueError, "targets must have shape"),
+    "lime_fit targets nan": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.tensor([[[0.1], [float("nan")], [0.2], [0.3]]]), torch.tensor([3]), None, 0.25, 1.0), ValueError, "NaN"),
+    "lime_fit int targets": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.ones(1, 4, 1, dtype=torch.long), torch.tensor([3]), None, 0.25, 1.0), TypeError, "targets"),
+    "lime_fit float masks": ("lime_fit", lambda: (torch.ones(1, 4, 3), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.25, 1.0), TypeError, "masks"),
+    "lime_fit negative weights": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), -torch.ones(1, 4), 0.25, 1.0), ValueError, "non-negative"),
+    "lime_fit weights dtype": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), torch.ones(1, 4, dtype=torch.float64), 0.25, 1.0), TypeError, "weights"),
+    "lime_fit kernel width": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.0, 1.0), ValueError, "kernel_width"),
+    "lime_fit alpha": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.25, -1.0), ValueError, "alpha"),
+    "pgd norm": ("masked_pgd_step", lambda: (_img(), _img(), _img(), None, 0.1, 0.1, 0.0, 1.0, "l3"), ValueError, "norm"),
+    "pgd shape": ("masked_pgd_step", lambda: (_img(), _img(h=6), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "shape of x_adv"),
+    "pgd dtype": ("masked_pgd_step", lambda: (_img(), _img(dtype=torch.float64), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), TypeError, "dtype"),
+    "pgd weight shape": ("masked_pgd_step", lambda: (_img(), _img(), _img(), torch.rand(2, 4, 5), 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "weight"),
+    "pgd range": ("masked_pgd_step", lambda: (_img(), _img(), _img(), None, 0.1, 0.1, 1.0, 0.0, "linf"), ValueError, "lo <= hi"),
+    "pgd int": ("masked_pgd_step", lambda: (_img().int(), _img().int(), _img().int(), None, 0.1, 0.1, 0.0, 1.0, "linf"), TypeError, "x_adv"),
+}

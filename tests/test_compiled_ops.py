@@ -16,11 +16,21 @@ from attrefine_fast.ops import (
     masked_pgd_step,
     masked_pgd_step_ref,
     perturb,
+    perturb_into_ref,
     perturb_ref,
     segment_mean,
     segment_mean_ref,
 )
-from op_cases import clone_args, labels, lime_fit_cases, masked_pgd_step_cases, perturb_cases, segment_mean_cases
+from op_cases import (
+    BAD_CALLS,
+    clone_args,
+    labels,
+    lime_fit_cases,
+    masked_pgd_step_cases,
+    perturb_cases,
+    perturb_into_cases,
+    segment_mean_cases,
+)
 
 LOADED = _extension.loaded()
 ops = torch.ops.attrefine_fast if LOADED else None
@@ -97,6 +107,40 @@ def test_perturb_both_paths_on_coherent_and_scattered_labels(out_dtype):
     for cl in (False, True):
         args = (images, segments, masks, fudge, 1, 5, None, None, out_dtype, cl)
         torch.testing.assert_close(ops.perturb(*args), perturb_ref(*args), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+@pytest.mark.parametrize("case", perturb_into_cases(), ids=_ids(perturb_into_cases()))
+def test_perturb_into_parity(case, dtype):
+    """perturb_into writes exactly perturb's chunk into the caller's buffer, in its layout."""
+    name, _ = case
+    images, segments, masks, fudge, offset, mean, std, out = dict(perturb_into_cases(dtype))[name]
+    b = images.shape[0]
+    channels_last = not out.is_contiguous()
+    expected = perturb_ref(images, segments, masks, fudge, offset, out.shape[0] // b, mean, std, out.dtype, channels_last)
+    pointer, strides = out.data_ptr(), out.stride()
+    assert ops.perturb_into(images, segments, masks, fudge, offset, mean, std, out) is None
+    assert out.data_ptr() == pointer and out.stride() == strides
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    ref_out = torch.empty_like(out)
+    perturb_into_ref(images, segments, masks, fudge, offset, mean, std, ref_out)
+    torch.testing.assert_close(ref_out, expected, atol=0, rtol=0)
+    public = perturb(images, segments, masks, fudge, offset, mean=mean, std=std, out=torch.empty_like(out), backend="cpp")
+    torch.testing.assert_close(public, expected, atol=0, rtol=0)
+
+
+def test_perturb_into_leaves_the_rest_of_the_buffer_alone_and_bumps_its_version():
+    gen = torch.Generator().manual_seed(7)
+    images, fudge = torch.rand(2, 3, 9, 8, generator=gen), torch.rand(2, 3, 9, 8, generator=gen)
+    segments = labels(2, 9, 8, [4, 6], gen, coherent=True)
+    masks = torch.rand(2, 5, 6, generator=gen) > 0.5
+    buffer = torch.full((2 * 5, 3, 9, 8), -1.0).contiguous(memory_format=torch.channels_last)
+    out = buffer[:6]
+    before = out._version
+    ops.perturb_into(images, segments, masks, fudge, 2, None, None, out)
+    assert out._version > before
+    torch.testing.assert_close(out, perturb_ref(images, segments, masks, fudge, 2, 3, None, None, None, True), atol=0, rtol=0)
+    assert torch.all(buffer[6:] == -1.0)
 
 
 # ---- lime_fit: float64 accumulation; float32 judged against the reference's own float32 error ----
@@ -204,6 +248,19 @@ def test_masked_pgd_step_stays_in_the_ball_and_the_range():
         assert torch.all(size <= eps * (1 + 1e-5)) and x_adv.min() >= 0 and x_adv.max() <= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_masked_pgd_step_l2_with_a_zero_ball_and_a_zero_step_is_the_clean_input(dtype):
+    # eps = ‖δ‖ = 0 makes the projection 0 / 0: the step must give x, not NaN.
+    x = torch.rand(2, 3, 4, 5).to(dtype)
+    grad = torch.randn(2, 3, 4, 5).to(dtype)
+    weight = torch.zeros(2, 4, 5, dtype=dtype)
+    weight[1] = 1.0  # sample 1 moves and is projected back to x; sample 0 does not move
+    for impl in (masked_pgd_step_ref, ops.masked_pgd_step):
+        x_adv = x.clone()
+        impl(x_adv, x, grad, weight, 0.1, 0.0, 0.0, 1.0, "l2")
+        assert torch.equal(x_adv, x), impl
+
+
 def test_masked_pgd_step_zero_weight_leaves_pixels_alone():
     x = torch.rand(1, 3, 6, 6)
     x_adv = x.clone()
@@ -222,6 +279,9 @@ def test_ops_declare_that_they_are_not_differentiable():
     outputs.append(ops.segment_mean(images, segments, 3))
     outputs.append(ops.perturb(images, segments, masks, images.detach(), 0, 2, None, None, None, False))
     assert not any(t.requires_grad for t in outputs)
+    out = torch.empty(2, 3, 4, 4)
+    ops.perturb_into(images, segments, masks, images.detach(), 0, None, None, out)
+    assert not out.requires_grad
 
 
 # ---- registrations: one list of samples for opcheck (schema, fake tensors, AOT dispatch) ----
@@ -229,6 +289,7 @@ OPCHECK_SAMPLES = (
     [("segment_mean", args) for _, args in segment_mean_cases()[:2]]
     + [("segment_mean", segment_mean_cases(torch.uint8)[-1][1])]
     + [("perturb", args) for _, args in perturb_cases()[2:4]]
+    + [("perturb_into", args) for _, args in perturb_into_cases()[1:3]]
     + [("lime_fit", args) for _, args in lime_fit_cases()[:3]]
     + [("masked_pgd_step", args) for _, args in masked_pgd_step_cases()[::4]]
 )
@@ -240,53 +301,11 @@ def test_opcheck(op, args):
 
 
 # ---- bad input: a clear ValueError / TypeError from the op itself, never a crash ----
-def _img(b=2, c=3, h=5, w=4, dtype=torch.float32):
-    return torch.rand(b, c, h, w, dtype=dtype)
-
-
-def _seg(b=2, h=5, w=4, m=3):
-    return labels(b, h, w, [m] * b, torch.Generator().manual_seed(0))
-
-
-BAD_CALLS = {
-    "segment_mean id >= M": (lambda: ops.segment_mean(_img(), _seg(m=3), 2), ValueError, "segment ids"),
-    "segment_mean negative id": (lambda: ops.segment_mean(_img(), _seg() - 1, 3), ValueError, "segment ids"),
-    "segment_mean float segments": (lambda: ops.segment_mean(_img(), _seg().float(), 3), TypeError, "segments"),
-    "segment_mean shape": (lambda: ops.segment_mean(_img(), _seg(h=6), 3), ValueError, "segments must have shape"),
-    "segment_mean 3d images": (lambda: ops.segment_mean(_img()[0], _seg(), 3), ValueError, "images must be"),
-    "segment_mean int images": (lambda: ops.segment_mean(_img().int(), _seg(), 3), TypeError, "images"),
-    "perturb id >= M": (lambda: ops.perturb(_img(), _seg(m=4), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, None, None, None, False), ValueError, "segment ids"),
-    "perturb masks dtype": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3), _img(), 0, 3, None, None, None, False), TypeError, "masks"),
-    "perturb fudge dtype": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img().double(), 0, 3, None, None, None, False), ValueError, "fudge"),
-    "perturb chunk": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 2, 2, None, None, None, False), ValueError, "outside"),
-    "perturb mean only": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, torch.zeros(3), None, None, False), ValueError, "mean and std"),
-    "perturb mean size": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, torch.zeros(2), torch.ones(2), None, False), ValueError, "per channel"),
-    "perturb out_dtype": (lambda: ops.perturb(_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, None, None, torch.int32, False), TypeError, "out_dtype"),
-    "perturb batch": (lambda: ops.perturb(_img(), _seg(), torch.ones(3, 3, 3, dtype=torch.bool), _img(), 0, 3, None, None, None, False), ValueError, "masks must have shape"),
-    "lime_fit counts": (lambda: ops.lime_fit(torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 4, 1), torch.tensor([3, 4]), None, 0.25, 1.0), ValueError, "num_segments"),
-    "lime_fit zero count": (lambda: ops.lime_fit(torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 4, 1), torch.tensor([0, 3]), None, 0.25, 1.0), ValueError, "num_segments"),
-    "lime_fit targets shape": (lambda: ops.lime_fit(torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 5, 1), torch.tensor([3, 3]), None, 0.25, 1.0), ValueError, "targets must have shape"),
-    "lime_fit targets nan": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.tensor([[[0.1], [float("nan")], [0.2], [0.3]]]), torch.tensor([3]), None, 0.25, 1.0), ValueError, "NaN"),
-    "lime_fit int targets": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.ones(1, 4, 1, dtype=torch.long), torch.tensor([3]), None, 0.25, 1.0), TypeError, "targets"),
-    "lime_fit float masks": (lambda: ops.lime_fit(torch.ones(1, 4, 3), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.25, 1.0), TypeError, "masks"),
-    "lime_fit negative weights": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), -torch.ones(1, 4), 0.25, 1.0), ValueError, "non-negative"),
-    "lime_fit weights dtype": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), torch.ones(1, 4, dtype=torch.float64), 0.25, 1.0), TypeError, "weights"),
-    "lime_fit kernel width": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.0, 1.0), ValueError, "kernel_width"),
-    "lime_fit alpha": (lambda: ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.25, -1.0), ValueError, "alpha"),
-    "pgd norm": (lambda: ops.masked_pgd_step(_img(), _img(), _img(), None, 0.1, 0.1, 0.0, 1.0, "l3"), ValueError, "norm"),
-    "pgd shape": (lambda: ops.masked_pgd_step(_img(), _img(h=6), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "shape of x_adv"),
-    "pgd dtype": (lambda: ops.masked_pgd_step(_img(), _img(dtype=torch.float64), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), TypeError, "dtype"),
-    "pgd weight shape": (lambda: ops.masked_pgd_step(_img(), _img(), _img(), torch.rand(2, 4, 5), 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "weight"),
-    "pgd range": (lambda: ops.masked_pgd_step(_img(), _img(), _img(), None, 0.1, 0.1, 1.0, 0.0, "linf"), ValueError, "lo <= hi"),
-    "pgd int": (lambda: ops.masked_pgd_step(_img().int(), _img().int(), _img().int(), None, 0.1, 0.1, 0.0, 1.0, "linf"), TypeError, "x_adv"),
-}
-
-
 @pytest.mark.parametrize("name", list(BAD_CALLS))
 def test_bad_input_raises_a_clear_error(name):
-    call, error, match = BAD_CALLS[name]
+    op, make_args, error, match = BAD_CALLS[name]
     with pytest.raises(error, match=match):
-        call()
+        getattr(ops, op)(*make_args())
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -345,6 +364,7 @@ CUDA_CASES = (
     [("segment_mean", dt, name, args, 1e-12, 1e-12) for dt in (torch.float64, torch.uint8) for name, args in segment_mean_cases(dt, "cuda")]
     + [("segment_mean", torch.float32, name, args, 1e-6, 1e-6) for name, args in segment_mean_cases(torch.float32, "cuda")]
     + [("perturb", dt, name, args, 0.0, 0.0) for dt in (torch.float32, torch.uint8) for name, args in perturb_cases(dt, "cuda")]
+    + [("perturb_into", dt, name, args, 0.0, 0.0) for dt in (torch.float32, torch.uint8) for name, args in perturb_into_cases(dt, "cuda")]
     + [("lime_fit", torch.float64, name, args, 1e-9, 1e-7) for name, args in lime_fit_cases(torch.float64, "cuda")]
     + [("lime_fit", torch.float32, name, args, 1e-4, 1e-4) for name, args in lime_fit_cases(torch.float32, "cuda")]
     + [("masked_pgd_step", dt, name, args, *PGD_TOLERANCES[(args[-1], dt)]) for dt in (torch.float32, torch.float64) for name, args in masked_pgd_step_cases(dt, "cuda")]
@@ -354,13 +374,15 @@ CUDA_CASES = (
 @needs_cuda_kernels
 @pytest.mark.parametrize("op, dtype, name, args, atol, rtol", CUDA_CASES, ids=[f"{c[0]}-{c[2]}-{str(c[1])[6:]}" for c in CUDA_CASES])
 def test_cuda_parity(op, dtype, name, args, atol, rtol):
-    reference = {"segment_mean": segment_mean_ref, "perturb": perturb_ref, "lime_fit": lime_fit_ref,
-                 "masked_pgd_step": masked_pgd_step_ref}[op]
-    expected = reference(*clone_args(_cpu(args)))
+    reference = {"segment_mean": segment_mean_ref, "perturb": perturb_ref, "perturb_into": perturb_into_ref,
+                 "lime_fit": lime_fit_ref, "masked_pgd_step": masked_pgd_step_ref}[op]
+    mutated = {"masked_pgd_step": 0, "perturb_into": -1}.get(op)  # the in-place ops' output argument
+    theirs = clone_args(_cpu(args))
+    expected = reference(*theirs)
     mine = clone_args(args)
     out = getattr(ops, op)(*mine)
-    if op == "masked_pgd_step":
-        out = mine[0]
+    if mutated is not None:
+        out, expected = mine[mutated], theirs[mutated]
     _assert_all_close(out, expected, atol, rtol)
 
 

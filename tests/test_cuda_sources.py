@@ -17,7 +17,7 @@ import pytest
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
-KERNEL_FILES = CU_FILES + sorted(CUDA_DIR.glob("*.h"))
+KERNEL_FILES = CU_FILES + sorted(CUDA_DIR.glob("*.h")) + sorted(CUDA_DIR.glob("*.cuh"))
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2)/', re.MULTILINE)
 # sm_80 (A100) and later (H100, H200) run code built for it; one target keeps the check quick.
 ARCH = "sm_80"

@@ -69,7 +69,7 @@ def test_corruption_accuracy_cells_and_mean(small_test_set):
     direct = float((predict(model, corrupt(x, "contrast", 5)) == y).float().mean())
     assert alone["mean"] == pytest.approx(direct)
     with pytest.raises(ValueError, match="corruption"):
-        corruption_accuracy(model, small_test_set, corruptions=("fog",))
+        corruption_accuracy(model, small_test_set, corruptions=("frost",))
     with pytest.raises(ValueError, match="severities"):
         corruption_accuracy(model, small_test_set, severities=(0,))
     assert "zoom_blur" in DEFAULT_CORRUPTIONS

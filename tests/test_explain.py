@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import attrefine_fast as af
+from attrefine_fast import backends
 from attrefine_fast.models import SmallCNN
+from attrefine_fast.neighborhood import draw_masks, fudge_images
 from conftest import DEVICES
 
 
@@ -116,3 +118,27 @@ def test_perturbations_are_produced_in_bounded_chunks():
     images, segments, _ = batch(b=2)
     af.explain(model, images, segments=segments, num_samples=1001, batch_size=64, labels=[0])
     assert max(seen) <= 64 and sum(seen) == 2 * 1001
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_the_models_batches_share_one_buffer(backend):
+    """Every batch is written into the same buffer (a fresh tensor per batch would cost more in
+    page faults than writing it), including the last, shorter one; each batch still holds its own
+    samples when the model sees it."""
+    if backend == "cpp" and not backends.status("perturb_into", "cpp", "cpu")[0]:
+        pytest.skip("compiled extension not loaded")
+    images, segments, _ = batch(b=2)
+    masks = draw_masks(torch.tensor([9, 3]), 23, seed=5)
+    fudge = fudge_images(images, segments, 9)
+    pointers, batches = [], []
+
+    def model(x):
+        pointers.append(x.data_ptr())
+        batches.append(x.clone())
+        return x.mean(dim=(2, 3))
+
+    af.explain(model, images, segments=segments, masks=masks, batch_size=10, labels=[0], backend=backend)
+    assert len(set(pointers)) == 1 and len(batches) == 5
+    for k, seen in enumerate(batches):
+        count = seen.shape[0] // 2
+        torch.testing.assert_close(seen, af.ops.perturb_ref(images, segments, masks, fudge, 5 * k, count), atol=0, rtol=0)

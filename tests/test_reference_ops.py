@@ -6,7 +6,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import Ridge
 
-from attrefine_fast.ops import lime_fit_ref, lime_kernel_weights, masked_pgd_step_ref, perturb_ref, segment_mean_ref
+from attrefine_fast.ops import (
+    lime_fit_ref,
+    lime_kernel_weights,
+    masked_pgd_step_ref,
+    perturb_into_ref,
+    perturb_ref,
+    segment_mean_ref,
+)
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -86,6 +93,26 @@ def test_perturb_non_contiguous_and_dtype_options():
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     full = perturb_ref(images.contiguous(), segments.contiguous(), masks, fudge, 1, 3, None, None, None, False)
     torch.testing.assert_close(out.float(), full.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.uint8])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_perturb_into_ref_writes_exactly_perturb_refs_chunk(dtype, normalize, out_dtype, channels_last):
+    # perturb_into_ref normalizes and casts the two sources before the select, perturb_ref after
+    # it: per-pixel operations commute with the choice, so the results are identical.
+    gen = torch.Generator().manual_seed(1)
+    images, fudge = ((torch.rand(2, 3, 7, 13, generator=gen) * 255).to(dtype) for _ in range(2))
+    segments = torch.randint(0, 5, (2, 7, 13), generator=gen)
+    masks = torch.rand(2, 9, 5, generator=gen) > 0.5
+    mean, std = (torch.tensor([0.4, 0.5, 0.6], dtype=torch.float64), torch.tensor([0.2, 0.3, 0.25])) if normalize else (None, None)
+    expected = perturb_ref(images, segments, masks, fudge, 2, 6, mean, std, out_dtype, channels_last)
+    buffer = torch.full((2 * 8, 3, 7, 13), 7, dtype=expected.dtype)
+    buffer = buffer.contiguous(memory_format=torch.channels_last) if channels_last else buffer
+    perturb_into_ref(images, segments, masks, fudge, 2, mean, std, buffer[:12])
+    assert torch.equal(buffer[:12], expected)
+    assert torch.all(buffer[12:] == 7)
 
 
 def sklearn_fit(z, y, w, alpha):

@@ -54,6 +54,20 @@ def test_flags_empty_when_nothing_passes(batch, options):
     assert torch.equal(det.flags, valid)
 
 
+def test_predicted_label_mode_measures_the_predicted_class_throughout(batch):
+    # Explanation, sensitivity and attack all follow the explained class: with wrong labels,
+    # "predicted" detects exactly what "true" detects when the true labels are the predictions.
+    model, x, y, seg, counts = batch
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    wrong = (predicted + 1) % 10
+    options = dict(num_samples=24, seed=3, attack_steps=2, eps=0.1)
+    by_prediction = detect_spurious(model, x, wrong, seg, counts, explain_label="predicted", **options)
+    by_label = detect_spurious(model, x, predicted, seg, counts, explain_label="true", **options)
+    for field in ("relevance", "sensitivity", "instability", "flags"):
+        torch.testing.assert_close(getattr(by_prediction, field), getattr(by_label, field), atol=0, rtol=0)
+
+
 def test_scores_are_normalized(batch):
     model, x, y, seg, counts = batch
     share = gradient_share(input_gradient(model, x, y), seg, counts)

@@ -81,6 +81,30 @@ def test_baselines_train_and_log(tmp_path, mode):
     assert ckpt["mode"] == mode and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_final_model_reloads_by_name_with_its_channels_and_a_custom_model_says_it_cannot(tmp_path):
+    from attrefine_fast.data import ImageDataset
+    from attrefine_fast.models import load_checkpoint
+
+    from refine_helpers import SmoothNet
+
+    digits = digits_subset(32)
+    gray = ImageDataset(digits.images.float().mean(1, keepdim=True) / 255 if digits.images.dtype == torch.uint8
+                        else digits.images.mean(1, keepdim=True), digits.labels)
+    Refiner(RefineConfig(mode="erm", cycles=1, epochs_per_cycle=1, out=str(tmp_path / "gray"), **TINY), train=gray).fit()
+    model, ckpt = load_checkpoint(tmp_path / "gray" / FINAL)
+    assert ckpt["model_kwargs"]["in_channels"] == 1 and model(torch.rand(2, 1, 32, 32)).shape == (2, 10)
+
+    custom = SmoothNet(channels=3, size=32, classes=10)
+    Refiner(RefineConfig(mode="erm", cycles=1, epochs_per_cycle=1, out=str(tmp_path / "custom"), **TINY), train=digits, model=custom).fit()
+    with pytest.raises(ValueError, match="custom model"):
+        load_checkpoint(tmp_path / "custom" / FINAL)
+    saved = torch.load(tmp_path / "custom" / FINAL, weights_only=True)
+    fresh = SmoothNet(channels=3, size=32, classes=10)
+    fresh.load_state_dict(saved["model"])
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(fresh(x), custom(x))
+
+
 def test_config_files_and_flags(tmp_path):
     import yaml
 

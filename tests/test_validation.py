@@ -121,6 +121,33 @@ class TestOps:
         out = ops.perturb(images, segments, masks, fudge, 1, 2)
         assert out.shape == (4, 3, 8, 8)
 
+    def test_perturb_into_a_buffer(self):
+        images, segments, counts = grid_batch()
+        masks = torch.ones(2, 5, 4, dtype=torch.bool)
+        fudge = torch.zeros_like(images)
+        with pytest.raises(ValueError, match="out must have shape"):
+            ops.perturb(images, segments, masks, fudge, out=torch.empty(3, 3, 8, 8))
+        with pytest.raises(ValueError, match="contiguous or channels-last"):
+            ops.perturb(images, segments, masks, fudge, out=torch.empty(4, 3, 8, 8).transpose(2, 3))
+        with pytest.raises(ValueError, match="count=3 but out holds 2"):
+            ops.perturb(images, segments, masks, fudge, 0, 3, out=torch.empty(4, 3, 8, 8))
+        with pytest.raises(TypeError, match="out_dtype"):
+            ops.perturb(images, segments, masks, fudge, out_dtype=torch.float16, out=torch.empty(4, 3, 8, 8))
+        with pytest.raises(ValueError, match="channels_last=True"):
+            ops.perturb(images, segments, masks, fudge, channels_last=True, out=torch.empty(4, 3, 8, 8))
+        with pytest.raises(ValueError, match="outside"):
+            ops.perturb(images, segments, masks, fudge, 4, out=torch.empty(4, 3, 8, 8))
+        with pytest.raises(ValueError, match="require grad"):
+            ops.perturb(images, segments, masks, fudge, out=torch.empty(4, 3, 8, 8, requires_grad=True))
+        with pytest.raises(ValueError, match="shares memory with images"):
+            ops.perturb(images, segments, masks, fudge, out=images)
+        with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+            ops.perturb(images, segments, masks, fudge, out=np.zeros((4, 3, 8, 8)))
+        before = images.clone()
+        out = torch.empty(4, 3, 8, 8)
+        assert ops.perturb(images, segments, masks, fudge, 1, out=out) is out
+        assert torch.equal(out, ops.perturb(images, segments, masks, fudge, 1, 2)) and torch.equal(images, before)
+
     def test_lime_fit(self):
         masks = torch.ones(2, 6, 3, dtype=torch.bool)
         targets = torch.rand(2, 6, 2, dtype=torch.float64)

@@ -38,7 +38,7 @@ from .inputs import (
     quiet_lime,
 )
 
-EXPLAIN_OPS = ("segment_mean", "perturb", "lime_fit")
+EXPLAIN_OPS = ("segment_mean", "perturb_into", "lime_fit")
 # Model inputs per forward pass, for every explainer (lime's own default is 10).
 FORWARD_BATCH = 256
 # The per-image explainers (lime, captum, our drop-in) run only up to this batch: beyond it

@@ -70,9 +70,10 @@ def setup_segment_mean(device: torch.device, size: int, batch: int, segments: in
 
 
 def setup_perturb(device: torch.device, size: int, batch: int, samples: int, segments: int) -> Case:
-    """All N perturbed images of every image, produced in chunks of FORWARD_BATCH model inputs
-    and dropped (the model is not run). lime: its ``data_labels`` with a classifier that
-    returns zeros, one image at a time (it also draws the samples: negligible)."""
+    """All N perturbed images of every image, produced in chunks of FORWARD_BATCH model inputs,
+    as explain() produces them: written chunk after chunk into one buffer (perturb_into),
+    allocated once per call, and dropped (the model is not run). lime: its ``data_labels`` with
+    a classifier that returns zeros, one image at a time (it also draws the samples: negligible)."""
     images = photo_batch(size, batch).to(device)
     seg, counts = grid_batch(batch, size, segments)
     seg, counts = seg.to(device), counts.to(device)
@@ -82,11 +83,11 @@ def setup_perturb(device: torch.device, size: int, batch: int, samples: int, seg
 
     def ours(backend):
         def run():
-            for _ in perturbed_chunks(images, seg, masks, fudge, per_chunk, backend):
+            for _ in perturbed_chunks(images, seg, masks, fudge, per_chunk, backend, reuse_buffer=True):
                 pass
         return run
 
-    providers = _ours("perturb", device, ours)
+    providers = _ours("perturb_into", device, ours)
     if device.type == "cuda" and batch > 1 and size > 64:
         providers.append(skip("lime", "peer", "lime perturbs one image at a time on the CPU: timed at B=1 only at this size"))
     else:

@@ -2,12 +2,12 @@
 backend; ``<op>_ref`` is the pure-PyTorch reference every backend is tested against."""
 from .lime_fit import lime_fit, lime_fit_ref, lime_kernel_weights
 from .masked_pgd_step import masked_pgd_step, masked_pgd_step_ref
-from .perturb import perturb, perturb_ref
+from .perturb import perturb, perturb_into_ref, perturb_ref
 from .segment_mean import segment_mean, segment_mean_ref
 
 __all__ = [
     "lime_fit", "lime_fit_ref", "lime_kernel_weights",
     "masked_pgd_step", "masked_pgd_step_ref",
-    "perturb", "perturb_ref",
+    "perturb", "perturb_ref", "perturb_into_ref",
     "segment_mean", "segment_mean_ref",
 ]

@@ -1,9 +1,10 @@
 """masked_pgd_step: one PGD update restricted to / weighted by a per-pixel mask, in place.
 
     L-inf:  x_adv += step_size * weight * sign(grad)
-    L2:     g = weight * grad;  x_adv += step_size * g / (‖g‖₂ + 1e-10)      (per sample)
+    L2:     g = weight * grad;  x_adv += step_size * g / (‖g‖₂ + 1e-10)      (per sample;
+            2^-24 instead of 1e-10 in float16, where 1e-10 rounds to 0)
     then    δ = x_adv - x projected to the ε-ball (clamp to [-ε, ε] for L-inf, scaled by
-            min(1, ε / ‖δ‖₂) for L2), and x_adv = clamp(x + δ, lo, hi).
+            min(1, ε / ‖δ‖₂) for L2, 1 where ‖δ‖₂ = 0), and x_adv = clamp(x + δ, lo, hi).
 """
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ from ..checks import FLOAT_DTYPES, check_choice, check_finite, check_same_device
 NORMS = ("linf", "l2")
 # The same guard torchattacks uses against a zero gradient or a zero perturbation.
 EPS_FOR_DIVISION = 1e-10
+# float16 cannot hold 1e-10 (it rounds to 0, and a zero gradient gave 0 / 0): its smallest
+# subnormal instead, which leaves every non-zero norm as it was.
+FLOAT16_EPS_FOR_DIVISION = 2.0**-24
+
+
+def division_guard(dtype: torch.dtype) -> float:
+    """What is added to ‖g‖ before dividing by it, in tensors of ``dtype``."""
+    return FLOAT16_EPS_FOR_DIVISION if dtype == torch.float16 else EPS_FOR_DIVISION
 
 
 def masked_pgd_step_ref(
@@ -48,10 +57,11 @@ def masked_pgd_step_ref(
         delta = (x_adv + step_size * step - x).clamp(-eps, eps)
     else:
         g = grad if w is None else grad * w
-        g_norm = g.reshape(b, -1).norm(dim=1).view(b, 1, 1, 1) + EPS_FOR_DIVISION
+        g_norm = g.reshape(b, -1).norm(dim=1).view(b, 1, 1, 1) + division_guard(g.dtype)
         delta = x_adv + step_size * g / g_norm - x
         d_norm = delta.reshape(b, -1).norm(dim=1).view(b, 1, 1, 1)
-        delta = delta * torch.clamp(eps / d_norm, max=1.0)
+        # ε = ‖δ‖ = 0 gives 0 / 0: δ is zero then, and stays zero with a factor of 1.
+        delta = delta * torch.clamp(eps / d_norm, max=1.0).nan_to_num(nan=1.0)
     x_adv.copy_((x + delta).clamp(lo, hi))
     return x_adv
 

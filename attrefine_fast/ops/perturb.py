@@ -2,7 +2,10 @@
 
 ``out[b, n] = where(masks[b, n, segments[b]], images[b], fudge[b])`` for the samples
 ``offset <= n < offset + count`` of every image, so the model can consume chunks as they are
-produced and peak memory does not grow with the number of samples.
+produced and peak memory does not grow with the number of samples. ``perturb_into`` writes a
+chunk into a caller's buffer instead, so one buffer serves every chunk: on the CPU a fresh
+chunk of more than a few MB comes straight from the operating system and costs more in page
+faults than the perturbation itself.
 """
 from __future__ import annotations
 
@@ -52,18 +55,50 @@ def perturb_ref(
         (B * count, C, H, W), image-major: row ``b * count + i`` is sample ``offset + i`` of image b.
     """
     b, c, h, w = images.shape
-    chunk = masks[:, offset : offset + count]
-    keep = torch.gather(chunk, 2, segments.reshape(b, 1, h * w).long().expand(b, count, h * w))
-    out = torch.where(keep.view(b, count, 1, h, w), images.unsqueeze(1), fudge.unsqueeze(1))
-    normalized = mean is not None
-    dtype = perturb_output_dtype(images.dtype, normalized, out_dtype)
-    if normalized:
-        compute = torch.float64 if images.dtype == torch.float64 else torch.float32
-        out = (out.to(compute) - mean.to(compute).view(1, 1, c, 1, 1)) / std.to(compute).view(1, 1, c, 1, 1)
-    out = out.to(dtype).reshape(b * count, c, h, w)
+    out = torch.where(_keep(segments, masks, offset, count), images.unsqueeze(1), fudge.unsqueeze(1))
+    dtype = perturb_output_dtype(images.dtype, mean is not None, out_dtype)
+    out = _normalize_cast(out, images.dtype, mean, std, dtype).reshape(b * count, c, h, w)
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+def _keep(segments, masks, offset, count):
+    """(B, count, 1, H, W) bool: whether each pixel of each sample keeps the image."""
+    b, h, w = segments.shape
+    chunk = masks[:, offset : offset + count]
+    return torch.gather(chunk, 2, segments.reshape(b, 1, h * w).long().expand(b, count, h * w)).view(b, count, 1, h, w)
+
+
+def _normalize_cast(x, images_dtype, mean, std, dtype):
+    """``(x - mean) / std`` over dim -3 (computed in float32, float64 for float64 images) when
+    normalizing, then the cast to the output dtype."""
+    if mean is not None:
+        compute = torch.float64 if images_dtype == torch.float64 else torch.float32
+        shape = (-1, 1, 1)
+        x = (x.to(compute) - mean.to(compute).view(shape)) / std.to(compute).view(shape)
+    return x.to(dtype)
+
+
+def perturb_into_ref(
+    images: torch.Tensor,
+    segments: torch.Tensor,
+    masks: torch.Tensor,
+    fudge: torch.Tensor,
+    offset: int,
+    mean: torch.Tensor | None,
+    std: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Pure-PyTorch reference of perturb_into: :func:`perturb_ref`'s chunk written into ``out``,
+    a (B * count, C, H, W) tensor, contiguous or channels-last, whose shape gives the number of
+    samples and whose dtype and layout are the output's."""
+    b, c, h, w = images.shape
+    count = out.shape[0] // b
+    # Normalization and cast act on each pixel alone, so they commute with the choice: applied
+    # to the two sources once, then one select writes the chunk in place.
+    kept, replaced = (_normalize_cast(x, images.dtype, mean, std, out.dtype).unsqueeze(1) for x in (images, fudge))
+    torch.where(_keep(segments, masks, offset, count), kept, replaced, out=out.view(b, count, c, h, w))
 
 
 def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype):
@@ -98,6 +133,23 @@ def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std,
         raise TypeError(f"out_dtype must be a float dtype or uint8, got {out_dtype}")
 
 
+def check_perturb_out(out, images, segments, masks, fudge) -> int:
+    """Validation of perturb_into's ``out``; returns the number of samples it holds per image."""
+    check_tensor("out", out, ndim=4)
+    check_same_device(images=images, out=out)
+    b, c, h, w = images.shape
+    if b == 0 or out.shape[0] == 0 or out.shape[0] % b or tuple(out.shape[1:]) != (c, h, w):
+        raise ValueError(f"out must have shape (B * count, C, H, W) with B={b}, (C, H, W)={(c, h, w)} and count >= 1, got {tuple(out.shape)}")
+    if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"out must be contiguous or channels-last, got strides {out.stride()}")
+    if out.requires_grad:
+        raise ValueError("out must not require grad: perturb is not differentiable")
+    for name, t in (("images", images), ("segments", segments), ("masks", masks), ("fudge", fudge)):
+        if t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            raise ValueError(f"out shares memory with {name}")
+    return out.shape[0] // b
+
+
 def perturb(
     images: torch.Tensor,
     segments: torch.Tensor,
@@ -110,9 +162,28 @@ def perturb(
     std: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Perturbed images for samples [offset, offset+count): see :func:`perturb_ref`."""
+    """Perturbed images for samples [offset, offset+count): see :func:`perturb_ref`.
+
+    With ``out`` (a (B * count, C, H, W) tensor, contiguous or channels-last) the chunk is written
+    there and ``out`` is returned: its shape gives count, its dtype and layout the output's, so
+    ``out_dtype`` and ``channels_last`` may be left out (given, they must agree with it).
+    """
+    if out is not None:
+        check_images("images", images)
+        out_count = check_perturb_out(out, images, segments, masks, fudge)
+        if count is not None and count != out_count:
+            raise ValueError(f"count={count} but out holds {out_count} samples per image")
+        if out_dtype is not None and out_dtype != out.dtype:
+            raise TypeError(f"out_dtype={out_dtype} but out has dtype {out.dtype}")
+        if channels_last and not out.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("channels_last=True but out is not channels-last")
+        check_perturb_args(images, segments, masks, fudge, offset, out_count, mean, std, out.dtype)
+        impl = backends.resolve("perturb_into", backend, images.device)
+        impl(images, segments.long(), masks, fudge, int(offset), mean, std, out)
+        return out
     if count is None:
         count = masks.shape[1] - offset if isinstance(masks, torch.Tensor) and masks.dim() == 3 else 0
     check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype)

@@ -132,7 +132,9 @@ def detect_spurious(
         model: classifier on [0, 1] images returning logits; its mode is restored afterwards.
         images: (B, C, H, W) in [0, 1]; labels: (B,) true classes.
         segments, counts: the superpixels (B, H, W) and their numbers (B,).
-        explain_label: explain the "true" class or the model's "predicted" one.
+        explain_label: explain the "true" class or the model's "predicted" one; the sensitivity
+            (input gradient of the loss) and the attack of the instability term use that same
+            class, so the three measures describe one class.
         instability: "adversarial" (|r(x) - r(x_adv)| with x_adv from FGSM, or PGD when
             ``attack_steps`` > 0, at ``eps``; both LIME runs share their samples), "runs" (the
             standard deviation of r over ``instability_runs`` LIME runs with different samples),
@@ -156,12 +158,12 @@ def detect_spurious(
     common = dict(segments=segments, labels=target.unsqueeze(1), num_samples=num_samples, output="softmax", backend=backend)
     coef = explain(model, images, seed=seed, **common).coef[:, 0].float()
     relevance = normalized_relevance(coef, counts)
-    sensitivity = gradient_share(input_gradient(model, images, labels), segments, counts)
+    sensitivity = gradient_share(input_gradient(model, images, target), segments, counts)
     if instability == "adversarial":
         if attack_steps > 0:
-            adv = pgd(model, images, labels, eps=eps, steps=attack_steps, norm=norm, seed=seed, keep_best=False)
+            adv = pgd(model, images, target, eps=eps, steps=attack_steps, norm=norm, seed=seed, keep_best=False)
         else:
-            adv = fgsm(model, images, labels, eps=eps, norm=norm)
+            adv = fgsm(model, images, target, eps=eps, norm=norm)
         adv_coef = explain(model, adv, seed=seed, **common).coef[:, 0].float()
         unstable = (normalized_relevance(adv_coef, counts) - relevance).abs()
     elif instability == "runs":

@@ -87,11 +87,14 @@ class Refiner:
         self.images, self.labels = train.tensors()
         if model is None:
             torch.manual_seed(cfg.seed)
-            extra = {"width": cfg.width} if cfg.arch == "small_cnn" else {}
-            model = build_model(cfg.arch, train.num_classes, in_channels=self.images.shape[1], normalization=cfg.normalization, **extra)
-            self.model_kwargs = extra
-        else:
-            self.model_kwargs = {}
+            # Everything build_model needs beyond the name, so that model.pt rebuilds it.
+            self.model_kwargs = {"in_channels": int(self.images.shape[1])}
+            if cfg.arch == "small_cnn":
+                self.model_kwargs["width"] = cfg.width
+            model = build_model(cfg.arch, train.num_classes, normalization=cfg.normalization, **self.model_kwargs)
+            self.arch = cfg.arch
+        else:  # a caller's model: model.pt holds its weights, not an architecture to rebuild
+            self.model_kwargs, self.arch = {}, None
         self.module = model.to(self.device)
         self.forward = self.module
         if self.world_size > 1:
@@ -204,7 +207,7 @@ class Refiner:
             self._announce(record)
         if self.epoch == cfg.epochs and self.rank == 0:
             norm = self.cfg.normalization
-            save_checkpoint(os.path.join(self.out, FINAL), self.module, cfg.arch, self.train.num_classes,
+            save_checkpoint(os.path.join(self.out, FINAL), self.module, self.arch, self.train.num_classes,
                             normalization=norm, model_kwargs=self.model_kwargs, epoch=self.epoch, mode=cfg.mode)
         return self.module
 

@@ -4,6 +4,8 @@
 //   contiguous or channels-last;  weight: optional (B, H, W) in [0, 1], broadcast over channels
 //   L-inf:  x_adv = clamp(x + clamp(x_adv + step * weight * sign(grad) - x, -eps, eps), lo, hi)
 //   L2:     g = weight * grad;  δ = x_adv + step * g / (‖g‖ + 1e-10) - x;  δ *= min(1, eps / ‖δ‖)
+//           (2^-24 for 1e-10 in float16, where 1e-10 rounds to 0;
+//           the factor is 1 for eps = ‖δ‖ = 0)
 //           x_adv = clamp(x + δ, lo, hi)
 //
 // Every intermediate is rounded to the tensor's dtype in the reference's order
@@ -20,6 +22,7 @@
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../op_args.h"
@@ -46,6 +49,13 @@ inline scalar_t round_to(at::opmath_type<scalar_t> v) {
 }
 
 // Weight index of element e of sample b (per-pixel weights, broadcast over channels).
+// Added to ‖g‖ before dividing by it: torchattacks' 1e-10, or float16's smallest subnormal where
+// 1e-10 rounds to 0 (attrefine_fast/ops/masked_pgd_step.py, division_guard).
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> division_guard() {
+  return static_cast<at::opmath_type<scalar_t>>(std::is_same_v<scalar_t, at::Half> ? 0x1p-24 : 1e-10);
+}
+
 template <typename scalar_t>
 inline int64_t pixel_of(const StepArgs<scalar_t>& a, int64_t e) {
   return a.channels_last ? e / a.channels : e % a.pixels;
@@ -114,13 +124,13 @@ void l2_step(const StepArgs<scalar_t>& a) {
     for (int64_t t = b * chunks; t < (b + 1) * chunks; ++t) gg += partial[t * 3], ag += partial[t * 3 + 1], aa += partial[t * 3 + 2];
     TORCH_CHECK_VALUE(std::isfinite(gg) && std::isfinite(aa), "masked_pgd_step: grad or x_adv - x of sample ", b,
                       " contains NaN or infinite values");
-    const scalar_t gn = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(std::sqrt(gg)))) + static_cast<op_t>(1e-10));
+    const scalar_t gn = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(std::sqrt(gg)))) + division_guard<scalar_t>());
     g_norm[b] = static_cast<op_t>(gn);
     const double c = a.step_size / static_cast<double>(gn);
     const double d_norm = std::sqrt(std::max(0.0, aa + 2.0 * c * ag + c * c * gg));
     const scalar_t ratio = round_to<scalar_t>(static_cast<op_t>(a.eps) / static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(d_norm))));
-    // clamp(max=1) as torch does it: NaN (eps = ‖δ‖ = 0) stays NaN.
-    factor[b] = std::isnan(static_cast<double>(ratio)) ? static_cast<op_t>(ratio) : std::min(static_cast<op_t>(ratio), op_t(1));
+    // eps = ‖δ‖ = 0 gives 0 / 0: δ is zero then, and a factor of 1 keeps it zero.
+    factor[b] = std::isnan(static_cast<double>(ratio)) ? op_t(1) : std::min(static_cast<op_t>(ratio), op_t(1));
   }
   // Pass 2: δ in the reference's rounding order, scaled, clamped, written.
   const op_t step = static_cast<op_t>(a.step_size), lo = static_cast<op_t>(a.lo), hi = static_cast<op_t>(a.hi);

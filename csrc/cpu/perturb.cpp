@@ -134,37 +134,35 @@ void produce_samples(const bits_t* kept_bits, const bits_t* fudge_bits, const bi
   });
 }
 
-at::Tensor perturb_cpu(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
-                       const at::Tensor& fudge, int64_t offset, int64_t count, const std::optional<at::Tensor>& mean,
-                       const std::optional<at::Tensor>& std, std::optional<at::ScalarType> out_dtype,
-                       bool channels_last) {
-  const auto dtype = check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype, at::kCPU);
-  const int64_t b = images.size(0), c = images.size(1), h = images.size(2), w = images.size(3);
+// Writes samples [offset, offset + count) of every image into out, in out's dtype; channels_last
+// gives out's layout. Arguments are checked by the callers.
+void write_samples(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
+                   const at::Tensor& fudge, int64_t offset, int64_t count, const std::optional<at::Tensor>& mean,
+                   const std::optional<at::Tensor>& std, bool channels_last, at::Tensor& out) {
+  if (out.numel() == 0) return;
+  const int64_t b = images.size(0), c = images.size(1), pixels = images.size(2) * images.size(3);
   const int64_t n = masks.size(1), m = masks.size(2);
-
   // The reference's normalization and cast, per source image (see the header).
-  const auto kept = perturb_source(images, mean, std, dtype, channels_last);
-  const auto replaced = perturb_source(fudge, mean, std, dtype, channels_last);
+  const auto kept = perturb_source(images, mean, std, out.scalar_type(), channels_last);
+  const auto replaced = perturb_source(fudge, mean, std, out.scalar_type(), channels_last);
   const auto seg = segments.to(at::kInt).contiguous();
   const auto msk = masks.contiguous();
-  auto out = at::empty({b * count, c, h, w}, images.options().dtype(dtype),
-                       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  if (out.numel() == 0) return out;
+  const auto runs = label_runs(seg.data_ptr<int32_t>(), b, pixels);
 
   const auto run = [&](auto zero_bits) {
     using bits_t = decltype(zero_bits);
     const auto* f = reinterpret_cast<const bits_t*>(replaced.data_ptr());
     const auto* k = reinterpret_cast<const bits_t*>(kept.data_ptr());
-    const int64_t pixels = h * w, per_image = c * pixels;
-    const auto runs = label_runs(seg.data_ptr<int32_t>(), b, pixels);
+    const int64_t per_image = c * pixels;
     // diff = kept ^ replaced, needed only by the images on the select path.
-    std::vector<bits_t> diff(replaced.numel());
+    std::vector<bits_t> diff;
     for (int64_t i = 0; i < b; ++i) {
       if (!runs[i].empty()) continue;
+      if (diff.empty()) diff.resize(replaced.numel());
       for (int64_t e = i * per_image; e < (i + 1) * per_image; ++e) diff[e] = k[e] ^ f[e];
     }
     produce_samples<bits_t>(k, f, diff.data(), runs, seg.data_ptr<int32_t>(), msk.data_ptr<bool>(),
-                           reinterpret_cast<bits_t*>(out.data_ptr()), b, n, m, m, c, h * w, offset, count,
+                           reinterpret_cast<bits_t*>(out.data_ptr()), b, n, m, m, c, pixels, offset, count,
                            channels_last);
   };
   switch (out.element_size()) {
@@ -174,7 +172,29 @@ at::Tensor perturb_cpu(const at::Tensor& images, const at::Tensor& segments, con
     case 8: run(uint64_t{0}); break;
     default: TORCH_CHECK(false, "perturb: unsupported element size ", out.element_size());
   }
+}
+
+at::Tensor perturb_cpu(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
+                       const at::Tensor& fudge, int64_t offset, int64_t count, const std::optional<at::Tensor>& mean,
+                       const std::optional<at::Tensor>& std, std::optional<at::ScalarType> out_dtype,
+                       bool channels_last) {
+  const auto dtype = check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype, at::kCPU);
+  const int64_t b = images.size(0), c = images.size(1), h = images.size(2), w = images.size(3);
+  auto out = at::empty({b * count, c, h, w}, images.options().dtype(dtype),
+                       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  write_samples(images, segments, masks, fudge, offset, count, mean, std, channels_last, out);
   return out;
+}
+
+// perturb into a caller's buffer: a model fed chunk after chunk reuses one buffer instead of
+// faulting in fresh pages for every chunk (large allocations come straight from the OS).
+void perturb_into_cpu(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
+                      const at::Tensor& fudge, int64_t offset, const std::optional<at::Tensor>& mean,
+                      const std::optional<at::Tensor>& std, at::Tensor& out) {
+  const int64_t count = check_perturb_out(images, segments, masks, fudge, out);
+  check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out.scalar_type(), at::kCPU);
+  write_samples(images, segments, masks, fudge, offset, count, mean, std, !out.is_contiguous(), out);
+  out.unsafeGetTensorImpl()->bump_version();  // written through a raw pointer
 }
 
 }  // namespace
@@ -182,4 +202,5 @@ at::Tensor perturb_cpu(const at::Tensor& images, const at::Tensor& segments, con
 
 TORCH_LIBRARY_IMPL(attrefine_fast, CPU, m) {
   m.impl("perturb", &attrefine_fast::perturb_cpu);
+  m.impl("perturb_into", &attrefine_fast::perturb_into_cpu);
 }

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "block_reduce.cuh"
 #include "launchers.h"
 
 namespace attrefine_fast {
@@ -27,18 +28,6 @@ constexpr int64_t kSharedBytes = 48 * 1024;
 // same 48 KiB as the dynamic part: without this margin some (M, L) fail to launch.
 constexpr int64_t kStaticSharedBytes = 128;
 constexpr int64_t kMaxTile = 16;
-
-__device__ double block_sum(double v, double* scratch) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x / 32) ? scratch[lane] : 0.0;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  __syncthreads();
-  return v;  // valid in warp 0's lane 0; broadcast below where every thread needs it
-}
 
 // Row j and column k (k <= j) of lower-triangle entry number p.
 __device__ __forceinline__ void lower_entry(int64_t p, int64_t& j, int64_t& k) {

@@ -11,6 +11,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
+#include "block_reduce.cuh"
 #include "launchers.h"
 
 namespace attrefine_fast {
@@ -93,18 +96,6 @@ __global__ void linf_kernel(Step<T> s, double step_size, double eps, double lo, 
   }
 }
 
-__device__ __forceinline__ double block_sum(double v, double* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? shared[lane] : 0.0;
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;
-}
-
 template <typename T>
 __global__ void l2_sums_kernel(Step<T> s, double* __restrict__ sums) {
   __shared__ double partial[kThreads / 32];
@@ -136,11 +127,13 @@ __global__ void l2_write_kernel(Step<T> s, const double* __restrict__ sums, doub
   using op_t = typename Op<T>::type;
   const int64_t b = blockIdx.y;
   const double gg = sums[3 * b], ag = sums[3 * b + 1], aa = sums[3 * b + 2];
-  const op_t gn = rnd<T>(rnd<T>(static_cast<op_t>(sqrt(gg))) + static_cast<op_t>(1e-10));
+  // 1e-10 rounds to 0 in float16: its smallest subnormal there (ops/masked_pgd_step.py).
+  const op_t guard = std::is_same<T, __half>::value ? static_cast<op_t>(5.9604644775390625e-08) : static_cast<op_t>(1e-10);
+  const op_t gn = rnd<T>(rnd<T>(static_cast<op_t>(sqrt(gg))) + guard);
   const double c = step_size / static_cast<double>(gn);
   const double d_norm = sqrt(fmax(0.0, aa + 2.0 * c * ag + c * c * gg));
   const op_t ratio = rnd<T>(static_cast<op_t>(eps) / rnd<T>(static_cast<op_t>(d_norm)));
-  const op_t factor = isnan(ratio) ? ratio : fmin(ratio, op_t(1));  // torch.clamp keeps NaN
+  const op_t factor = isnan(ratio) ? op_t(1) : fmin(ratio, op_t(1));  // 0 / 0: δ = 0 stays 0
   const op_t step = static_cast<op_t>(step_size);
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * blockDim.x * kElemsPerThread + threadIdx.x;
 #pragma unroll

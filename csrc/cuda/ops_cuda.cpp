@@ -45,28 +45,45 @@ at::Tensor segment_mean_cuda(const at::Tensor& images, const at::Tensor& segment
   return means.transpose(1, 2).contiguous().to(images.is_floating_point() ? images.scalar_type() : at::kDouble);
 }
 
+// Writes samples [offset, offset + count) of every image into out (dense, in the layout
+// channels_last names); arguments are checked by the callers.
+void write_samples(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
+                   const at::Tensor& fudge, int64_t offset, int64_t count, const std::optional<at::Tensor>& mean,
+                   const std::optional<at::Tensor>& std, bool channels_last, at::Tensor& out) {
+  if (out.numel() == 0) return;
+  const int64_t b = images.size(0), c = images.size(1), pixels = images.size(2) * images.size(3);
+  const int64_t n = masks.size(1), m = masks.size(2);
+  const c10::cuda::CUDAGuard guard(images.device());
+  // Normalization and cast commute with the choice: applied once per source (see perturb.cu).
+  const auto kept = perturb_source(images, mean, std, out.scalar_type(), channels_last);
+  const auto replaced = perturb_source(fudge, mean, std, out.scalar_type(), channels_last);
+  const auto seg = segments.to(at::kInt).contiguous();
+  const auto msk = masks.contiguous();
+  cuda::perturb_select(kept.data_ptr(), replaced.data_ptr(), seg.data_ptr<int32_t>(), msk.data_ptr<bool>(),
+                       out.data_ptr(), out.element_size(), b, n, m, c, pixels, offset, count, channels_last,
+                       c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor perturb_cuda(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
                         const at::Tensor& fudge, int64_t offset, int64_t count, const std::optional<at::Tensor>& mean,
                         const std::optional<at::Tensor>& std, std::optional<at::ScalarType> out_dtype,
                         bool channels_last) {
   const auto dtype = check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype, at::kCUDA);
   const int64_t b = images.size(0), c = images.size(1), h = images.size(2), w = images.size(3);
-  const int64_t n = masks.size(1), m = masks.size(2);
-  const c10::cuda::CUDAGuard guard(images.device());
-  // Normalization and cast commute with the choice: applied once per source (see perturb.cu).
-  const auto kept = perturb_source(images, mean, std, dtype, channels_last);
-  const auto replaced = perturb_source(fudge, mean, std, dtype, channels_last);
-  const auto seg = segments.to(at::kInt).contiguous();
-  const auto msk = masks.contiguous();
   auto out = at::empty({b * count, c, h, w}, images.options().dtype(dtype),
                        channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  if (out.numel() > 0) {
-    cuda::perturb_select(kept.data_ptr(), replaced.data_ptr(), seg.data_ptr<int32_t>(), msk.data_ptr<bool>(),
-                         out.data_ptr(), out.element_size(), b, n, m, c, h * w, offset, count, channels_last,
-                         c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  write_samples(images, segments, masks, fudge, offset, count, mean, std, channels_last, out);
   return out;
+}
+
+void perturb_into_cuda(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
+                       const at::Tensor& fudge, int64_t offset, const std::optional<at::Tensor>& mean,
+                       const std::optional<at::Tensor>& std, at::Tensor& out) {
+  const int64_t count = check_perturb_out(images, segments, masks, fudge, out);
+  check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out.scalar_type(), at::kCUDA);
+  write_samples(images, segments, masks, fudge, offset, count, mean, std, !out.is_contiguous(), out);
+  out.unsafeGetTensorImpl()->bump_version();  // written through a raw pointer
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lime_fit_cuda(const at::Tensor& masks,
@@ -140,6 +157,7 @@ void masked_pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& x, const at::Tens
 TORCH_LIBRARY_IMPL(attrefine_fast, CUDA, m) {
   m.impl("segment_mean", &attrefine_fast::segment_mean_cuda);
   m.impl("perturb", &attrefine_fast::perturb_cuda);
+  m.impl("perturb_into", &attrefine_fast::perturb_into_cuda);
   m.impl("lime_fit", &attrefine_fast::lime_fit_cuda);
   m.impl("masked_pgd_step", &attrefine_fast::masked_pgd_step_cuda);
 }

@@ -1,0 +1,133 @@
+"""The argument contract of each op (csrc/op_args.h) for the Triton ops.
+
+A direct ``torch.ops.attrefine_fast.<op>_triton`` call with bad input raises the ValueError /
+TypeError the compiled ops raise (a segment id >= M would otherwise read or write out of bounds
+in the kernel). The public functions in attrefine_fast.ops check their wider inputs before
+calling any backend; these checks hold the backends' own, narrower contract.
+
+The checks run on real tensors only: under torch.compile, opcheck or make_fx the launchers see
+fake tensors, which hold no data to check (the fake implementations check nothing either).
+"""
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from attrefine_fast.checks import FLOAT_DTYPES, IMAGE_DTYPES, check_finite, check_same_device, check_tensor
+from attrefine_fast.ops.perturb import perturb_output_dtype
+
+
+def concrete(*tensors) -> bool:
+    """True when every tensor holds data (not traced by torch.compile, opcheck or make_fx)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(isinstance(t, torch.Tensor) and is_fake(t) for t in tensors)
+
+
+def _check_segments(images, segments, num_segments: int) -> None:
+    """images (B, C, H, W); segments (B, H, W) integer ids in [0, num_segments)."""
+    check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
+    check_tensor("segments", segments, ndim=3, dtypes=(torch.int64, torch.int32))
+    b, _, h, w = images.shape
+    if tuple(segments.shape) != (b, h, w):
+        raise ValueError(f"segments must have shape (B, H, W) = {(b, h, w)} to match images, got {tuple(segments.shape)}")
+    check_same_device(images=images, segments=segments)
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be at least 1, got {num_segments}")
+    if segments.numel():
+        lo, hi = (int(v) for v in torch.aminmax(segments))
+        if lo < 0 or hi >= num_segments:
+            raise ValueError(f"segment ids must lie in [0, {num_segments}), got ids in [{lo}, {hi}]")
+
+
+def check_segment_mean(images, segments, num_segments: int) -> None:
+    _check_segments(images, segments, num_segments)
+
+
+def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean, std, out_dtype) -> None:
+    check_tensor("masks", masks, ndim=3, dtypes=(torch.bool,))
+    check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
+    b, c = images.shape[:2]
+    if masks.shape[0] != b or masks.shape[2] < 1:
+        raise ValueError(f"masks must have shape (B, N, M) with B={b}, got {tuple(masks.shape)}")
+    _check_segments(images, segments, masks.shape[2])
+    check_tensor("fudge", fudge, ndim=4)
+    if fudge.shape != images.shape or fudge.dtype != images.dtype:
+        raise ValueError(f"fudge must match images in shape and dtype: {tuple(images.shape)} {images.dtype}, got {tuple(fudge.shape)} {fudge.dtype}")
+    check_same_device(images=images, masks=masks, fudge=fudge, mean=mean, std=std)
+    n = masks.shape[1]
+    if not (offset >= 0 and count >= 1 and offset + count <= n):
+        raise ValueError(f"samples [offset, offset+count) = [{offset}, {offset + count}) are outside 0..{n}")
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    for name, t in (("mean", mean), ("std", std)):
+        if t is not None:
+            check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES)
+            if t.shape[0] != c:
+                raise ValueError(f"{name} must have one value per channel ({c}), got shape {tuple(t.shape)}")
+    dtype = perturb_output_dtype(images.dtype, mean is not None, out_dtype)
+    if dtype not in IMAGE_DTYPES:
+        raise TypeError(f"out_dtype must be a float dtype or uint8, got {dtype}")
+
+
+def check_perturb_into(images, segments, masks, fudge, offset: int, mean, std, out) -> int:
+    """perturb_into's contract; returns the number of samples per image out holds."""
+    check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
+    check_tensor("out", out, ndim=4)
+    check_same_device(images=images, out=out)
+    b, c, h, w = images.shape
+    if b < 1 or out.shape[0] < b or out.shape[0] % b or tuple(out.shape[1:]) != (c, h, w):
+        raise ValueError(f"out must have shape (B * count, C, H, W) with B={b}, (C, H, W)={(c, h, w)} and count >= 1, got {tuple(out.shape)}")
+    if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"out must be contiguous or channels-last, got strides {out.stride()}")
+    for name, t in (("images", images), ("segments", segments), ("masks", masks), ("fudge", fudge)):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            raise ValueError(f"out shares memory with {name}")
+    count = out.shape[0] // b
+    check_perturb(images, segments, masks, fudge, offset, count, mean, std, out.dtype)
+    return count
+
+
+def check_lime_fit(masks, targets, num_segments, weights, kernel_width: float, alpha: float) -> None:
+    check_tensor("masks", masks, ndim=3, dtypes=(torch.bool,))
+    check_tensor("targets", targets, ndim=3, dtypes=(torch.float32, torch.float64))
+    check_tensor("num_segments", num_segments, ndim=1, dtypes=(torch.int64,))
+    check_same_device(masks=masks, targets=targets, num_segments=num_segments, weights=weights)
+    b, n, m = masks.shape
+    if min(b, n, m, targets.shape[2]) < 1:
+        raise ValueError(f"masks (B, N, M) and targets (B, N, L) must be non-empty, got {tuple(masks.shape)} and {tuple(targets.shape)}")
+    if targets.shape[:2] != (b, n):
+        raise ValueError(f"targets must have shape (B, N, L) = ({b}, {n}, L) to match masks, got {tuple(targets.shape)}")
+    if num_segments.shape[0] != b or bool(((num_segments < 1) | (num_segments > m)).any()):
+        raise ValueError(f"num_segments must hold B={b} counts in 1..{m}")
+    if not kernel_width > 0:
+        raise ValueError(f"kernel_width must be positive, got {kernel_width}")
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be non-negative, got {alpha}")
+    check_finite("targets", targets)
+    if weights is not None:
+        check_tensor("weights", weights, ndim=2, dtypes=(targets.dtype,))
+        if tuple(weights.shape) != (b, n):
+            raise ValueError(f"weights must have shape (B, N) = ({b}, {n}), got {tuple(weights.shape)}")
+        check_finite("weights", weights)
+        if bool((weights < 0).any()) or bool((weights.sum(dim=1) <= 0).any()):
+            raise ValueError("weights must be non-negative with a positive sum per image")
+
+
+def check_masked_pgd_step(x_adv, x, grad, weight, step_size: float, eps: float, lo: float, hi: float, norm: str) -> None:
+    check_tensor("x_adv", x_adv, ndim=4, dtypes=FLOAT_DTYPES)
+    for name, t in (("x", x), ("grad", grad)):
+        check_tensor(name, t, dtypes=(x_adv.dtype,))
+        if t.shape != x_adv.shape:
+            raise ValueError(f"{name} must have the shape of x_adv {tuple(x_adv.shape)}, got {tuple(t.shape)}")
+    check_same_device(x_adv=x_adv, x=x, grad=grad, weight=weight)
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if not (step_size >= 0 and eps >= 0 and lo <= hi):
+        raise ValueError(f"need step_size >= 0, eps >= 0 and lo <= hi, got {step_size}, {eps}, {lo}, {hi}")
+    if weight is not None:
+        b, _, h, w = x_adv.shape
+        check_tensor("weight", weight, ndim=3, dtypes=(x_adv.dtype,))
+        if tuple(weight.shape) != (b, h, w):
+            raise ValueError(f"weight must have shape (B, H, W) = {(b, h, w)}, got {tuple(weight.shape)}")
+    check_finite("grad", grad)

@@ -1,0 +1,198 @@
+"""The Triton lime_fit and masked_pgd_step kernels (kernels/) against the pure-PyTorch
+references, through the public ops.
+
+On a machine without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest.py
+switches it on); where a GPU is present the same tests run on CUDA. The registration checks,
+segment_mean, perturb and the GPU-only checks of every Triton op are in test_triton_ops.py;
+inputs and tolerances shared by both in triton_cases.py.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from attrefine_fast import ops  # noqa: E402
+from conftest import DEVICES  # noqa: E402
+from triton_cases import FIT_TOLS, PGD_TOLS, fit_inputs, pgd_inputs, pgd_settings, use_only_config  # noqa: E402
+
+
+# ---------------------------------------------------------------- lime_fit
+
+# (B, N, M, L, segment counts)
+FIT_SHAPES = [
+    pytest.param(3, 17, 7, 3, [7, 5, 1], id="prime-and-single-segment"),
+    pytest.param(2, 2, 1, 1, [1, 1], id="size1-N2"),
+    pytest.param(2, 40, 20, 5, [20, 11], id="non-pow2"),
+    pytest.param(1, 33, 17, 17, [17], id="M-and-L-past-16"),
+]
+
+
+def check_fit(masks, targets, counts, weights, alpha, atol, rtol):
+    got = ops.lime_fit(masks, targets, counts, weights, alpha=alpha, backend="triton")
+    want = ops.lime_fit_ref(masks, targets, counts, weights, 0.25, alpha)
+    for name, g, r in zip(("coef", "intercept", "score", "local_pred"), got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    return got
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,atol,rtol", FIT_TOLS)
+@pytest.mark.parametrize("b,n,m,l,counts", FIT_SHAPES)
+@pytest.mark.parametrize("alpha,given_weights", [(1.0, False), (0.01, True)])
+def test_lime_fit_matches_reference(device, dtype, atol, rtol, b, n, m, l, counts, alpha, given_weights):
+    gen = torch.Generator().manual_seed(n * 10 + m)
+    masks, targets, counts = fit_inputs(b, n, m, l, counts, dtype, device, gen)
+    weights = (torch.rand(b, n, generator=gen, dtype=torch.float64).to(dtype) + 0.1).to(device) if given_weights else None
+    coef = check_fit(masks, targets, counts, weights, alpha, atol, rtol)[0]
+    for i, mb in enumerate(counts.tolist()):
+        assert torch.all(coef[i, :, mb:] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,atol,rtol", FIT_TOLS)
+def test_lime_fit_without_penalty(device, dtype, atol, rtol):
+    # alpha = 0 takes the normal-equations + lstsq path; well-posed data (N >> M) so that the
+    # unpenalized solution is unique and both sides must agree on it.
+    gen = torch.Generator().manual_seed(5)
+    masks, targets, counts = fit_inputs(2, 48, 6, 2, [6, 4], dtype, device, gen)
+    check_fit(masks, targets, counts, None, 0.0, atol * 10, rtol * 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lime_fit_non_contiguous_inputs(device):
+    gen = torch.Generator().manual_seed(6)
+    masks = (torch.rand(2, 9, 22, generator=gen) > 0.5).transpose(1, 2)[:, ::2].to(device)  # (2, 11, 9)
+    masks[:, 0] = True
+    targets = torch.rand(2, 3, 11, generator=gen, dtype=torch.float64).transpose(1, 2).to(device)  # (2, 11, 3)
+    weights = (torch.rand(11, 2, generator=gen, dtype=torch.float64) + 0.1).t().to(device)
+    counts = torch.tensor([9, 9, 4, 4], device=device)[::2]
+    assert not any(t.is_contiguous() for t in (masks, targets, weights, counts))
+    check_fit(masks, targets, counts, None, 1.0, 1e-10, 1e-9)
+    check_fit(masks, targets, counts, weights, 1.0, 1e-10, 1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lime_fit_constant_target_scores_one(device):
+    masks = torch.tensor([[[1, 1], [0, 1], [1, 0], [0, 0]]], dtype=torch.bool, device=device)
+    targets = torch.full((1, 4, 2), 0.5, dtype=torch.float64, device=device)
+    targets[..., 1] = torch.tensor([0.1, 0.7, 0.3, 0.2], dtype=torch.float64)
+    coef, intercept, score, _ = check_fit(masks, targets, torch.tensor([2], device=device), None, 1.0, 1e-12, 1e-12)
+    assert score[0, 0].item() == 1.0 and torch.all(coef[0, 0] == 0) and intercept[0, 0].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lime_fit_float32_error_within_twice_the_reference(device):
+    # float32 judged against float64: the kernel may be at most ~2x as far off as the
+    # reference run in float32 (plus a floor for results the reference gets exactly).
+    gen = torch.Generator().manual_seed(7)
+    masks, targets, counts = fit_inputs(2, 64, 12, 3, [12, 7], torch.float64, device, gen)
+    exact = ops.lime_fit_ref(masks, targets, counts, None, 0.25, 1.0)
+    ref32 = ops.lime_fit_ref(masks, targets.float(), counts, None, 0.25, 1.0)
+    got32 = ops.lime_fit(masks, targets.float(), counts, backend="triton")
+    for e, r, g in zip(exact, ref32, got32):
+        ref_err = (r.double() - e).abs().max().item()
+        got_err = (g.double() - e).abs().max().item()
+        assert got_err <= 2 * ref_err + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lime_fit_autotune_keeps_configs_that_fit_in_registers(dtype):
+    from attrefine_fast.kernels import lime_fit as module
+
+    targets = torch.empty(1, 1, 1, dtype=dtype)
+    for block_m in (16, 32, 64, 128, 256):
+        kept = module._fits_in_registers(module._CONFIGS, {"targets_ptr": targets}, BLOCK_M=block_m)
+        assert kept and all(c in module._CONFIGS for c in kept)
+        if block_m == 16:
+            assert len(kept) == len(module._CONFIGS)
+    kept = module._fits_in_registers(module._CONFIGS, {"targets_ptr": targets}, BLOCK_M=128)
+    assert min(c.num_warps for c in kept) >= (16 if dtype == torch.float64 else 8)
+
+
+def test_lime_fit_too_many_segments_is_a_clear_error():
+    masks = torch.ones(1, 4, 257, dtype=torch.bool)
+    with pytest.raises(ValueError, match="at most 256 segments"):
+        ops.lime_fit(masks, torch.rand(1, 4, 1), backend="triton")
+
+
+@pytest.mark.parametrize("config", range(6))
+def test_lime_fit_every_autotune_config(monkeypatch, config):
+    from attrefine_fast.kernels import lime_fit as module
+
+    use_only_config(monkeypatch, "lime_fit", "_lime_fit_kernel", module._CONFIGS[config])
+    gen = torch.Generator().manual_seed(12)
+    masks, targets, counts = fit_inputs(2, 71, 9, 2, [9, 5], torch.float64, "cpu", gen)  # 71: partial blocks
+    check_fit(masks, targets, counts, None, 1.0, 1e-10, 1e-9)
+
+
+# ---------------------------------------------------------------- masked_pgd_step
+
+PGD_SHAPES = [
+    pytest.param((2, 3, 7, 5), id="prime"),
+    pytest.param((1, 1, 1, 1), id="size1"),
+    pytest.param((3, 3, 6, 10), id="non-pow2"),
+    pytest.param((2, 3, 19, 23), id="several-blocks-per-sample"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,atol,rtol", PGD_TOLS)
+@pytest.mark.parametrize("shape", PGD_SHAPES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_masked_pgd_step_matches_reference(device, dtype, atol, rtol, shape, norm, with_weight):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x_adv, x, grad, weight = pgd_inputs(shape, dtype, device, gen, with_weight)
+    inputs = [t.clone() for t in (x, grad) + ((weight,) if with_weight else ())]
+    want = ops.masked_pgd_step_ref(x_adv.clone(), x, grad, weight, lo=0.0, hi=1.0, norm=norm, **pgd_settings(norm))
+    got = x_adv.clone()
+    out = ops.masked_pgd_step(got, x, grad, weight, norm=norm, backend="triton", **pgd_settings(norm))
+    assert out is got  # in place
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    for t, b in zip((x, grad) + ((weight,) if with_weight else ()), inputs):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_masked_pgd_step_non_contiguous_in_place(device, norm):
+    gen = torch.Generator().manual_seed(8)
+    x_adv, x, grad, weight = pgd_inputs((2, 3, 5, 7), torch.float64, device, gen, True)
+    x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+    x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
+    want = ops.masked_pgd_step_ref(x_adv.clone(), x, grad, weight, lo=0.0, hi=1.0, norm=norm, **pgd_settings(norm))
+    ops.masked_pgd_step(x_adv, x, grad, weight, norm=norm, backend="triton", **pgd_settings(norm))
+    assert x_adv.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x_adv, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_masked_pgd_step_half_precision_error_within_twice_the_reference(device, dtype, norm):
+    gen = torch.Generator().manual_seed(9)
+    x_adv, x, grad, weight = pgd_inputs((2, 3, 7, 5), torch.float64, device, gen, True)
+    settings = pgd_settings(norm)
+    exact = ops.masked_pgd_step_ref(x_adv.clone(), x, grad, weight, lo=0.0, hi=1.0, norm=norm, **settings)
+    low = [t.to(dtype) for t in (x_adv, x, grad, weight)]
+    ref_low = ops.masked_pgd_step_ref(low[0].clone(), *low[1:], lo=0.0, hi=1.0, norm=norm, **settings)
+    got = low[0].clone()
+    ops.masked_pgd_step(got, *low[1:], norm=norm, backend="triton", **settings)
+    # one ulp of the format as a floor: the kernel rounds once, the reference at every step
+    ulp = torch.finfo(dtype).eps
+    assert (got.double() - exact).abs().max() <= 2 * (ref_low.double() - exact).abs().max() + ulp
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_pgd_step_l2_with_a_zero_ball_and_a_zero_step_is_the_clean_input(device):
+    # eps = ‖δ‖ = 0 makes the projection 0 / 0: the step must give x, as the reference now does.
+    gen = torch.Generator().manual_seed(12)
+    x = torch.rand(2, 3, 4, 5, generator=gen).to(device)
+    grad = torch.randn(2, 3, 4, 5, generator=gen).to(device)
+    weight = torch.zeros(2, 4, 5, device=device)
+    weight[1] = 1.0  # sample 1 moves and is projected back; sample 0 has a zero step
+    x_adv = x.clone()
+    ops.masked_pgd_step(x_adv, x, grad, weight, step_size=0.1, eps=0.0, norm="l2", backend="triton")
+    assert torch.equal(x_adv, x)
