@@ -17,8 +17,17 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None) -> None:
         raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite. A sum is several times cheaper than isfinite().all() and
+    is finite only if every element is (a NaN or an infinity makes it NaN or infinite); a
+    non-finite sum, from such an element or from overflow, is settled exactly."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 

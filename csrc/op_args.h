@@ -129,7 +129,7 @@ inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targe
                     "num_segments must hold counts in 1..", m);
   TORCH_CHECK_VALUE(kernel_width > 0, "kernel_width must be positive, got ", kernel_width);
   TORCH_CHECK_VALUE(alpha >= 0, "alpha must be non-negative, got ", alpha);
-  TORCH_CHECK_VALUE(at::isfinite(targets).all().item<bool>(), "targets contains NaN or infinite values");
+  TORCH_CHECK_VALUE(all_finite(targets), "targets contains NaN or infinite values");
   if (weights.has_value()) {
     check_dim(*weights, "weights", 2, "(B, N)");
     TORCH_CHECK_TYPE(weights->scalar_type() == targets.scalar_type(), "weights must have the targets' dtype ",
@@ -137,7 +137,7 @@ inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targe
     check_same_device(masks, "masks", *weights, "weights");
     TORCH_CHECK_VALUE(weights->size(0) == b && weights->size(1) == n, "weights must have shape (B, N) = (", b, ", ", n,
                       "), got ", shape_of(*weights));
-    TORCH_CHECK_VALUE(at::isfinite(*weights).all().item<bool>(), "weights contains NaN or infinite values");
+    TORCH_CHECK_VALUE(all_finite(*weights), "weights contains NaN or infinite values");
     TORCH_CHECK_VALUE(!(*weights < 0).any().item<bool>() && !(weights->sum(1) <= 0).any().item<bool>(),
                       "weights must be non-negative with a positive sum per image");
   }
@@ -172,7 +172,7 @@ inline bool check_masked_pgd_step_args(const at::Tensor& x_adv, const at::Tensor
     TORCH_CHECK_VALUE(weight->size(0) == b && weight->size(1) == h && weight->size(2) == w,
                       "weight must have shape (B, H, W) = (", b, ", ", h, ", ", w, "), got ", shape_of(*weight));
   }
-  TORCH_CHECK_VALUE(at::isfinite(grad).all().item<bool>(), "grad contains NaN or infinite values");
+  TORCH_CHECK_VALUE(all_finite(grad), "grad contains NaN or infinite values");
   return linf;
 }
 

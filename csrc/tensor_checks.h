@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <string>
 
@@ -38,6 +39,14 @@ inline void check_same_device(const at::Tensor& reference, const char* ref_name,
 inline void check_device_type(const at::Tensor& t, const char* name, at::DeviceType type) {
   TORCH_CHECK_VALUE(t.device().type() == type, name, " must be a ", c10::DeviceTypeName(type, true), " tensor, got one on ",
                     t.device());
+}
+
+// Whether every element of a floating-point tensor is finite. A sum is several times cheaper than
+// isfinite(t).all() and is finite only if every element is (a NaN or an infinity makes it NaN or
+// infinite); a non-finite sum, from such an element or from overflow, is settled exactly.
+inline bool all_finite(const at::Tensor& t) {
+  if (t.numel() == 0 || std::isfinite(t.sum().item<double>())) return true;
+  return at::isfinite(t).all().item<bool>();
 }
 
 // Image dtypes every image op accepts (the uint8 images LIME users pass straight from numpy).

@@ -320,6 +320,22 @@ def test_masked_pgd_step_refuses_a_non_finite_gradient_before_writing(norm):
     assert torch.equal(x_adv, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_finite_check_accepts_large_finite_values_whose_sum_overflows(dtype):
+    # The finiteness check sums first (cheap) and settles a non-finite sum exactly.
+    x = torch.rand(1, 3, 4, 4).to(dtype)
+    grad = torch.full((1, 3, 4, 4), torch.finfo(dtype).max, dtype=dtype)
+    grad[0, 1] *= -1
+    grad[0, 2, 0, 0] = -grad[0, 2, 0, 0]
+    assert not torch.isfinite(grad.sum())  # the sum overflows: the exact check decides
+    x_adv = x.clone()
+    ops.masked_pgd_step(x_adv, x, grad, None, 0.01, 0.03, 0.0, 1.0, "linf")
+    torch.testing.assert_close(x_adv, masked_pgd_step_ref(x.clone(), x, grad, None, 0.01, 0.03, 0.0, 1.0, "linf"))
+    grad[0, 0, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ops.masked_pgd_step(x_adv, x, grad, None, 0.01, 0.03, 0.0, 1.0, "linf")
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_masked_pgd_step_tells_autograd_that_x_adv_changed(channels_last):
     # The kernel writes through a raw pointer; without a version bump autograd would not notice

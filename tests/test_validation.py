@@ -188,3 +188,19 @@ def test_info_lists_every_op_and_backend():
     text = report()
     for name in backends.OPS + backends.BACKENDS:
         assert name in text
+
+
+def test_finite_check_is_exact_when_the_sum_overflows():
+    from attrefine_fast.checks import all_finite
+
+    big = torch.full((4, 5), torch.finfo(torch.float32).max)
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.zeros(4, 5)
+        t[2, 3] = bad
+        assert not all_finite(t)
+        big[1, 1] = bad
+        assert not all_finite(big)
+        big[1, 1] = 1.0
+    assert all_finite(torch.zeros(0)) and all_finite(torch.arange(3))
+
