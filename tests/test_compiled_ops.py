@@ -248,6 +248,25 @@ def test_masked_pgd_step_stays_in_the_ball_and_the_range():
         assert torch.all(size <= eps * (1 + 1e-5)) and x_adv.min() >= 0 and x_adv.max() <= 1
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_masked_pgd_step_weights_across_work_chunks(norm, channels_last):
+    # 3 x 97 x 101 elements per sample span two of the kernel's 16 Ki-element chunks, the second
+    # starting inside a pixel row (NCHW) or inside a pixel's channels (NHWC).
+    gen = torch.Generator().manual_seed(9)
+    x = torch.rand(2, 3, 97, 101, generator=gen, dtype=torch.float64)
+    x_adv = (x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    weight = torch.rand(2, 97, 101, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x_adv, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x_adv, grad))
+    args = (x, grad, weight, 0.05, 0.1, 0.0, 1.0, norm)
+    mine = x_adv.clone(memory_format=torch.preserve_format)
+    ops.masked_pgd_step(mine, *args)
+    atol, rtol = PGD_TOLERANCES[(norm, torch.float64)]
+    torch.testing.assert_close(mine, masked_pgd_step_ref(x_adv.clone(), *args), atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_masked_pgd_step_l2_with_a_zero_ball_and_a_zero_step_is_the_clean_input(dtype):
     # eps = ‖δ‖ = 0 makes the projection 0 / 0: the step must give x, not NaN.

@@ -48,7 +48,6 @@ inline scalar_t round_to(at::opmath_type<scalar_t> v) {
   return static_cast<scalar_t>(v);
 }
 
-// Weight index of element e of sample b (per-pixel weights, broadcast over channels).
 // Added to ‖g‖ before dividing by it: torchattacks' 1e-10, or float16's smallest subnormal where
 // 1e-10 rounds to 0 (attrefine_fast/ops/masked_pgd_step.py, division_guard).
 template <typename scalar_t>
@@ -56,20 +55,39 @@ inline at::opmath_type<scalar_t> division_guard() {
   return static_cast<at::opmath_type<scalar_t>>(std::is_same_v<scalar_t, at::Half> ? 0x1p-24 : 1e-10);
 }
 
+// The weights of elements [begin, end) of sample b into out: each pixel's weight repeated over the
+// channels, by runs (NCHW) or by counting (NHWC) rather than a division per element.
 template <typename scalar_t>
-inline int64_t pixel_of(const StepArgs<scalar_t>& a, int64_t e) {
-  return a.channels_last ? e / a.channels : e % a.pixels;
+void expand_weight(const StepArgs<scalar_t>& a, int64_t b, int64_t begin, int64_t end, scalar_t* out) {
+  const scalar_t* w = a.weight + b * a.pixels;
+  if (a.channels_last) {
+    int64_t p = begin / a.channels, c = begin % a.channels;
+    for (int64_t e = begin; e < end; ++e) {
+      out[e - begin] = w[p];
+      if (++c == a.channels) c = 0, ++p;
+    }
+    return;
+  }
+  for (int64_t e = begin, p = begin % a.pixels; e < end; p = 0) {
+    const int64_t run = std::min(end - e, a.pixels - p);
+    std::copy_n(w + p, run, out + (e - begin));
+    e += run;
+  }
 }
 
-// Runs body(b, begin, end) over chunks of every sample in parallel.
-template <typename F>
-void for_sample_chunks(int64_t batch, int64_t per_sample, F body) {
+// Runs body(b, task, begin, end, weight) over chunks of every sample in parallel, where
+// weight[e - begin] is element e's weight, or weight is nullptr when there are no weights.
+template <typename scalar_t, typename F>
+void for_sample_chunks(const StepArgs<scalar_t>& a, F body) {
+  const int64_t per_sample = a.channels * a.pixels;
   const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
   // 16 chunks (256 Ki elements) per thread at least, so small batches stay on one thread.
-  at::parallel_for(0, batch * chunks, 16, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, a.batch * chunks, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<scalar_t> weight(a.weight != nullptr ? kChunk : 0);
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t b = t / chunks, begin = (t % chunks) * kChunk;
-      body(b, t, begin, std::min(per_sample, begin + kChunk));
+      const int64_t b = t / chunks, begin = (t % chunks) * kChunk, end = std::min(per_sample, begin + kChunk);
+      if (a.weight != nullptr) expand_weight(a, b, begin, end, weight.data());
+      body(b, t, begin, end, a.weight != nullptr ? weight.data() : nullptr);
     }
   });
 }
@@ -80,12 +98,12 @@ void linf_step(const StepArgs<scalar_t>& a) {
   const op_t step = static_cast<op_t>(a.step_size), eps = static_cast<op_t>(a.eps);
   const op_t lo = static_cast<op_t>(a.lo), hi = static_cast<op_t>(a.hi);
   const int64_t per_sample = a.channels * a.pixels;
-  for_sample_chunks(a.batch, per_sample, [&](int64_t b, int64_t, int64_t begin, int64_t end) {
+  for_sample_chunks(a, [&](int64_t b, int64_t, int64_t begin, int64_t end, const scalar_t* weight) {
     const int64_t base = b * per_sample;
     for (int64_t e = begin; e < end; ++e) {
       const op_t g = static_cast<op_t>(a.grad[base + e]);
       scalar_t s = round_to<scalar_t>(static_cast<op_t>((op_t(0) < g) - (g < op_t(0))));
-      if (a.weight != nullptr) s = round_to<scalar_t>(s * static_cast<op_t>(a.weight[b * a.pixels + pixel_of(a, e)]));
+      if (weight != nullptr) s = round_to<scalar_t>(s * static_cast<op_t>(weight[e - begin]));
       const scalar_t moved = round_to<scalar_t>(static_cast<op_t>(a.x_adv[base + e]) + static_cast<op_t>(round_to<scalar_t>(step * static_cast<op_t>(s))));
       const op_t xe = static_cast<op_t>(a.x[base + e]);
       const op_t delta = std::min(std::max(static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(moved) - xe)), -eps), eps);
@@ -102,15 +120,16 @@ void l2_step(const StepArgs<scalar_t>& a) {
   const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
   // Pass 1: per chunk Σg², Σa·g, Σa², summed per sample in a fixed order (deterministic).
   std::vector<double> partial(a.batch * chunks * 3, 0.0);
-  const auto masked_grad = [&](int64_t b, int64_t e) {
+  // weight: the chunk's expanded weights (for_sample_chunks), or nullptr.
+  const auto masked_grad = [&](int64_t b, int64_t e, const scalar_t* weight, int64_t begin) {
     const scalar_t g = a.grad[b * per_sample + e];
-    if (a.weight == nullptr) return g;
-    return round_to<scalar_t>(static_cast<op_t>(g) * static_cast<op_t>(a.weight[b * a.pixels + pixel_of(a, e)]));
+    if (weight == nullptr) return g;
+    return round_to<scalar_t>(static_cast<op_t>(g) * static_cast<op_t>(weight[e - begin]));
   };
-  for_sample_chunks(a.batch, per_sample, [&](int64_t b, int64_t task, int64_t begin, int64_t end) {
+  for_sample_chunks(a, [&](int64_t b, int64_t task, int64_t begin, int64_t end, const scalar_t* weight) {
     double gg = 0.0, ag = 0.0, aa = 0.0;
     for (int64_t e = begin; e < end; ++e) {
-      const double g = static_cast<double>(masked_grad(b, e));
+      const double g = static_cast<double>(masked_grad(b, e, weight, begin));
       const double d = static_cast<double>(a.x_adv[b * per_sample + e]) - static_cast<double>(a.x[b * per_sample + e]);
       gg += g * g;
       ag += d * g;
@@ -134,11 +153,11 @@ void l2_step(const StepArgs<scalar_t>& a) {
   }
   // Pass 2: δ in the reference's rounding order, scaled, clamped, written.
   const op_t step = static_cast<op_t>(a.step_size), lo = static_cast<op_t>(a.lo), hi = static_cast<op_t>(a.hi);
-  for_sample_chunks(a.batch, per_sample, [&](int64_t b, int64_t, int64_t begin, int64_t end) {
+  for_sample_chunks(a, [&](int64_t b, int64_t, int64_t begin, int64_t end, const scalar_t* weight) {
     const int64_t base = b * per_sample;
     const op_t f = factor[b], gn = g_norm[b];
     for (int64_t e = begin; e < end; ++e) {
-      const scalar_t scaled = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(step * static_cast<op_t>(masked_grad(b, e)))) / gn);
+      const scalar_t scaled = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(step * static_cast<op_t>(masked_grad(b, e, weight, begin)))) / gn);
       const scalar_t moved = round_to<scalar_t>(static_cast<op_t>(a.x_adv[base + e]) + static_cast<op_t>(scaled));
       const op_t xe = static_cast<op_t>(a.x[base + e]);
       const scalar_t delta = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(moved) - xe)) * f);
