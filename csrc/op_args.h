@@ -91,6 +91,23 @@ inline int64_t check_perturb_out(const at::Tensor& images, const at::Tensor& seg
   return out.size(0) / b;
 }
 
+// perturb_into's whole contract (out's, then perturb's with out's dtype); returns the count.
+inline int64_t check_perturb_into_args(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
+                                       const at::Tensor& fudge, int64_t offset, const std::optional<at::Tensor>& mean,
+                                       const std::optional<at::Tensor>& std, const at::Tensor& out,
+                                       at::DeviceType device) {
+  const int64_t count = check_perturb_out(images, segments, masks, fudge, out);
+  check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out.scalar_type(), device);
+  return count;
+}
+
+// perturb's output for `count` samples of every image: (B * count, C, H, W) on the images' device.
+inline at::Tensor perturb_output(const at::Tensor& images, int64_t count, at::ScalarType dtype, bool channels_last) {
+  return at::empty({images.size(0) * count, images.size(1), images.size(2), images.size(3)},
+                   images.options().dtype(dtype),
+                   channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
 // One source image of perturb (the image or its fudge) normalized and cast exactly as the reference
 // does, once per image rather than once per sample: the per-sample choice then only copies.
 // channels_last returns the (B, H, W, C) permutation, contiguous.

@@ -70,9 +70,7 @@ at::Tensor perturb_cuda(const at::Tensor& images, const at::Tensor& segments, co
                         const std::optional<at::Tensor>& std, std::optional<at::ScalarType> out_dtype,
                         bool channels_last) {
   const auto dtype = check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype, at::kCUDA);
-  const int64_t b = images.size(0), c = images.size(1), h = images.size(2), w = images.size(3);
-  auto out = at::empty({b * count, c, h, w}, images.options().dtype(dtype),
-                       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  auto out = perturb_output(images, count, dtype, channels_last);
   write_samples(images, segments, masks, fudge, offset, count, mean, std, channels_last, out);
   return out;
 }
@@ -80,8 +78,7 @@ at::Tensor perturb_cuda(const at::Tensor& images, const at::Tensor& segments, co
 void perturb_into_cuda(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
                        const at::Tensor& fudge, int64_t offset, const std::optional<at::Tensor>& mean,
                        const std::optional<at::Tensor>& std, at::Tensor& out) {
-  const int64_t count = check_perturb_out(images, segments, masks, fudge, out);
-  check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out.scalar_type(), at::kCUDA);
+  const int64_t count = check_perturb_into_args(images, segments, masks, fudge, offset, mean, std, out, at::kCUDA);
   write_samples(images, segments, masks, fudge, offset, count, mean, std, !out.is_contiguous(), out);
   out.unsafeGetTensorImpl()->bump_version();  // written through a raw pointer
 }
