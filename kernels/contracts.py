@@ -14,7 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from attrefine_fast.checks import FLOAT_DTYPES, IMAGE_DTYPES, check_finite, check_same_device, check_tensor
-from attrefine_fast.ops.perturb import perturb_output_dtype
+from attrefine_fast.ops.perturb import check_perturb_out, perturb_output_dtype
 
 
 def concrete(*tensors) -> bool:
@@ -73,17 +73,7 @@ def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean,
 def check_perturb_into(images, segments, masks, fudge, offset: int, mean, std, out) -> int:
     """perturb_into's contract; returns the number of samples per image out holds."""
     check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
-    check_tensor("out", out, ndim=4)
-    check_same_device(images=images, out=out)
-    b, c, h, w = images.shape
-    if b < 1 or out.shape[0] < b or out.shape[0] % b or tuple(out.shape[1:]) != (c, h, w):
-        raise ValueError(f"out must have shape (B * count, C, H, W) with B={b}, (C, H, W)={(c, h, w)} and count >= 1, got {tuple(out.shape)}")
-    if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError(f"out must be contiguous or channels-last, got strides {out.stride()}")
-    for name, t in (("images", images), ("segments", segments), ("masks", masks), ("fudge", fudge)):
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-            raise ValueError(f"out shares memory with {name}")
-    count = out.shape[0] // b
+    count = check_perturb_out(out, images, segments, masks, fudge)
     check_perturb(images, segments, masks, fudge, offset, count, mean, std, out.dtype)
     return count
 

@@ -145,7 +145,7 @@ def check_perturb_out(out, images, segments, masks, fudge) -> int:
     if out.requires_grad:
         raise ValueError("out must not require grad: perturb is not differentiable")
     for name, t in (("images", images), ("segments", segments), ("masks", masks), ("fudge", fudge)):
-        if t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
             raise ValueError(f"out shares memory with {name}")
     return out.shape[0] // b
 
