@@ -81,18 +81,21 @@ def perturbed_chunks(
     n = masks.shape[1]
     if reuse_buffer:
         write = backends.resolve("perturb_into", backend, images.device)
-        rows = b * min(samples_per_chunk, n)
         buffer = torch.empty(
-            (rows, c, h, w), dtype=perturb_output_dtype(images.dtype, mean is not None, options["out_dtype"]),
+            (b * min(samples_per_chunk, n), c, h, w), dtype=perturb_output_dtype(images.dtype, mean is not None, options["out_dtype"]),
             device=images.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format,
         )
+
+        def chunk(offset, count):
+            rows = buffer[: b * count]  # the last chunk may be shorter
+            write(images, segments, masks, fudge, offset, mean, std, rows)
+            return rows
     else:
         impl = backends.resolve("perturb", backend, images.device)
+
+        def chunk(offset, count):
+            return impl(images, segments, masks, fudge, offset, count, mean, std, options["out_dtype"], channels_last)
+
     for offset in range(0, n, samples_per_chunk):
         count = min(samples_per_chunk, n - offset)
-        if reuse_buffer:
-            inputs = buffer[: b * count]
-            write(images, segments, masks, fudge, offset, mean, std, inputs)
-        else:
-            inputs = impl(images, segments, masks, fudge, offset, count, mean, std, options["out_dtype"], channels_last)
-        yield offset, count, inputs
+        yield offset, count, chunk(offset, count)
