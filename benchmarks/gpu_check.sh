@@ -1,0 +1,33 @@
+#!/bin/bash
+# The checks that need a CUDA GPU, in one run: build the extension with CUDA, the CUDA parity and
+# opcheck tests of the compiled and Triton ops, compute-sanitizer memcheck on the compiled ops'
+# CUDA tests, and the quick benchmark profile on the GPU.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and the benchmark report go to OUT_DIR)
+#
+# TORCH_CUDA_ARCH_LIST (e.g. 9.0 for H100/H200) limits the build to the GPU at hand.
+set -u
+out=${1:-gpu-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+step() { echo "=== $1 $(date -u +%T)"; }
+status=0
+run() {  # run NAME LOG COMMAND...: the command's output to LOG, its exit status and tail here
+  local name=$1 log=$2
+  shift 2
+  step "$name"
+  "$@" > "$out/$log" 2>&1
+  local rc=$?
+  echo "rc=$rc"
+  tail -n 4 "$out/$log"
+  [ $rc -eq 0 ] || status=1
+}
+run build build.log python -m pip install --no-build-isolation --no-deps -e .
+run compiled-cuda cuda_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_compiled_ops.py tests/test_explain.py -k cuda
+run triton-cuda triton_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_triton_ops.py tests/test_triton_fit_pgd.py -k cuda
+run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k cuda
+run bench bench.log python -m attrefine_fast bench --quick --device cuda --json "$out/bench-quick-cuda.json" \
+  --markdown "$out/bench-quick-cuda.md"
+step end
+exit $status
