@@ -87,14 +87,16 @@ class NormalizedModel(nn.Sequential):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block (He et al., "Identity Mappings in Deep Residual Networks")."""
+    """Pre-activation basic block (He et al., "Identity Mappings in Deep Residual Networks"), with
+    the optional dropout between its convolutions of Wide-ResNet's block (Zagoruyko & Komodakis)."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, drop_rate: float = 0.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.drop_rate = drop_rate
         self.shortcut = None
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
@@ -102,9 +104,10 @@ class PreActBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
         skip = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + skip
+        out = F.relu(self.bn2(self.conv1(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return self.conv2(out) + skip
 
 
 class PreActResNet18(nn.Module):
@@ -128,29 +131,6 @@ class PreActResNet18(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-class WideBlock(nn.Module):
-    """Wide-ResNet basic block, pre-activation (Zagoruyko & Komodakis)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float = 0.0):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.drop_rate = drop_rate
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(out)
-        out = F.relu(self.bn2(self.conv1(out)))
-        if self.drop_rate > 0:
-            out = F.dropout(out, p=self.drop_rate, training=self.training)
-        return self.conv2(out) + skip
-
-
 class WideResNet(nn.Module):
     """WideResNet-depth-widen for 32x32 inputs; WRN-34-10 is the usual adversarial-training model.
 
@@ -168,7 +148,7 @@ class WideResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         stages, in_planes = [], widths[0]
         for planes, stride in zip(widths[1:], (1, 2, 2)):
-            blocks = [WideBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1, drop_rate) for i in range(n)]
+            blocks = [PreActBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1, drop_rate) for i in range(n)]
             stages.append(nn.Sequential(*blocks))
             in_planes = planes
         self.block1, self.block2, self.block3 = stages
