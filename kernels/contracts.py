@@ -24,7 +24,7 @@ def concrete(*tensors) -> bool:
     return not any(isinstance(t, torch.Tensor) and is_fake(t) for t in tensors)
 
 
-def _check_segments(images, segments, num_segments: int) -> None:
+def check_segment_mean(images, segments, num_segments: int) -> None:
     """images (B, C, H, W); segments (B, H, W) integer ids in [0, num_segments)."""
     check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
     check_tensor("segments", segments, ndim=3, dtypes=(torch.int64, torch.int32))
@@ -40,17 +40,13 @@ def _check_segments(images, segments, num_segments: int) -> None:
             raise ValueError(f"segment ids must lie in [0, {num_segments}), got ids in [{lo}, {hi}]")
 
 
-def check_segment_mean(images, segments, num_segments: int) -> None:
-    _check_segments(images, segments, num_segments)
-
-
 def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean, std, out_dtype) -> None:
     check_tensor("masks", masks, ndim=3, dtypes=(torch.bool,))
     check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
     b, c = images.shape[:2]
     if masks.shape[0] != b or masks.shape[2] < 1:
         raise ValueError(f"masks must have shape (B, N, M) with B={b}, got {tuple(masks.shape)}")
-    _check_segments(images, segments, masks.shape[2])
+    check_segment_mean(images, segments, masks.shape[2])  # the same contract for images and ids
     check_tensor("fudge", fudge, ndim=4)
     if fudge.shape != images.shape or fudge.dtype != images.dtype:
         raise ValueError(f"fudge must match images in shape and dtype: {tuple(images.shape)} {images.dtype}, got {tuple(fudge.shape)} {fudge.dtype}")
