@@ -19,14 +19,22 @@ from . import _extension
 
 OPS = ("segment_mean", "perturb", "perturb_into", "lime_fit", "masked_pgd_step")
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-# backend="auto" takes the first available backend in this order. CUDA C++ before Triton: on an
-# H200 (benchmarks/RESULTS.md, quick profile) the CUDA C++ kernel was faster than the Triton one
-# for every op and size timed (e.g. lime_fit B=16, N=256, M=16: 221 us against 475 us). That run
-# also had the pure-PyTorch backend ahead of both for perturb at 32x32 (573 us against 871 us);
-# one partial run does not justify reordering yet.
+# backend="auto" takes the first available backend in the order for the op and device type.
+# On CUDA the order of each op comes from the GPU measurements in benchmarks/RESULTS.md (NVIDIA
+# H100, benchmarks/gpu_targets.py, whole-call medians): the CUDA C++ kernel was the fastest for
+# every op and size timed. Behind it, the pure-PyTorch backend beat Triton for perturb (the Triton
+# kernel itself is fast, but its Python launch and argument checks cost more than it saves at
+# these sizes) and for float64 lime_fit (the fits explain() runs), Triton beat PyTorch for
+# masked_pgd_step at B=128.
 AUTO_ORDER = {
-    "cpu": ("cpp", "torch"),
-    "cuda": ("cuda", "triton", "torch"),
+    "cpu": {op: ("cpp", "torch") for op in OPS},
+    "cuda": {
+        "segment_mean": ("cuda", "triton", "torch"),
+        "perturb": ("cuda", "torch", "triton"),
+        "perturb_into": ("cuda", "torch", "triton"),
+        "lime_fit": ("cuda", "torch", "triton"),
+        "masked_pgd_step": ("cuda", "triton", "torch"),
+    },
 }
 
 
@@ -129,7 +137,7 @@ def selected(op: str, backend: str, device: torch.device | str) -> str:
     device_type = torch.device(device).type
     if backend != "auto":
         return backend
-    for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+    for candidate in AUTO_ORDER.get(device_type, {}).get(op, ("torch",)):
         if status(op, candidate, device_type)[0]:
             return candidate
     return "torch"

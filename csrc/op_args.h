@@ -123,9 +123,11 @@ inline at::Tensor perturb_source(const at::Tensor& src, const std::optional<at::
   return channels_last ? v.permute({0, 2, 3, 1}).contiguous() : v.contiguous();
 }
 
+// check_targets = false leaves the finiteness of targets to a caller that checks it after its
+// kernel (lime_fit writes only its own outputs, so a late error loses nothing).
 inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targets, const at::Tensor& num_segments,
                                 const std::optional<at::Tensor>& weights, double kernel_width, double alpha,
-                                at::DeviceType device) {
+                                at::DeviceType device, bool check_targets = true) {
   check_dim(masks, "masks", 3, "(B, N, M)");
   check_dtype_in(masks, "masks", {at::kBool});
   check_device_type(masks, "masks", device);
@@ -142,11 +144,13 @@ inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targe
                     ", L) to match masks, got ", shape_of(targets));
   TORCH_CHECK_VALUE(num_segments.size(0) == b, "num_segments must hold B=", b, " counts, got shape ",
                     shape_of(num_segments));
-  TORCH_CHECK_VALUE(num_segments.min().item<int64_t>() >= 1 && num_segments.max().item<int64_t>() <= m,
-                    "num_segments must hold counts in 1..", m);
+  const auto [lo, hi] = at::aminmax(num_segments);
+  const auto range = at::stack({lo, hi}).to(at::kCPU);  // one device-to-host copy
+  TORCH_CHECK_VALUE(range[0].item<int64_t>() >= 1 && range[1].item<int64_t>() <= m, "num_segments must hold counts in 1..",
+                    m);
   TORCH_CHECK_VALUE(kernel_width > 0, "kernel_width must be positive, got ", kernel_width);
   TORCH_CHECK_VALUE(alpha >= 0, "alpha must be non-negative, got ", alpha);
-  TORCH_CHECK_VALUE(all_finite(targets), "targets contains NaN or infinite values");
+  TORCH_CHECK_VALUE(!check_targets || all_finite(targets), "targets contains NaN or infinite values");
   if (weights.has_value()) {
     check_dim(*weights, "weights", 2, "(B, N)");
     TORCH_CHECK_TYPE(weights->scalar_type() == targets.scalar_type(), "weights must have the targets' dtype ",
@@ -161,10 +165,12 @@ inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targe
 }
 
 // Checks masked_pgd_step's arguments, including a finite gradient (a NaN would silently poison
-// x_adv), before anything is written. Returns true for L-inf, false for L2.
+// x_adv), before anything is written. Returns true for L-inf, false for L2. check_grad = false
+// leaves grad's values to a caller that checks them on the device before it writes.
 inline bool check_masked_pgd_step_args(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
                                        const std::optional<at::Tensor>& weight, double step_size, double eps,
-                                       double lo, double hi, c10::string_view norm, at::DeviceType device) {
+                                       double lo, double hi, c10::string_view norm, at::DeviceType device,
+                                       bool check_grad = true) {
   check_dim(x_adv, "x_adv", 4, "(B, C, H, W)");
   check_dtype_in(x_adv, "x_adv", kFloatDtypes);
   check_device_type(x_adv, "x_adv", device);
@@ -189,7 +195,7 @@ inline bool check_masked_pgd_step_args(const at::Tensor& x_adv, const at::Tensor
     TORCH_CHECK_VALUE(weight->size(0) == b && weight->size(1) == h && weight->size(2) == w,
                       "weight must have shape (B, H, W) = (", b, ", ", h, ", ", w, "), got ", shape_of(*weight));
   }
-  TORCH_CHECK_VALUE(all_finite(grad), "grad contains NaN or infinite values");
+  TORCH_CHECK_VALUE(!check_grad || all_finite(grad), "grad contains NaN or infinite values");
   return linf;
 }
 

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-_PTR = {"f32": "*fp32", "f64": "*fp64", "f16": "*fp16", "bf16": "*bf16", "u8": "*u8", "i64": "*i64"}
+_PTR = {"f32": "*fp32", "f64": "*fp64", "f16": "*fp16", "bf16": "*bf16", "u8": "*u8", "i64": "*i64", "bool": "*i1"}
 
 
 def _signature(fn, pointers: dict, constexprs: dict) -> dict:
@@ -48,7 +48,7 @@ def _perturb_variants(full: bool):
             continue
         compute = "f64" if src == "f64" else "f32"
         stat = compute if norm else src
-        pointers = {"images_ptr": src, "fudge_ptr": src, "segments_ptr": "i64", "masks_ptr": "u8",
+        pointers = {"images_ptr": src, "fudge_ptr": src, "segments_ptr": "i64", "masks_ptr": "bool",
                     "mean_ptr": stat, "std_ptr": stat, "out_ptr": dst}
         constexprs = dict(config.kwargs, NORMALIZE=norm, COMPUTE_F64=src == "f64",
                           HALF_OUT=dst in ("f16", "bf16"))
@@ -66,7 +66,7 @@ def _lime_fit_variants(full: bool):
         if not full and not first and not main:
             continue
         t = "f64" if f64 else "f32"
-        pointers = {"masks_ptr": "u8", "targets_ptr": t, "weights_ptr": t, "num_segments_ptr": "i64",
+        pointers = {"masks_ptr": "bool", "targets_ptr": t, "weights_ptr": t, "num_segments_ptr": "i64",
                     "params_ptr": t, "gram_ptr": t, "rhs_ptr": t, "beta_ptr": t, "coef_ptr": t,
                     "intercept_ptr": t, "score_ptr": t, "local_pred_ptr": t}
         constexprs = dict(config.kwargs, PHASE=phase, HAS_WEIGHTS=has_weights, F64=f64, BLOCK_M=block_m, BLOCK_L=16)

@@ -35,7 +35,7 @@ def check_segment_mean(images, segments, num_segments: int) -> None:
     if num_segments < 1:
         raise ValueError(f"num_segments must be at least 1, got {num_segments}")
     if segments.numel():
-        lo, hi = (int(v) for v in torch.aminmax(segments))
+        lo, hi = torch.stack(torch.aminmax(segments)).tolist()  # one device-to-host copy
         if lo < 0 or hi >= num_segments:
             raise ValueError(f"segment ids must lie in [0, {num_segments}), got ids in [{lo}, {hi}]")
 

@@ -250,17 +250,16 @@ def lime_fit_triton(
     intercept, score, local_pred = (torch.empty((b, l), dtype=dtype, device=device) for _ in range(3))
     # Scalars travel as a tensor of targets' dtype: Triton passes Python floats as float32.
     params = torch.tensor([kernel_width**2, alpha], dtype=dtype, device=device)
-    masks_u8 = masks.view(torch.uint8) if masks.dtype == torch.bool else masks
     has_weights = weights is not None
     w = weights if has_weights else targets  # never read when HAS_WEIGHTS is off
     sw_b, sw_n = w.stride()[:2]
 
     def launch(phase, gram, rhs, beta):
         wrap_triton(_lime_fit_kernel)[(b,)](
-            masks_u8, targets, w, num_segments, params,
+            masks, targets, w, num_segments, params,
             gram, rhs, beta, coef, intercept, score, local_pred,
             n, m, l,
-            *masks_u8.stride(), *targets.stride(), sw_b, sw_n, num_segments.stride(0),
+            *masks.stride(), *targets.stride(), sw_b, sw_n, num_segments.stride(0),
             PHASE=phase, HAS_WEIGHTS=has_weights, F64=dtype == torch.float64,
             BLOCK_M=block_m, BLOCK_L=block_l,
         )

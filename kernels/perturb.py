@@ -90,13 +90,11 @@ def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out
         mean, std = mean.to(compute), std.to(compute)
     else:  # never read: NORMALIZE is off
         mean = std = images
-    # Triton has no bool pointers worth using: read the mask bytes as uint8.
-    masks_u8 = masks.view(torch.uint8) if masks.dtype == torch.bool else masks
     grid = lambda meta: (b * triton.cdiv(count, meta["SAMPLES"]), triton.cdiv(h * w, meta["BLOCK"]))  # noqa: E731
     wrap_triton(_perturb_kernel)[grid](
-        images, fudge, segments, masks_u8, mean, std, out,
+        images, fudge, segments, masks, mean, std, out,
         c, w, h * w, offset, count,
-        *images.stride(), *fudge.stride(), *segments.stride(), *masks_u8.stride(), *out.stride(),
+        *images.stride(), *fudge.stride(), *segments.stride(), *masks.stride(), *out.stride(),
         NORMALIZE=normalized, COMPUTE_F64=compute_f64, HALF_OUT=out.dtype in (torch.float16, torch.bfloat16),
     )
 

@@ -435,6 +435,78 @@ def test_cuda_lime_fit_singular_system_and_opcheck():
         torch.library.opcheck(getattr(torch.ops.attrefine_fast, op).default, cuda_sample)
 
 
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_perturb_runs_of_16_bytes_and_single_elements(dtype, channels_last):
+    # 16x16x3 images: every sample is a whole number of 16-byte runs (the vectorized path); the
+    # same images one element into their storage are not 16-byte aligned (the element path).
+    # 13 samples from offset 3 span two groups of samples per thread, the second one partial.
+    gen = torch.Generator().manual_seed(8)
+    b, n, m = 3, 20, 7
+    seg = labels(b, 16, 16, [m, 4, 6], gen)
+    masks = torch.rand(b, n, m, generator=gen) > 0.5
+    storage = torch.randint(0, 256, (b * 3 * 16 * 16 * 2 + 1,), generator=gen).to(dtype)
+    for start in (0, 1):
+        images = storage[start : start + b * 768].view(b, 3, 16, 16)
+        fudge = storage[start + b * 768 : start + 2 * b * 768].view(b, 3, 16, 16)
+        for segments in (seg, seg.int()):
+            args = (images, segments, masks, fudge, 3, 13, None, None, None, channels_last)
+            want = perturb_ref(*args)
+            got = ops.perturb(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+            assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            torch.testing.assert_close(got.cpu(), want, atol=0, rtol=0)
+
+
+@needs_cuda_kernels
+def test_cuda_lime_fit_at_the_explanation_size():
+    # N = 1000, M = 64, 5 labels: the shared-memory path at its usual size, several images.
+    gen = torch.Generator().manual_seed(9)
+    masks = torch.rand(3, 1000, 64, generator=gen) > 0.5
+    targets = torch.rand(3, 1000, 5, generator=gen, dtype=torch.float64)
+    counts = torch.tensor([64, 63, 34])
+    args = (masks, targets, counts, None, 0.25, 1.0)
+    got = ops.lime_fit(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+    _assert_all_close(got, lime_fit_ref(*args), 1e-9, 1e-7)
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("where", ["grad", "grad_under_zero_weight", "x"])
+def test_cuda_masked_pgd_step_refuses_non_finite_input_before_writing(norm, where):
+    gen = torch.Generator().manual_seed(10)
+    x = torch.rand(3, 3, 8, 8, generator=gen).cuda()
+    x_adv = (x + 0.01).clamp(0, 1)
+    grad = torch.randn(3, 3, 8, 8, generator=gen).cuda()
+    weight = torch.ones(3, 8, 8, device="cuda")
+    if where == "x":
+        if norm == "linf":
+            pytest.skip("L-inf has no norm of x_adv - x to check (as on the CPU)")
+        x[2, 1, 3, 3] = float("inf")
+    else:
+        grad[1, 2, 4, 5] = float("nan")
+        if where == "grad_under_zero_weight":
+            weight[1, 4, 5] = 0.0
+    before = x_adv.clone()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ops.masked_pgd_step(x_adv, x, grad, weight, 0.1, 0.1, 0.0, 1.0, norm)
+    assert torch.equal(x_adv, before)
+    if where != "x":  # the same call on the CPU is refused alike
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            ops.masked_pgd_step(x_adv.cpu(), x.cpu(), grad.cpu(), weight.cpu(), 0.1, 0.1, 0.0, 1.0, norm)
+
+
+@needs_cuda_kernels
+def test_cuda_masked_pgd_step_accepts_large_finite_gradients():
+    x = torch.rand(2, 3, 4, 4, device="cuda")
+    grad = torch.full((2, 3, 4, 4), torch.finfo(torch.float32).max, device="cuda")
+    grad[:, 1] *= -1
+    x_adv = x.clone()
+    ops.masked_pgd_step(x_adv, x, grad, None, 0.01, 0.03, 0.0, 1.0, "linf")
+    want = masked_pgd_step_ref(x.cpu(), x.cpu(), grad.cpu(), None, 0.01, 0.03, 0.0, 1.0, "linf")
+    torch.testing.assert_close(x_adv.cpu(), want, atol=0, rtol=0)
+
+
 # ---- end to end: the explanation does not depend on the backend ----
 def test_explain_cpp_equals_torch():
     torch.manual_seed(0)

@@ -4,6 +4,13 @@
 namespace attrefine_fast {
 namespace cuda {
 
+// Sum of v over the warp, in every lane (all 32 lanes must call it).
+template <typename T>
+__device__ inline T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // Sum of v over the block (blockDim.x a multiple of 32, at most 1024): warp shuffles, then one
 // value per warp through `scratch` (blockDim.x / 32 doubles of shared memory). Every thread of
 // the block must call it. The total is valid in warp 0 (lane 0 at least); the closing barrier

@@ -20,10 +20,12 @@ void segment_sums(const void* images, Elem images_type, const int32_t* segments,
 
 // perturb: out[b * count + i] = per pixel (kept or replaced)[b] by masks[b, offset + i, segments[b, p]].
 // kept / replaced: (B, C, H, W) or (B, H, W, C) dense, elements of elem_bytes (1, 2, 4 or 8) bytes,
-// already normalized and cast; out has the same layout per sample.
-void perturb_select(const void* kept, const void* replaced, const int32_t* segments, const bool* masks, void* out,
-                    int64_t elem_bytes, int64_t batch, int64_t samples, int64_t num_segments, int64_t channels,
-                    int64_t pixels, int64_t offset, int64_t count, bool channels_last, cudaStream_t stream);
+// already normalized and cast; out has the same layout per sample; C * H * W < 2^31. segments
+// (B, H*W) dense, int64 where segments_int64, else int32.
+void perturb_select(const void* kept, const void* replaced, const void* segments, bool segments_int64,
+                    const bool* masks, void* out, int64_t elem_bytes, int64_t batch, int64_t samples,
+                    int64_t num_segments, int64_t channels, int64_t pixels, int64_t offset, int64_t count,
+                    bool channels_last, cudaStream_t stream);
 
 // lime_fit: one block per image. masks (B, N, M) bool, targets (B, N, L), weights (B, N) or
 // nullptr, num_segments (B,) int64, all dense, targets/weights/outputs float32 (f32) or float64
@@ -36,10 +38,12 @@ void lime_fit(const bool* masks, const void* targets, const void* weights, const
               cudaStream_t stream);
 
 // masked_pgd_step, in place on x_adv; all (B, C, H, W) dense in the same layout (channels_last
-// selects NHWC), weight (B, H, W) or nullptr. sums: 3 * batch zeroed doubles (L2 only).
+// selects NHWC), weight (B, H, W) or nullptr. sums: 3 * batch zeroed doubles (L2 only); flag: one
+// zeroed int, set to non-zero when grad (bit 0) or, for L2, x_adv - x (bit 1) is not finite, in
+// which case nothing is written.
 void masked_pgd_step(void* x_adv, const void* x, const void* grad, const void* weight, Elem type, int64_t batch,
                      int64_t channels, int64_t pixels, bool channels_last, double step_size, double eps, double lo,
-                     double hi, bool linf, double* sums, cudaStream_t stream);
+                     double hi, bool linf, double* sums, int* flag, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace attrefine_fast

@@ -3,14 +3,23 @@
 //   masks (B, N, M) bool, targets (B, N, L) float32 / float64, weights (B, N) or nullptr,
 //   num_segments (B,) int64  ->  coef (B, L, M), intercept, score, local_pred (B, L)
 //
-// Phases, all inside the block: kernel weights (kept in a float64 scratch row), weighted means,
-// the centred Gram matrix and right-hand sides accumulated over tiles of samples staged in shared
-// memory, a left-looking Cholesky (one column per step, rows in parallel), one triangular solve
-// per label, then intercept, local_pred and the weighted R² by block reductions. float64 throughout.
+// Phases, all inside the block, float64 throughout:
+//   1. kernel weights (a float64 scratch row) and their sum;
+//   2. weighted means, one warp per column (segment or label), the warp's lanes splitting the samples;
+//   3. the centred Gram matrix and right-hand sides as one product A^T W A of the augmented sample
+//      matrix A = [Z - z̄ | Y - ȳ], restricted to the columns of Z: each thread accumulates a 4x4 block
+//      of it in registers over all samples, which are staged in shared memory a tile at a time;
+//   4. a left-looking Cholesky of gram + alpha I: per column, the pivot by one warp, then the rows
+//      below it by four threads each;
+//   5. forward and backward substitution for all labels at once, one barrier per row;
+//   6. intercept and local_pred per label; the weighted R² in one pass over the samples for up to
+//      eight labels at a time.
 // Two paths: when the Gram matrix and right-hand sides fit in shared memory beside the tile
-// (M <= 64 with a few labels: 32 KiB for the Gram matrix) they live there; otherwise in a float64
-// scratch area in global memory, same code. A failed factorization (a singular system, alpha = 0)
-// sets status[b] and writes NaN; the glue re-solves those images by least squares.
+// (M <= 64 with a few labels) they live there; otherwise in a float64 scratch area in global
+// memory, same code. The Gram matrix's rows are M + 1 doubles apart, so the Cholesky's threads,
+// reading one row each, do not all hit the same shared-memory bank. A failed factorization (a
+// singular system, alpha = 0) sets status[b] and writes NaN; the glue re-solves those images by
+// least squares.
 #include <cmath>
 #include <cstdint>
 
@@ -22,57 +31,57 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
 // The default per-block shared-memory limit on every architecture; no opt-in attribute needed.
 constexpr int64_t kSharedBytes = 48 * 1024;
 // The kernel's static shared variables (the reduction buffer and flags, ~76 B) count against the
 // same 48 KiB as the dynamic part: without this margin some (M, L) fail to launch.
 constexpr int64_t kStaticSharedBytes = 128;
 constexpr int64_t kMaxTile = 16;
+// Labels whose residuals one thread carries at once in phase 6.
+constexpr int kLabelChunk = 8;
 
-// Row j and column k (k <= j) of lower-triangle entry number p.
-__device__ __forceinline__ void lower_entry(int64_t p, int64_t& j, int64_t& k) {
-  j = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(p) + 1.0) - 1.0) / 2.0);
-  while (j * (j + 1) / 2 > p) --j;
-  while ((j + 1) * (j + 2) / 2 <= p) ++j;
-  k = p - j * (j + 1) / 2;
+// Doubles of the Gram matrix (rows of M + 1) and right-hand sides for up to M segments, L labels.
+__host__ __device__ inline int64_t system_doubles(int64_t segments, int64_t labels) {
+  return segments * (segments + 1) + segments * labels;
 }
 
 template <typename T, bool SHARED>
-__global__ void __launch_bounds__(kThreads) lime_fit_kernel(
+__global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     const bool* __restrict__ masks, const T* __restrict__ targets, const T* __restrict__ weights,
     const int64_t* __restrict__ num_segments, int64_t samples, int64_t max_segments, int64_t labels, double kernel_width,
     double alpha, int64_t tile, T* __restrict__ coef, T* __restrict__ intercept, T* __restrict__ score,
     T* __restrict__ local_pred, int32_t* __restrict__ status, double* __restrict__ scratch) {
   extern __shared__ double smem[];
-  __shared__ double red[kThreads / 32];
+  __shared__ double red[kWarps];
   __shared__ double bcast;
   __shared__ int failed;
-  const int64_t b = blockIdx.x, n = samples, mm = max_segments, nl = labels;
-  const int64_t m = num_segments[b];
+  const int64_t b = blockIdx.x, n = samples, mm = max_segments;
+  const int m = static_cast<int>(num_segments[b]), nl = static_cast<int>(labels), cols = m + nl, ld = m + 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool* z = masks + b * n * mm;
   const T* y = targets + b * n * nl;
 
   // Scratch per image: w (N), then the Gram matrix and right-hand sides unless they are shared.
-  const int64_t per_image = n + (SHARED ? 0 : mm * mm + mm * nl);
+  const int64_t per_image = n + (SHARED ? 0 : system_doubles(mm, nl));
   double* w = scratch + b * per_image;
-  double* gram = SHARED ? smem : w + n;          // (m, m), lower triangle used
-  double* rhs = gram + m * m;                    // (m, nl), becomes beta
-  double* xbar = SHARED ? rhs + m * nl : smem;   // (m)
+  double* gram = SHARED ? smem : w + n;          // (m, ld), lower triangle used
+  double* rhs = gram + m * ld;                   // (m, nl), becomes beta
+  double* xbar = SHARED ? rhs + m * nl : smem;   // (cols): segment means, then label means
   double* ybar = xbar + m;                       // (nl)
-  double* ztile = ybar + nl;                     // (tile, m): centred samples
-  double* ytile = ztile + tile * m;              // (tile, nl): centred targets
-  double* wtile = ytile + tile * nl;             // (tile)
+  double* atile = xbar + cols;                   // (tile, cols): centred samples and targets
+  double* wtile = atile + tile * cols;           // (tile)
 
   // 1. kernel weights and their sum
   const double kw2 = kernel_width * kernel_width;
   double part = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
     double wi;
     if (weights != nullptr) {
       wi = static_cast<double>(weights[b * n + i]);
     } else {
-      int64_t ones = 0;
-      for (int64_t j = 0; j < m; ++j) ones += z[i * mm + j];
+      int ones = 0;
+      for (int j = 0; j < m; ++j) ones += z[i * mm + j];
       const double d = 1.0 - sqrt(static_cast<double>(ones) / static_cast<double>(m));
       wi = sqrt(exp(-(d * d) / kw2));
     }
@@ -84,128 +93,182 @@ __global__ void __launch_bounds__(kThreads) lime_fit_kernel(
   __syncthreads();
   const double sw = bcast;
 
-  // 2. weighted means: one column (segment or label) per thread
-  for (int64_t c = threadIdx.x; c < m + nl; c += blockDim.x) {
+  // 2. weighted means: one warp per column
+  for (int c = warp; c < cols; c += kWarps) {
     double acc = 0.0;
+    int ones = 0;
     if (c < m) {
-      int64_t ones = 0;
-      for (int64_t i = 0; i < n; ++i) acc += z[i * mm + c] ? (++ones, w[i]) : 0.0;
-      // A constant column gets its exact mean, so it centres to exactly zero and alpha = 0 is
-      // detected as singular: sw comes from a tree reduction, acc from a sequential sum, and their
-      // ratio can miss 1 by an ulp, which leaves a tiny positive pivot and a meaningless coefficient.
-      xbar[c] = ones == n ? 1.0 : ones == 0 ? 0.0 : acc / sw;
+      for (int64_t i = lane; i < n; i += 32)
+        if (z[i * mm + c]) acc += w[i], ++ones;
     } else {
-      for (int64_t i = 0; i < n; ++i) acc += w[i] * static_cast<double>(y[i * nl + (c - m)]);
-      xbar[c] = acc / sw;  // xbar and ybar are adjacent
+      for (int64_t i = lane; i < n; i += 32) acc += w[i] * static_cast<double>(y[i * nl + (c - m)]);
     }
+    acc = warp_sum(acc);
+    ones = warp_sum(ones);
+    // A constant column gets its exact mean, so it centres to exactly zero and alpha = 0 is
+    // detected as singular: sw and acc are sums in different orders, and their ratio can miss 1
+    // by an ulp, which leaves a tiny positive pivot and a meaningless coefficient.
+    if (lane == 0) xbar[c] = c >= m ? acc / sw : ones == n ? 1.0 : ones == 0 ? 0.0 : acc / sw;
   }
-  const int64_t gram_entries = m * (m + 1) / 2, entries = gram_entries + m * nl;
-  for (int64_t p = threadIdx.x; p < entries; p += blockDim.x) {
-    if (p < gram_entries) {
-      int64_t j, k;
-      lower_entry(p, j, k);
-      gram[j * m + k] = 0.0;
-    } else {
-      rhs[p - gram_entries] = 0.0;
+  __syncthreads();
+
+  // 3. A^T W A for the 4x4 blocks (bj, bk) with bk <= bj and bk inside Z's columns: rows j < m
+  // give the Gram matrix's lower triangle, rows j >= m the right-hand sides. Thread q of a round
+  // owns pair q; a round restages the samples (one round up to M + L of about 90).
+  const int nb = (cols + 3) / 4, nbz = (m + 3) / 4;
+  const int pairs = nbz * nb - nbz * (nbz - 1) / 2;  // sum over bk < nbz of (nb - bk)
+  for (int first = 0; first < pairs; first += kThreads) {
+    const int q = first + static_cast<int>(threadIdx.x);
+    const bool active = q < pairs;
+    int bj = 0, bk = 0;
+    if (active) {
+      int r = q;
+      while (r >= nb - bk) r -= nb - bk, ++bk;
+      bj = bk + r;
+    }
+    double acc[4][4] = {};
+    for (int64_t t0 = 0; t0 < n; t0 += tile) {
+      const int len = static_cast<int>(min(tile, n - t0));
+      for (int e = threadIdx.x; e < len * (cols + 1); e += kThreads) {
+        const int t = e / (cols + 1), c = e - t * (cols + 1);
+        const int64_t i = t0 + t;
+        if (c < m)
+          atile[t * cols + c] = (z[i * mm + c] ? 1.0 : 0.0) - xbar[c];
+        else if (c < cols)
+          atile[t * cols + c] = static_cast<double>(y[i * nl + (c - m)]) - ybar[c - m];
+        else
+          wtile[t] = w[i];
+      }
+      __syncthreads();
+      if (active) {
+        for (int t = 0; t < len; ++t) {
+          const double* row = atile + t * cols;
+          const double wt = wtile[t];
+          double aj[4], ak[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            aj[u] = 4 * bj + u < cols ? row[4 * bj + u] : 0.0;
+            ak[u] = 4 * bk + u < cols ? wt * row[4 * bk + u] : 0.0;
+          }
+#pragma unroll
+          for (int u = 0; u < 4; ++u)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[u][v] += aj[u] * ak[v];
+        }
+      }
+      __syncthreads();
+    }
+    if (active) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int j = 4 * bj + u, k = 4 * bk + v;
+          if (k >= m || j >= cols) continue;
+          if (j < m) {
+            if (k <= j) gram[j * ld + k] = acc[u][v];
+          } else {
+            rhs[k * nl + (j - m)] = acc[u][v];
+          }
+        }
     }
   }
   __syncthreads();
 
-  // 3. Gram matrix and right-hand sides, a tile of samples at a time
-  for (int64_t t0 = 0; t0 < n; t0 += tile) {
-    const int64_t len = min(tile, n - t0);
-    for (int64_t q = threadIdx.x; q < len * (m + nl + 1); q += blockDim.x) {
-      const int64_t t = q / (m + nl + 1), c = q % (m + nl + 1), i = t0 + t;
-      if (c < m)
-        ztile[t * m + c] = (z[i * mm + c] ? 1.0 : 0.0) - xbar[c];
-      else if (c < m + nl)
-        ytile[t * nl + (c - m)] = static_cast<double>(y[i * nl + (c - m)]) - ybar[c - m];
-      else
-        wtile[t] = w[i];
-    }
-    __syncthreads();
-    for (int64_t p = threadIdx.x; p < entries; p += blockDim.x) {
-      double acc = 0.0;
-      if (p < gram_entries) {
-        int64_t j, k;
-        lower_entry(p, j, k);
-        for (int64_t t = 0; t < len; ++t) acc += wtile[t] * ztile[t * m + j] * ztile[t * m + k];
-        gram[j * m + k] += acc;
-      } else {
-        const int64_t j = (p - gram_entries) / nl, l = (p - gram_entries) % nl;
-        for (int64_t t = 0; t < len; ++t) acc += wtile[t] * ztile[t * m + j] * ytile[t * nl + l];
-        rhs[j * nl + l] += acc;
+  // 4. Cholesky of gram + alpha I (lower, in place)
+  for (int j = 0; j < m; ++j) {
+    if (warp == 0) {
+      double s = 0.0;
+      for (int k = lane; k < j; k += 32) s += gram[j * ld + k] * gram[j * ld + k];
+      s = warp_sum(s);
+      if (lane == 0) {
+        const double d = gram[j * ld + j] + alpha - s;
+        if (!(d > 0.0) || !isfinite(d)) failed = 1;
+        gram[j * ld + j] = sqrt(d);
       }
     }
     __syncthreads();
-  }
-
-  // 4. Cholesky of gram + alpha I (lower, in place): column j's pivot, then its rows in parallel
-  for (int64_t j = 0; j < m; ++j) {
-    double s = 0.0;
-    for (int64_t k = threadIdx.x; k < j; k += blockDim.x) s += gram[j * m + k] * gram[j * m + k];
-    s = block_sum(s, red);
-    if (threadIdx.x == 0) {
-      const double d = gram[j * m + j] + alpha - s;
-      if (!(d > 0.0) || !isfinite(d)) failed = 1;
-      gram[j * m + j] = sqrt(d);
-    }
-    __syncthreads();
     if (failed) break;
-    const double pivot = gram[j * m + j];
-    for (int64_t i = j + 1 + threadIdx.x; i < m; i += blockDim.x) {
-      double acc = gram[i * m + j];
-      for (int64_t k = 0; k < j; ++k) acc -= gram[i * m + k] * gram[j * m + k];
-      gram[i * m + j] = acc / pivot;
+    const double pivot = gram[j * ld + j];
+    const int rows = m - j - 1, g = threadIdx.x % 4;
+    for (int r0 = 0; r0 < rows; r0 += kThreads / 4) {  // the same trip count in every thread
+      const int r = r0 + static_cast<int>(threadIdx.x) / 4, i = j + 1 + r;
+      double acc = 0.0;
+      if (r < rows)
+        for (int k = g; k < j; k += 4) acc += gram[i * ld + k] * gram[j * ld + k];
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      if (r < rows && g == 0) gram[i * ld + j] = (gram[i * ld + j] - acc) / pivot;
     }
     __syncthreads();
   }
   if (failed) {
     const T nan = static_cast<T>(NAN);
-    for (int64_t q = threadIdx.x; q < nl * mm; q += blockDim.x) coef[b * nl * mm + q] = nan;
-    for (int64_t l = threadIdx.x; l < nl; l += blockDim.x)
+    for (int64_t q = threadIdx.x; q < nl * mm; q += kThreads) coef[b * nl * mm + q] = nan;
+    for (int l = threadIdx.x; l < nl; l += kThreads)
       intercept[b * nl + l] = score[b * nl + l] = local_pred[b * nl + l] = nan;
     if (threadIdx.x == 0) status[b] = 1;
     return;
   }
 
-  // 5. triangular solves, one label per thread; then intercept, local_pred and coef
-  for (int64_t l = threadIdx.x; l < nl; l += blockDim.x) {
-    for (int64_t i = 0; i < m; ++i) {
-      double s = rhs[i * nl + l];
-      for (int64_t k = 0; k < i; ++k) s -= gram[i * m + k] * rhs[k * nl + l];
-      rhs[i * nl + l] = s / gram[i * m + i];
+  // 5. L u = rhs, then L^T beta = u, column by column: step i subtracts row i's (unscaled) value
+  // times L's column i from the rows it still affects, so one barrier per row; the divisions by
+  // the diagonal are applied to all rows at the end of each sweep.
+  for (int i = 0; i < m; ++i) {
+    const double lii = gram[i * ld + i];
+    for (int p = threadIdx.x; p < (m - i - 1) * nl; p += kThreads) {
+      const int k = i + 1 + p / nl, l = p % nl;
+      rhs[k * nl + l] -= gram[k * ld + i] * (rhs[i * nl + l] / lii);
     }
-    for (int64_t i = m - 1; i >= 0; --i) {
-      double s = rhs[i * nl + l];
-      for (int64_t k = i + 1; k < m; ++k) s -= gram[k * m + i] * rhs[k * nl + l];
-      rhs[i * nl + l] = s / gram[i * m + i];
+    __syncthreads();
+  }
+  for (int p = threadIdx.x; p < m * nl; p += kThreads) rhs[p] /= gram[(p / nl) * ld + p / nl];
+  __syncthreads();
+  for (int i = m - 1; i >= 0; --i) {
+    const double lii = gram[i * ld + i];
+    for (int p = threadIdx.x; p < i * nl; p += kThreads) {
+      const int k = p / nl, l = p % nl;
+      rhs[k * nl + l] -= gram[i * ld + k] * (rhs[i * nl + l] / lii);
     }
+    __syncthreads();
+  }
+  for (int p = threadIdx.x; p < m * nl; p += kThreads) rhs[p] /= gram[(p / nl) * ld + p / nl];
+  __syncthreads();
+
+  // 6. intercept, local_pred and coef; then the weighted R² per label from the residuals
+  for (int l = threadIdx.x; l < nl; l += kThreads) {
     double icpt = ybar[l], total = 0.0;
-    for (int64_t j = 0; j < m; ++j) icpt -= xbar[j] * rhs[j * nl + l], total += rhs[j * nl + l];
+    for (int j = 0; j < m; ++j) icpt -= xbar[j] * rhs[j * nl + l], total += rhs[j * nl + l];
     intercept[b * nl + l] = static_cast<T>(icpt);
     local_pred[b * nl + l] = static_cast<T>(icpt + total);
   }
-  __syncthreads();
-  for (int64_t q = threadIdx.x; q < nl * mm; q += blockDim.x) {
+  for (int64_t q = threadIdx.x; q < nl * mm; q += kThreads) {
     const int64_t l = q / mm, j = q % mm;
     coef[b * nl * mm + q] = j < m ? static_cast<T>(rhs[j * nl + l]) : T(0);
   }
-
-  // 6. weighted R² per label: residuals yc - zc·beta over the samples
-  for (int64_t l = 0; l < nl; ++l) {
-    double rss = 0.0, tss = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const double yc = static_cast<double>(y[i * nl + l]) - ybar[l];
-      double r = yc;
-      for (int64_t j = 0; j < m; ++j) r -= ((z[i * mm + j] ? 1.0 : 0.0) - xbar[j]) * rhs[j * nl + l];
-      rss += w[i] * r * r;
-      tss += w[i] * yc * yc;
+  for (int l0 = 0; l0 < nl; l0 += kLabelChunk) {
+    const int chunk = min(kLabelChunk, nl - l0);
+    double rss[kLabelChunk] = {}, tss[kLabelChunk] = {};
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+      double r[kLabelChunk];
+#pragma unroll
+      for (int u = 0; u < kLabelChunk; ++u) r[u] = u < chunk ? static_cast<double>(y[i * nl + l0 + u]) - ybar[l0 + u] : 0.0;
+#pragma unroll
+      for (int u = 0; u < kLabelChunk; ++u) tss[u] += w[i] * r[u] * r[u];
+      for (int j = 0; j < m; ++j) {
+        const double zc = (z[i * mm + j] ? 1.0 : 0.0) - xbar[j];
+#pragma unroll
+        for (int u = 0; u < kLabelChunk; ++u)
+          if (u < chunk) r[u] -= zc * rhs[j * nl + l0 + u];
+      }
+#pragma unroll
+      for (int u = 0; u < kLabelChunk; ++u) rss[u] += w[i] * r[u] * r[u];
     }
-    rss = block_sum(rss, red);
-    tss = block_sum(tss, red);
-    if (threadIdx.x == 0)  // scikit-learn's r2_score with force_finite
-      score[b * nl + l] = static_cast<T>(tss == 0.0 ? (rss == 0.0 ? 1.0 : 0.0) : 1.0 - rss / tss);
+    for (int u = 0; u < chunk; ++u) {
+      const double rs = block_sum(rss[u], red), ts = block_sum(tss[u], red);
+      if (threadIdx.x == 0)  // scikit-learn's r2_score with force_finite
+        score[b * nl + l0 + u] = static_cast<T>(ts == 0.0 ? (rs == 0.0 ? 1.0 : 0.0) : 1.0 - rs / ts);
+    }
   }
 }
 
@@ -215,7 +278,7 @@ int64_t tile_for(int64_t segments, int64_t labels) {
 }
 
 bool fits_shared(int64_t segments, int64_t labels, int64_t tile) {
-  const int64_t doubles = segments * segments + segments * labels + segments + labels + tile * (segments + labels + 1);
+  const int64_t doubles = system_doubles(segments, labels) + segments + labels + tile * (segments + labels + 1);
   return doubles * 8 <= kSharedBytes - kStaticSharedBytes;
 }
 
@@ -229,7 +292,7 @@ void launch(const bool* masks, const void* targets, const void* weights, const i
   auto *c = static_cast<T*>(coef), *i = static_cast<T*>(intercept), *s = static_cast<T*>(score),
        *lp = static_cast<T*>(local_pred);
   if (fits_shared(segments, labels, tile)) {
-    const size_t bytes = 8 * (segments * segments + segments * labels + segments + labels + tile * (segments + labels + 1));
+    const size_t bytes = 8 * (system_doubles(segments, labels) + segments + labels + tile * (segments + labels + 1));
     lime_fit_kernel<T, true><<<static_cast<unsigned>(batch), kThreads, bytes, stream>>>(
         masks, y, wt, num_segments, samples, segments, labels, kernel_width, alpha, tile, c, i, s, lp, status, scratch);
   } else {
@@ -243,7 +306,7 @@ void launch(const bool* masks, const void* targets, const void* weights, const i
 
 int64_t lime_fit_scratch_doubles(int64_t batch, int64_t samples, int64_t segments, int64_t labels) {
   const bool shared = fits_shared(segments, labels, tile_for(segments, labels));
-  return batch * (samples + (shared ? 0 : segments * segments + segments * labels));
+  return batch * (samples + (shared ? 0 : system_doubles(segments, labels)));
 }
 
 void lime_fit(const bool* masks, const void* targets, const void* weights, const int64_t* num_segments, Elem type,

@@ -8,6 +8,12 @@
 // block-reduced then one float64 atomic per block and quantity) and a writing pass that derives
 // ‖g‖ and ‖δ‖² = Σa² + 2c Σa·g + c² Σg² from those sums: the norms must be known before any
 // element is written, and the expansion saves materializing δ.
+//
+// Non-finite input is caught on the device, before anything is written and without a round trip
+// to the host between the kernels: L-inf runs a finiteness pass over grad first; L2 needs none,
+// since a NaN or an infinity in grad (or in x_adv - x) makes its sample's Σg² (or Σa², Σa·g)
+// non-finite. Either way a flag is set, the writing pass then writes nothing, and the glue reads
+// the flag once, after the launches, to raise the error.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -72,9 +78,35 @@ __device__ __forceinline__ typename Op<T>::type masked_grad(const Step<T>& s, in
   return rnd<T>(mul_rn(g, load(s.weight + b * s.pixels + pixel_of(s, e))));
 }
 
+__device__ __forceinline__ bool finite(float v) { return isfinite(v); }
+__device__ __forceinline__ bool finite(double v) { return isfinite(v); }
+
+// flag |= 1 where grad holds a NaN or an infinity (flag zeroed by the caller).
 template <typename T>
-__global__ void linf_kernel(Step<T> s, double step_size, double eps, double lo, double hi) {
+__global__ void grad_flag_kernel(const T* __restrict__ grad, int64_t numel, int* __restrict__ flag) {
+  bool bad = false;
+#pragma unroll 4
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    bad |= !finite(load(grad + i));
+  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicOr(flag, 1);
+}
+
+// One block: flag = 1 if some sample's Σg² is not finite, | 2 if its Σa² or Σa·g is not.
+__global__ void sums_flag_kernel(const double* __restrict__ sums, int64_t batch, int* __restrict__ flag) {
+  int bad = 0;
+  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x)
+    bad |= (isfinite(sums[3 * b]) ? 0 : 1) | (isfinite(sums[3 * b + 1]) && isfinite(sums[3 * b + 2]) ? 0 : 2);
+  const int grad_bad = __syncthreads_or(bad & 1) ? 1 : 0;
+  const int delta_bad = __syncthreads_or(bad & 2) ? 2 : 0;
+  if (threadIdx.x == 0) *flag = grad_bad | delta_bad;
+}
+
+template <typename T>
+__global__ void linf_kernel(Step<T> s, const int* __restrict__ flag, double step_size, double eps, double lo,
+                            double hi) {
   using op_t = typename Op<T>::type;
+  if (*flag) return;  // non-finite grad: nothing is written
   const int64_t b = blockIdx.y;
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * blockDim.x * kElemsPerThread + threadIdx.x;
   const op_t step = static_cast<op_t>(step_size), ep = static_cast<op_t>(eps);
@@ -122,9 +154,10 @@ __global__ void l2_sums_kernel(Step<T> s, double* __restrict__ sums) {
 }
 
 template <typename T>
-__global__ void l2_write_kernel(Step<T> s, const double* __restrict__ sums, double step_size, double eps, double lo,
-                                double hi) {
+__global__ void l2_write_kernel(Step<T> s, const double* __restrict__ sums, const int* __restrict__ flag,
+                                double step_size, double eps, double lo, double hi) {
   using op_t = typename Op<T>::type;
+  if (*flag) return;  // some sample's sums are not finite: nothing is written
   const int64_t b = blockIdx.y;
   const double gg = sums[3 * b], ag = sums[3 * b + 1], aa = sums[3 * b + 2];
   // 1e-10 rounds to 0 in float16: its smallest subnormal there (ops/masked_pgd_step.py).
@@ -153,29 +186,32 @@ __global__ void l2_write_kernel(Step<T> s, const double* __restrict__ sums, doub
 template <typename T>
 void launch(void* x_adv, const void* x, const void* grad, const void* weight, int64_t batch, int64_t channels,
             int64_t pixels, bool channels_last, double step_size, double eps, double lo, double hi, bool linf,
-            double* sums, cudaStream_t stream) {
+            double* sums, int* flag, cudaStream_t stream) {
   Step<T> s{static_cast<T*>(x_adv), static_cast<const T*>(x), static_cast<const T*>(grad),
             static_cast<const T*>(weight), channels, pixels, channels * pixels, channels_last};
   const int64_t tile = kThreads * kElemsPerThread;
   const dim3 grid(static_cast<unsigned>((s.per_sample + tile - 1) / tile), static_cast<unsigned>(batch));
   if (linf) {
-    linf_kernel<T><<<grid, kThreads, 0, stream>>>(s, step_size, eps, lo, hi);
+    const int64_t numel = batch * s.per_sample, blocks = (numel + kThreads * 8 - 1) / (kThreads * 8);
+    grad_flag_kernel<T><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(s.grad, numel, flag);
+    linf_kernel<T><<<grid, kThreads, 0, stream>>>(s, flag, step_size, eps, lo, hi);
     return;
   }
   l2_sums_kernel<T><<<grid, kThreads, 0, stream>>>(s, sums);
-  l2_write_kernel<T><<<grid, kThreads, 0, stream>>>(s, sums, step_size, eps, lo, hi);
+  sums_flag_kernel<<<1, kThreads, 0, stream>>>(sums, batch, flag);
+  l2_write_kernel<T><<<grid, kThreads, 0, stream>>>(s, sums, flag, step_size, eps, lo, hi);
 }
 
 }  // namespace
 
 void masked_pgd_step(void* x_adv, const void* x, const void* grad, const void* weight, Elem type, int64_t batch,
                      int64_t channels, int64_t pixels, bool channels_last, double step_size, double eps, double lo,
-                     double hi, bool linf, double* sums, cudaStream_t stream) {
+                     double hi, bool linf, double* sums, int* flag, cudaStream_t stream) {
   switch (type) {
-    case Elem::f16: launch<__half>(x_adv, x, grad, weight, batch, channels, pixels, channels_last, step_size, eps, lo, hi, linf, sums, stream); break;
-    case Elem::bf16: launch<__nv_bfloat16>(x_adv, x, grad, weight, batch, channels, pixels, channels_last, step_size, eps, lo, hi, linf, sums, stream); break;
-    case Elem::f32: launch<float>(x_adv, x, grad, weight, batch, channels, pixels, channels_last, step_size, eps, lo, hi, linf, sums, stream); break;
-    case Elem::f64: launch<double>(x_adv, x, grad, weight, batch, channels, pixels, channels_last, step_size, eps, lo, hi, linf, sums, stream); break;
+    case Elem::f16: launch<__half>(x_adv, x, grad, weight, batch, channels, pixels, channels_last, step_size, eps, lo, hi, linf, sums, flag, stream); break;
+    case Elem::bf16: launch<__nv_bfloat16>(x_adv, x, grad, weight, batch, channels, pixels, channels_last, step_size, eps, lo, hi, linf, sums, flag, stream); break;
+    case Elem::f32: launch<float>(x_adv, x, grad, weight, batch, channels, pixels, channels_last, step_size, eps, lo, hi, linf, sums, flag, stream); break;
+    case Elem::f64: launch<double>(x_adv, x, grad, weight, batch, channels, pixels, channels_last, step_size, eps, lo, hi, linf, sums, flag, stream); break;
     default: break;  // the glue accepts float types only
   }
 }

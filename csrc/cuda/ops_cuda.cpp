@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -53,15 +54,16 @@ void write_samples(const at::Tensor& images, const at::Tensor& segments, const a
   if (out.numel() == 0) return;
   const int64_t b = images.size(0), c = images.size(1), pixels = images.size(2) * images.size(3);
   const int64_t n = masks.size(1), m = masks.size(2);
+  TORCH_CHECK_VALUE(c * pixels < (int64_t(1) << 31), "perturb on CUDA needs fewer than 2^31 elements per image");
   const c10::cuda::CUDAGuard guard(images.device());
   // Normalization and cast commute with the choice: applied once per source (see perturb.cu).
   const auto kept = perturb_source(images, mean, std, out.scalar_type(), channels_last);
   const auto replaced = perturb_source(fudge, mean, std, out.scalar_type(), channels_last);
-  const auto seg = segments.to(at::kInt).contiguous();
+  const auto seg = segments.contiguous();  // int64 or int32, read as they are
   const auto msk = masks.contiguous();
-  cuda::perturb_select(kept.data_ptr(), replaced.data_ptr(), seg.data_ptr<int32_t>(), msk.data_ptr<bool>(),
-                       out.data_ptr(), out.element_size(), b, n, m, c, pixels, offset, count, channels_last,
-                       c10::cuda::getCurrentCUDAStream());
+  cuda::perturb_select(kept.data_ptr(), replaced.data_ptr(), seg.data_ptr(), seg.scalar_type() == at::kLong,
+                       msk.data_ptr<bool>(), out.data_ptr(), out.element_size(), b, n, m, c, pixels, offset, count,
+                       channels_last, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -88,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lime_fit_cuda(const a
                                                                           const at::Tensor& num_segments,
                                                                           const std::optional<at::Tensor>& weights,
                                                                           double kernel_width, double alpha) {
-  check_lime_fit_args(masks, targets, num_segments, weights, kernel_width, alpha, at::kCUDA);
+  // targets' values are checked after the kernel, in the same device-to-host copy as its status.
+  check_lime_fit_args(masks, targets, num_segments, weights, kernel_width, alpha, at::kCUDA, /*check_targets=*/false);
   const int64_t b = masks.size(0), n = masks.size(1), m = masks.size(2), nl = targets.size(2);
   // The block keeps the means and a tile of samples (>= 1 row of M + L + 1 float64) in 48 KiB of
   // shared memory.
@@ -107,10 +110,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lime_fit_cuda(const a
                  intercept.data_ptr(), score.data_ptr(), local_pred.data_ptr(), status.data_ptr<int32_t>(),
                  scratch.data_ptr<double>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto after = at::stack({tgt.sum().to(at::kDouble), status.sum().to(at::kDouble)}).to(at::kCPU);
+  TORCH_CHECK_VALUE(std::isfinite(after[0].item<double>()) || all_finite(tgt), "targets contains NaN or infinite values");
   // Singular systems (alpha = 0 with a constant column) are rare: re-solve those images with the
   // CPU kernel's least-squares path and copy them back.
-  const auto failed = status.nonzero().flatten();
-  if (failed.numel() > 0) {
+  if (after[1].item<double>() > 0) {
+    const auto failed = status.nonzero().flatten();
     auto cpu = c10::Dispatcher::singleton()
                    .findSchemaOrThrow("attrefine_fast::lime_fit", "")
                    .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -131,7 +136,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lime_fit_cuda(const a
 void masked_pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
                           const std::optional<at::Tensor>& weight, double step_size, double eps, double lo, double hi,
                           c10::string_view norm) {
-  const bool linf = check_masked_pgd_step_args(x_adv, x, grad, weight, step_size, eps, lo, hi, norm, at::kCUDA);
+  // grad's values are checked by the kernels (masked_pgd_step.cu): one host round trip, after them.
+  const bool linf =
+      check_masked_pgd_step_args(x_adv, x, grad, weight, step_size, eps, lo, hi, norm, at::kCUDA, /*check_grad=*/false);
   const int64_t b = x_adv.size(0), c = x_adv.size(1), h = x_adv.size(2), w = x_adv.size(3);
   const at::Tensor wt = weight.has_value() ? weight->contiguous() : at::Tensor();
   TORCH_CHECK_VALUE(c * h * w < (int64_t(1) << 31), "masked_pgd_step on CUDA needs fewer than 2^31 elements per sample");
@@ -140,11 +147,18 @@ void masked_pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& x, const at::Tens
   const c10::cuda::CUDAGuard guard(x_adv.device());
   const auto work = dense_work(x_adv);
   const auto xc = x.contiguous(work.format), gc = grad.contiguous(work.format);
-  auto sums = at::zeros({3 * b}, x_adv.options().dtype(at::kDouble));
+  auto flag = at::zeros({1}, x_adv.options().dtype(at::kInt));
+  auto sums = linf ? at::Tensor() : at::zeros({3 * b}, x_adv.options().dtype(at::kDouble));
   cuda::masked_pgd_step(work.tensor.data_ptr(), xc.data_ptr(), gc.data_ptr(), wt.defined() ? wt.data_ptr() : nullptr,
                         elem_of(work.tensor), b, c, h * w, work.channels_last, step_size, eps, lo, hi, linf,
-                        sums.data_ptr<double>(), c10::cuda::getCurrentCUDAStream());
+                        linf ? nullptr : sums.data_ptr<double>(), flag.data_ptr<int>(),
+                        c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (flag.item<int>() != 0) {  // nothing was written
+    TORCH_CHECK_VALUE(all_finite(grad), "grad contains NaN or infinite values");
+    TORCH_CHECK_VALUE(false, "masked_pgd_step: x_adv - x contains NaN or infinite values, or a sample's squared ",
+                      "gradient norm overflows float64");
+  }
   finish_in_place(x_adv, work);
 }
 
