@@ -144,10 +144,8 @@ inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targe
                     ", L) to match masks, got ", shape_of(targets));
   TORCH_CHECK_VALUE(num_segments.size(0) == b, "num_segments must hold B=", b, " counts, got shape ",
                     shape_of(num_segments));
-  const auto [lo, hi] = at::aminmax(num_segments);
-  const auto range = at::stack({lo, hi}).to(at::kCPU);  // one device-to-host copy
-  TORCH_CHECK_VALUE(range[0].item<int64_t>() >= 1 && range[1].item<int64_t>() <= m, "num_segments must hold counts in 1..",
-                    m);
+  const auto [lo, hi] = at::aminmax(num_segments.to(at::kCPU));  // B counts: one copy, no kernel
+  TORCH_CHECK_VALUE(lo.item<int64_t>() >= 1 && hi.item<int64_t>() <= m, "num_segments must hold counts in 1..", m);
   TORCH_CHECK_VALUE(kernel_width > 0, "kernel_width must be positive, got ", kernel_width);
   TORCH_CHECK_VALUE(alpha >= 0, "alpha must be non-negative, got ", alpha);
   TORCH_CHECK_VALUE(!check_targets || all_finite(targets), "targets contains NaN or infinite values");

@@ -35,6 +35,16 @@ def test_kernel_files_include_no_torch_headers(path):
     assert not found, f"{path.name} includes torch headers ({found}); keep torch in ops_cuda.cpp"
 
 
+def _cuda_include_candidates():
+    """Where the CUDA toolkit's headers may be: beside nvcc, under CUDA_HOME / CUDA_PATH, or in the
+    usual install folders (nvcc itself may be a link or a wrapper elsewhere)."""
+    yield Path(NVCC).resolve().parent.parent / "include"
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            yield Path(os.environ[var]) / "include"
+    yield from sorted(Path("/usr/local").glob("cuda*/include"), reverse=True)
+
+
 def _glue_syntax_check(tmp_path):
     """g++ -fsyntax-only on the glue, or None where torch's CUDA headers cannot be reached."""
     try:
@@ -42,8 +52,8 @@ def _glue_syntax_check(tmp_path):
     except ImportError:
         return None
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    cuda_include = Path(NVCC).resolve().parent.parent / "include"
-    if compiler is None or not (cuda_include / "cuda_runtime.h").exists():
+    cuda_include = next((d for d in _cuda_include_candidates() if (d / "cuda_runtime.h").exists()), None)
+    if compiler is None or cuda_include is None:
         return None
     # A CPU-only torch lacks this one generated header; its only content is the shared-library flag.
     stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"

@@ -18,8 +18,8 @@
 // (M <= 64 with a few labels) they live there; otherwise in a float64 scratch area in global
 // memory, same code. The Gram matrix's rows are M + 1 doubles apart, so the Cholesky's threads,
 // reading one row each, do not all hit the same shared-memory bank. A failed factorization (a
-// singular system, alpha = 0) sets status[b] and writes NaN; the glue re-solves those images by
-// least squares.
+// singular system, alpha = 0) writes NaN and sets bit 0 of status[b]; the glue re-solves those
+// images by least squares. Bit 1 says that the image's targets hold a NaN or an infinity.
 #include <cmath>
 #include <cstdint>
 
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
   extern __shared__ double smem[];
   __shared__ double red[kWarps];
   __shared__ double bcast;
-  __shared__ int failed;
+  __shared__ int failed, bad_targets;
   const int64_t b = blockIdx.x, n = samples, mm = max_segments;
   const int m = static_cast<int>(num_segments[b]), nl = static_cast<int>(labels), cols = m + nl, ld = m + 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     part += wi;
   }
   part = block_sum(part, red);
-  if (threadIdx.x == 0) bcast = part, failed = 0;
+  if (threadIdx.x == 0) bcast = part, failed = 0, bad_targets = 0;
   __syncthreads();
   const double sw = bcast;
 
@@ -98,13 +98,18 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     double acc = 0.0;
     int ones = 0;
     if (c < m) {
+#pragma unroll 4
       for (int64_t i = lane; i < n; i += 32)
         if (z[i * mm + c]) acc += w[i], ++ones;
     } else {
+#pragma unroll 4
       for (int64_t i = lane; i < n; i += 32) acc += w[i] * static_cast<double>(y[i * nl + (c - m)]);
     }
     acc = warp_sum(acc);
     ones = warp_sum(ones);
+    // A NaN or an infinity among the targets makes their weighted sum non-finite (0 * inf is NaN
+    // too); a finite sum that overflows is settled exactly by the glue.
+    if (c >= m && lane == 0 && !isfinite(acc)) bad_targets = 1;
     // A constant column gets its exact mean, so it centres to exactly zero and alpha = 0 is
     // detected as singular: sw and acc are sums in different orders, and their ratio can miss 1
     // by an ulp, which leaves a tiny positive pivot and a meaningless coefficient.
@@ -129,6 +134,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     double acc[4][4] = {};
     for (int64_t t0 = 0; t0 < n; t0 += tile) {
       const int len = static_cast<int>(min(tile, n - t0));
+#pragma unroll 2
       for (int e = threadIdx.x; e < len * (cols + 1); e += kThreads) {
         const int t = e / (cols + 1), c = e - t * (cols + 1);
         const int64_t i = t0 + t;
@@ -207,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     for (int64_t q = threadIdx.x; q < nl * mm; q += kThreads) coef[b * nl * mm + q] = nan;
     for (int l = threadIdx.x; l < nl; l += kThreads)
       intercept[b * nl + l] = score[b * nl + l] = local_pred[b * nl + l] = nan;
-    if (threadIdx.x == 0) status[b] = 1;
+    if (threadIdx.x == 0) status[b] = 1 | (bad_targets ? 2 : 0);
     return;
   }
 
@@ -255,6 +261,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
       for (int u = 0; u < kLabelChunk; ++u) r[u] = u < chunk ? static_cast<double>(y[i * nl + l0 + u]) - ybar[l0 + u] : 0.0;
 #pragma unroll
       for (int u = 0; u < kLabelChunk; ++u) tss[u] += w[i] * r[u] * r[u];
+#pragma unroll 4
       for (int j = 0; j < m; ++j) {
         const double zc = (z[i * mm + j] ? 1.0 : 0.0) - xbar[j];
 #pragma unroll
@@ -270,6 +277,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
         score[b * nl + l0 + u] = static_cast<T>(ts == 0.0 ? (rs == 0.0 ? 1.0 : 0.0) : 1.0 - rs / ts);
     }
   }
+  if (threadIdx.x == 0) status[b] = bad_targets ? 2 : 0;
 }
 
 int64_t tile_for(int64_t segments, int64_t labels) {
