@@ -436,6 +436,15 @@ def test_cuda_lime_fit_singular_system_and_opcheck():
 
 
 @needs_cuda_kernels
+@pytest.mark.parametrize("name", [n for n in BAD_CALLS if "overlaps" not in n])  # overlap needs one storage
+def test_cuda_bad_input_raises_the_cpu_error(name):
+    op, make_args, error, match = BAD_CALLS[name]
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in make_args())
+    with pytest.raises(error, match=match):
+        getattr(ops, op)(*args)
+
+
+@needs_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cuda_perturb_runs_of_16_bytes_and_single_elements(dtype, channels_last):
