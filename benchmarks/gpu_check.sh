@@ -1,7 +1,7 @@
 #!/bin/bash
 # The checks that need a CUDA GPU, in one run: build the extension with CUDA, the CUDA parity and
 # opcheck tests of the compiled and Triton ops, compute-sanitizer memcheck on the compiled ops'
-# CUDA tests, and the quick benchmark profile on the GPU.
+# CUDA tests, the performance targets (benchmarks/gpu_targets.py) and the quick benchmark profile.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and the benchmark report go to OUT_DIR)
 #
@@ -23,10 +23,11 @@ run() {  # run NAME LOG COMMAND...: the command's output to LOG, its exit status
   [ $rc -eq 0 ] || status=1
 }
 run build build.log python -m pip install --no-build-isolation --no-deps -e .
-run compiled-cuda cuda_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_compiled_ops.py tests/test_explain.py -k cuda
+run compiled-cuda cuda_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_compiled_ops.py -k cuda
 run triton-cuda triton_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_triton_ops.py tests/test_triton_fit_pgd.py -k cuda
 run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 \
   python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k cuda
+run targets targets.log python benchmarks/gpu_targets.py --json "$out/targets.json"
 run bench bench.log python -m attrefine_fast bench --quick --device cuda --json "$out/bench-quick-cuda.json" \
   --markdown "$out/bench-quick-cuda.md"
 step end

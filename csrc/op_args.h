@@ -10,6 +10,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "tensor_checks.h"
@@ -83,7 +84,9 @@ inline int64_t check_perturb_out(const at::Tensor& images, const at::Tensor& seg
                     "out must be contiguous or channels-last, got strides ", out.strides());
   const std::pair<const at::Tensor*, const char*> inputs[] = {
       {&images, "images"}, {&segments, "segments"}, {&masks, "masks"}, {&fudge, "fudge"}};
-  for (const auto& [t, name] : inputs) {
+  for (const auto& input : inputs) {
+    const auto* t = input.first;
+    const char* name = input.second;
     const auto overlap = at::get_overlap_status(out, *t);
     TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
                       "out shares memory with ", name);
@@ -144,8 +147,10 @@ inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targe
                     ", L) to match masks, got ", shape_of(targets));
   TORCH_CHECK_VALUE(num_segments.size(0) == b, "num_segments must hold B=", b, " counts, got shape ",
                     shape_of(num_segments));
-  const auto [lo, hi] = at::aminmax(num_segments.to(at::kCPU));  // B counts: one copy, no kernel
-  TORCH_CHECK_VALUE(lo.item<int64_t>() >= 1 && hi.item<int64_t>() <= m, "num_segments must hold counts in 1..", m);
+  const auto counts = num_segments.to(at::kCPU);  // B counts: one copy, no kernel
+  const auto extremes = at::aminmax(counts);
+  const int64_t fewest = std::get<0>(extremes).item<int64_t>(), most = std::get<1>(extremes).item<int64_t>();
+  TORCH_CHECK_VALUE(fewest >= 1 && most <= m, "num_segments must hold counts in 1..", m);
   TORCH_CHECK_VALUE(kernel_width > 0, "kernel_width must be positive, got ", kernel_width);
   TORCH_CHECK_VALUE(alpha >= 0, "alpha must be non-negative, got ", alpha);
   TORCH_CHECK_VALUE(!check_targets || all_finite(targets), "targets contains NaN or infinite values");

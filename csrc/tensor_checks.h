@@ -10,6 +10,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <string>
+#include <tuple>
 
 namespace attrefine_fast {
 
@@ -70,8 +71,8 @@ inline void check_segments_shape(const at::Tensor& images, const at::Tensor& seg
 inline void check_segment_ids(const at::Tensor& segments, int64_t num_segments) {
   TORCH_CHECK_VALUE(num_segments >= 1, "num_segments must be at least 1, got ", num_segments);
   if (segments.numel() == 0) return;
-  auto [lo, hi] = at::aminmax(segments);
-  const auto range = at::stack({lo, hi}).to(at::kCPU, at::kLong);  // one device-to-host copy
+  const auto extremes = at::aminmax(segments);
+  const auto range = at::stack({std::get<0>(extremes), std::get<1>(extremes)}).to(at::kCPU, at::kLong);  // one copy
   const int64_t lo_v = range[0].item<int64_t>(), hi_v = range[1].item<int64_t>();
   TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < num_segments, "segment ids must lie in [0, ", num_segments, "), got ids in [",
                     lo_v, ", ", hi_v, "]");
