@@ -132,8 +132,9 @@ def explain(
         model: a torch module (or any callable) mapping (n, C, H, W) to (n, classes) scores on
             the images' device. Its train/eval mode is restored afterwards; no autograd runs.
             Its input batches share one buffer, overwritten batch after batch (a fresh tensor per
-            batch would cost more than writing it): a model that keeps its inputs beyond the call
-            must keep copies.
+            batch would cost more than writing it) and, on the CPU, kept for the thread's next
+            explanation (``attrefine_fast.input_buffers.release_buffers()`` frees it): a model that
+            keeps its inputs beyond its forward call must keep copies.
         images: (B, C, H, W) float tensor, the model's input before ``mean``/``std``.
         segments: (B, H, W) labels 0..M_b-1; computed with :func:`segment` when None
             (``segmentation`` and ``segmentation_params``).

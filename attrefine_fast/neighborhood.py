@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from . import backends
+from .input_buffers import lent_buffer
 from .ops.perturb import perturb_output_dtype
 
 
@@ -72,30 +73,26 @@ def perturbed_chunks(
 
     reuse_buffer: write every chunk into one buffer (perturb_into) instead of a fresh tensor per
     chunk, which on the CPU saves the page faults of a fresh large allocation (2-4x the cost of
-    writing the chunk). Each yielded tensor is then overwritten by the next chunk: only for a
-    consumer that is done with a chunk (and everything aliasing it) before asking for the next.
+    writing the chunk); on the CPU that buffer is also kept for the thread's next call
+    (attrefine_fast.input_buffers). Each yielded tensor is then overwritten by the next chunk: only
+    for a consumer that is done with a chunk (and everything aliasing it) before asking for the next.
     """
     options = {"mean": None, "std": None, "out_dtype": None, "channels_last": False, **perturb_options}
     mean, std, channels_last = options["mean"], options["std"], options["channels_last"]
     b, c, h, w = images.shape
     n = masks.shape[1]
-    if reuse_buffer:
-        write = backends.resolve("perturb_into", backend, images.device)
-        buffer = torch.empty(
-            (b * min(samples_per_chunk, n), c, h, w), dtype=perturb_output_dtype(images.dtype, mean is not None, options["out_dtype"]),
-            device=images.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format,
-        )
-
-        def chunk(offset, count):
+    if not reuse_buffer:
+        impl = backends.resolve("perturb", backend, images.device)
+        for offset in range(0, n, samples_per_chunk):
+            count = min(samples_per_chunk, n - offset)
+            yield offset, count, impl(images, segments, masks, fudge, offset, count, mean, std, options["out_dtype"], channels_last)
+        return
+    write = backends.resolve("perturb_into", backend, images.device)
+    dtype = perturb_output_dtype(images.dtype, mean is not None, options["out_dtype"])
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    with lent_buffer(b * min(samples_per_chunk, n), (c, h, w), dtype, images.device, layout) as buffer:
+        for offset in range(0, n, samples_per_chunk):
+            count = min(samples_per_chunk, n - offset)
             rows = buffer[: b * count]  # the last chunk may be shorter
             write(images, segments, masks, fudge, offset, mean, std, rows)
-            return rows
-    else:
-        impl = backends.resolve("perturb", backend, images.device)
-
-        def chunk(offset, count):
-            return impl(images, segments, masks, fudge, offset, count, mean, std, options["out_dtype"], channels_last)
-
-    for offset in range(0, n, samples_per_chunk):
-        count = min(samples_per_chunk, n - offset)
-        yield offset, count, chunk(offset, count)
+            yield offset, count, rows

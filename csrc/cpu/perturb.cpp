@@ -19,10 +19,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "../op_args.h"
 
@@ -60,20 +65,73 @@ std::vector<std::vector<Run>> label_runs(const int32_t* segments, int64_t batch,
   return runs;
 }
 
-// Runs path for one sample: whole runs copied from the kept or the replaced image.
-void copy_runs(const std::vector<Run>& runs, const bool* mask_row, const char* kept, const char* replaced, char* out,
-               int64_t channels, int64_t pixels, int64_t elem, bool channels_last) {
+// Outputs of at least this many bytes per call are written with streaming (non-temporal) stores:
+// they are far larger than the caches, so a cached store would first read every destination line
+// from memory only to overwrite it. Smaller outputs stay cached for the model that reads them next.
+constexpr int64_t kStreamingBytes = int64_t(64) << 20;
+// Bytes of a sample assembled in an L1/L2-resident staging buffer before they are streamed out.
+constexpr int64_t kStageBytes = int64_t(32) << 10;
+
+// Appends byte ranges to one output sample in increasing order. Streaming, the bytes are gathered
+// in a staging buffer and copied out in 16-byte non-temporal stores (the caller fences); otherwise
+// they are copied straight to the output.
+class SampleWriter {
+ public:
+  SampleWriter(char* out, bool streaming, std::vector<char>& stage) : out_(out), streaming_(streaming), stage_(stage) {}
+  ~SampleWriter() { flush(); }
+
+  void append(const char* src, int64_t len) {
+    if (!streaming_) {
+      std::memcpy(out_ + written_, src, len);
+      written_ += len;
+      return;
+    }
+    while (len > 0) {
+      const int64_t n = std::min(len, kStageBytes - filled_);
+      std::memcpy(stage_.data() + filled_, src, n);
+      filled_ += n, src += n, len -= n;
+      if (filled_ == kStageBytes) flush();
+    }
+  }
+
+ private:
+  void flush() {
+    if (filled_ == 0) return;
+    char* dst = out_ + written_;
+    const char* src = stage_.data();
+    int64_t n = filled_;
+#if defined(__SSE2__)
+    const int64_t head = std::min<int64_t>(n, (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16);
+    std::memcpy(dst, src, head);
+    int64_t e = head;
+    for (; e + 16 <= n; e += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + e), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e)));
+    std::memcpy(dst + e, src + e, n - e);
+#else
+    std::memcpy(dst, src, n);
+#endif
+    written_ += n;
+    filled_ = 0;
+  }
+
+  char* out_;
+  bool streaming_;
+  std::vector<char>& stage_;
+  int64_t written_ = 0, filled_ = 0;
+};
+
+// Runs path for one sample: whole runs copied from the kept or the replaced image, in output order.
+void copy_runs(const std::vector<Run>& runs, const bool* mask_row, const char* kept, const char* replaced,
+               SampleWriter& out, int64_t channels, int64_t pixels, int64_t elem, bool channels_last) {
   if (channels_last) {
     const int64_t px = channels * elem;
-    for (const Run& r : runs)
-      std::memcpy(out + r.start * px, (mask_row[r.segment] ? kept : replaced) + r.start * px, r.length * px);
+    for (const Run& r : runs) out.append((mask_row[r.segment] ? kept : replaced) + r.start * px, r.length * px);
     return;
   }
   for (int64_t c = 0; c < channels; ++c) {
     const int64_t plane = c * pixels * elem;
     for (const Run& r : runs)
-      std::memcpy(out + plane + r.start * elem, (mask_row[r.segment] ? kept : replaced) + plane + r.start * elem,
-                  r.length * elem);
+      out.append((mask_row[r.segment] ? kept : replaced) + plane + r.start * elem, r.length * elem);
   }
 }
 
@@ -88,17 +146,19 @@ void produce_samples(const bits_t* kept_bits, const bits_t* fudge_bits, const bi
   // static split waits for the slowest thread): keep at least ~1 MiB of output per task chunk.
   const int64_t sample_bytes = channels * pixels * static_cast<int64_t>(sizeof(bits_t));
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / sample_bytes);
+  const bool streaming = batch * count * sample_bytes >= kStreamingBytes;
   at::parallel_for(0, batch * count, grain, [&](int64_t begin, int64_t end) {
     std::vector<bits_t> lut(num_segments);
     std::vector<bits_t> keep(kPixelBlock * channels);
+    std::vector<char> stage(streaming ? kStageBytes : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / count, i = task % count;
       const bool* mask_row = masks + (b * samples + offset + i) * num_masks;
       if (!runs[b].empty()) {
+        SampleWriter writer(reinterpret_cast<char*>(out + task * channels * pixels), streaming, stage);
         copy_runs(runs[b], mask_row, reinterpret_cast<const char*>(kept_bits + b * channels * pixels),
-                  reinterpret_cast<const char*>(fudge_bits + b * channels * pixels),
-                  reinterpret_cast<char*>(out + task * channels * pixels), channels, pixels, sizeof(bits_t),
-                  channels_last);
+                  reinterpret_cast<const char*>(fudge_bits + b * channels * pixels), writer, channels, pixels,
+                  sizeof(bits_t), channels_last);
         continue;
       }
       for (int64_t j = 0; j < num_segments; ++j) lut[j] = mask_row[j] ? static_cast<bits_t>(~bits_t(0)) : bits_t(0);
@@ -131,6 +191,9 @@ void produce_samples(const bits_t* kept_bits, const bits_t* fudge_bits, const bi
         }
       }
     }
+#if defined(__SSE2__)
+    if (streaming) _mm_sfence();  // the streamed stores are visible before the task ends
+#endif
   });
 }
 
