@@ -32,7 +32,13 @@ def lent_buffer(rows: int, shape: tuple, dtype: torch.dtype, device: torch.devic
     the thread's kept buffer (or its leading rows) when it fits and is not lent already, else a new
     one that is kept in its place."""
     def new():
-        return torch.empty((rows, *shape), dtype=dtype, device=device, memory_format=memory_format)
+        buffer = torch.empty((rows, *shape), dtype=dtype, device=device, memory_format=memory_format)
+        if buffer.device.type == "cpu":
+            # Map its pages now: the compiled perturb streams large outputs past the caches, and
+            # streaming stores into pages not yet mapped cost more than mapping them first
+            # (256 samples at 224x224, 2 threads: 87 ms unmapped, 65 ms with this zero_()).
+            buffer.zero_()
+        return buffer
 
     if torch.device(device).type != "cpu" or getattr(_local, "lent", False):
         yield new()
