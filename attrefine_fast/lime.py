@@ -195,16 +195,22 @@ class LimeImageExplainer:
     @staticmethod
     def _predict(classifier_fn, image_t, segments_t, masks, fudge, batch_size, backend):
         """The classifier's outputs for all samples: a tensor on the module's device, or a
-        numpy array from lime's function, called with batches of batch_size like lime."""
+        numpy array from lime's function, called with batches of batch_size like lime. A module
+        is fed every batch from one buffer, as by explain(); lime's function gets a fresh array
+        per batch, as from lime."""
         n = masks.shape[1]
         if isinstance(classifier_fn, torch.nn.Module):
             dtype = torch.float64 if image_t.dtype == torch.float64 else torch.float32
             chunks = []
             with torch.no_grad():
-                for _, count, inputs in perturbed_chunks(image_t, segments_t, masks, fudge, batch_size, backend, out_dtype=dtype):
+                for _, count, inputs in perturbed_chunks(
+                    image_t, segments_t, masks, fudge, batch_size, backend, reuse_buffer=True, out_dtype=dtype
+                ):
                     out = classifier_fn(inputs)
                     _check_output(out, count)
-                    chunks.append(out)
+                    # the next batch overwrites the buffer: keep no view of it
+                    aliased = out.untyped_storage().data_ptr() == inputs.untyped_storage().data_ptr()
+                    chunks.append(out.clone() if aliased else out)
             return torch.cat(chunks)
         preds = []
         for _, count, inputs in perturbed_chunks(image_t, segments_t, masks, fudge, batch_size, backend, channels_last=True):

@@ -85,3 +85,29 @@ def test_streamed_output_that_starts_off_a_16_byte_boundary():
     expected = torch.empty(rows, 3, 97, 97)
     perturb_into_ref(images, segments, masks, fudge, 0, None, None, expected)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_the_drop_in_keeps_no_view_of_the_shared_buffer():
+    # A module whose output is a view of its input must not see its earlier outputs overwritten by
+    # the next batch: it explains the same as lime's numpy function computing the same values.
+    import numpy as np
+
+    from attrefine_fast.lime import LimeImageExplainer
+
+    class FirstPixels(torch.nn.Module):
+        def forward(self, x):  # (n, C, H, W): channel 0 of the first three pixels, a view of x
+            return x.flatten(1)[:, :3]
+
+    image = np.random.default_rng(0).random((8, 8, 3))
+    segments = np.arange(64).reshape(8, 8) // 16
+
+    def explain(classifier_fn):
+        return LimeImageExplainer(random_state=0).explain_instance(
+            image, classifier_fn, labels=(0, 1), top_labels=None, num_samples=40, batch_size=7,
+            segmentation_fn=lambda _: segments,
+        )
+
+    got = explain(FirstPixels())
+    want = explain(lambda x: x[:, 0, :3, 0])  # (n, H, W, C): the same values
+    for label in (0, 1):
+        np.testing.assert_allclose([w for _, w in got.local_exp[label]], [w for _, w in want.local_exp[label]], atol=1e-9)
