@@ -182,3 +182,10 @@ def test_default_test_run_does_not_collect_the_benchmarks():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert config["testpaths"] == ["tests"]
     assert not any(p.name.startswith("test_") for p in (ROOT / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_gpu_targets_script_imports_and_asks_for_a_gpu():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_targets.py"
+    run = subprocess.run([sys.executable, str(script), "--only", "lime_fit"], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "needs a CUDA device" in run.stderr
