@@ -1,7 +1,8 @@
 #!/bin/bash
-# The checks that need a CUDA GPU, in one run: build the extension with CUDA, the CUDA parity and
-# opcheck tests of the compiled and Triton ops, compute-sanitizer memcheck on the compiled ops'
-# CUDA tests, the performance targets (benchmarks/gpu_targets.py) and the quick benchmark profile.
+# The checks that need a CUDA GPU, in one run: build the extension with CUDA, the compiled ops'
+# bad-input cases (a backtrace if they crash), the CUDA parity and opcheck tests of the compiled
+# and Triton ops, compute-sanitizer memcheck on the compiled ops' CUDA tests, the performance
+# targets (benchmarks/gpu_targets.py) and the quick benchmark profile.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and the benchmark report go to OUT_DIR)
 #
@@ -23,6 +24,11 @@ run() {  # run NAME LOG COMMAND...: the command's output to LOG, its exit status
   [ $rc -eq 0 ] || status=1
 }
 run build build.log python -m pip install --no-build-isolation --no-deps -e .
+run bad-input bad_input.log python -m pytest -q -rfE -p no:cacheprovider tests/test_compiled_ops.py -k bad_input
+if [ $status -ne 0 ] && command -v cuda-gdb > /dev/null; then  # where it crashed (CPU and CUDA cases alike)
+  run bad-input-backtrace bad_input_gdb.log cuda-gdb -batch -ex run -ex bt --args \
+    python -m pytest -q -x -p no:cacheprovider tests/test_compiled_ops.py -k bad_input
+fi
 run compiled-cuda cuda_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_compiled_ops.py -k cuda
 run triton-cuda triton_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_triton_ops.py tests/test_triton_fit_pgd.py -k cuda
 run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 \
