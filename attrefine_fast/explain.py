@@ -222,10 +222,12 @@ def explain(
     per_chunk = max(1, batch_size // b)
     targets = torch.empty(b, n, 0 if fixed_labels is None else fixed_labels.shape[1], dtype=fit_dtype, device=device)
     chosen = fixed_labels
-    with eval_mode(model), autocast:
-        for offset, count, inputs in perturbed_chunks(
-            images, segments, masks, fudge, per_chunk, backend, reuse_buffer=True, channels_last=channels_last, **norm
-        ):
+    chunks = perturbed_chunks(
+        images, segments, masks, fudge, per_chunk, backend, reuse_buffer=True, channels_last=channels_last, **norm
+    )
+    # closing(): a model that raises gives the input buffer back at once, not when the traceback goes
+    with eval_mode(model), autocast, contextlib.closing(chunks):
+        for offset, count, inputs in chunks:
             out = _forward(model, inputs, b * count, output).view(b, count, -1)
             if chosen is None:  # offset 0: sample 0 is the image itself
                 k = min(top_labels, out.shape[2])

@@ -10,6 +10,8 @@ output is used as it is, like lime uses classifier_fn's.
 """
 from __future__ import annotations
 
+import contextlib
+
 from functools import partial
 
 import numpy as np
@@ -202,10 +204,9 @@ class LimeImageExplainer:
         if isinstance(classifier_fn, torch.nn.Module):
             dtype = torch.float64 if image_t.dtype == torch.float64 else torch.float32
             chunks = []
-            with torch.no_grad():
-                for _, count, inputs in perturbed_chunks(
-                    image_t, segments_t, masks, fudge, batch_size, backend, reuse_buffer=True, out_dtype=dtype
-                ):
+            batches = perturbed_chunks(image_t, segments_t, masks, fudge, batch_size, backend, reuse_buffer=True, out_dtype=dtype)
+            with torch.no_grad(), contextlib.closing(batches):  # the buffer goes back even if the module raises
+                for _, count, inputs in batches:
                     out = classifier_fn(inputs)
                     _check_output(out, count)
                     # the next batch overwrites the buffer: keep no view of it

@@ -111,3 +111,30 @@ def test_the_drop_in_keeps_no_view_of_the_shared_buffer():
     want = explain(lambda x: x[:, 0, :3, 0])  # (n, H, W, C): the same values
     for label in (0, 1):
         np.testing.assert_allclose([w for _, w in got.local_exp[label]], [w for _, w in want.local_exp[label]], atol=1e-9)
+
+
+def test_a_model_that_raises_gives_the_buffer_back():
+    import attrefine_fast as af
+
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("model failed")
+
+    class Keeps(torch.nn.Module):
+        seen = []
+
+        def forward(self, x):
+            self.seen.append(x.data_ptr())
+            return torch.zeros(len(x), 2)
+
+    release_buffers()
+    images = torch.rand(1, 3, 8, 8)
+    segments = labels(1, 8, 8, [4], torch.Generator().manual_seed(1))
+    af.explain(Keeps(), images, segments=segments, labels=[0], num_samples=20, seed=0)
+    kept = Keeps.seen[-1]
+    with pytest.raises(RuntimeError, match="model failed") as failure:
+        af.explain(Fails(), images, segments=segments, labels=[0], num_samples=20, seed=0)
+    af.explain(Keeps(), images, segments=segments, labels=[0], num_samples=20, seed=0)
+    assert Keeps.seen[-1] == kept  # lent again, although the failed call's traceback is alive
+    assert failure.traceback  # (held until here)
+    release_buffers()
