@@ -4,13 +4,16 @@ masks (B, N, M) bool, targets (B, N, L), num_segments (B,), optional weights (B,
 -> coef (B, L, M), intercept (B, L), score (B, L), local_pred (B, L).
 Matches attrefine_fast.ops.lime_fit.lime_fit_ref (see its docstring for the formulas).
 
-Program b streams its samples in blocks of BLOCK_N rows, three times (at N = 1000, M = 64,
-L = 5 that is 84 kB per image, which stays in L2 between the passes):
+Program b streams its samples in blocks of BLOCK_N rows, twice (at N = 1000, M = 64, L = 5
+that is 84 kB per image, which stays in L2 between the passes):
   1. LIME's kernel weights from the row sums of the mask (or the given weights) and the
      weighted means x̄ (M) and ȳ (L);
-  2. the centred weighted Gram matrix Zcᵀ W Zc (M x M) and right-hand sides Zcᵀ W Yc (M x L)
-     with tl.dot, plus the ridge diagonal (1 for padded segments, so they solve to 0);
-  3. after the solve, the weighted residual and total sums of squares for the R² score.
+  2. the centred weighted Gram matrix G = Zcᵀ W Zc (M x M), right-hand sides R = Zcᵀ W Yc (M x L)
+     and total sums of squares Σ w yc² with tl.dot, plus the ridge diagonal (1 for padded
+     segments, so they solve to 0).
+After the solve, (G + αI) β = R gives the residual sum of squares without a third pass:
+Σ w (yc - zc β)² = Σ w yc² - β·R - α |β|² per label (the alpha = 0 path below, whose β comes
+from outside, does make a third pass).
 The solve runs in the same program, by Gauss-Jordan elimination on the register tile: the
 matrix is symmetric positive definite for alpha > 0, so no pivoting is needed, and fusing it
 removes the round trip of B Gram matrices through memory and the batched-solver launches.
@@ -19,6 +22,8 @@ them with a pseudo-inverse (the minimum-norm solution, which the reference's lst
 also gives on CPU) and runs the remaining pass as a second launch.
 
 tl.dot needs blocks of at least 16, so M and L are padded to powers of two >= 16 with zeros.
+float64 reduces broadcast products instead of tl.dot (see _dot_acc), which spill the least with
+16 samples per block: only BLOCK_N = 16 is tried for it (see _fits_in_registers).
 One program holds the whole M x M matrix in registers: without spills up to M = 128 in
 float32 (64 in float64, see _fits_in_registers), correct but slower up to MAX_SEGMENTS.
 """
@@ -44,6 +49,8 @@ _CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=8),
     triton.Config({"BLOCK_N": 16}, num_warps=4),
     triton.Config({"BLOCK_N": 32}, num_warps=16),
+    triton.Config({"BLOCK_N": 16}, num_warps=8),
+    triton.Config({"BLOCK_N": 16}, num_warps=16),
 ]
 
 
@@ -56,7 +63,11 @@ def _fits_in_registers(configs, named_args, **kwargs):
     spills hundreds of bytes to kilobytes beyond that; e.g. float32 M = 128 spills 1.3 kB per
     thread with 4 warps and nothing with 8.
     """
-    words = kwargs["BLOCK_M"] ** 2 * (2 if named_args["targets_ptr"].dtype == torch.float64 else 1)
+    f64 = named_args["targets_ptr"].dtype == torch.float64
+    words = kwargs["BLOCK_M"] ** 2 * (2 if f64 else 1)
+    if f64:  # the broadcast products of _dot_acc: with 16 samples per block ptxas (Triton 3.6, sm_90)
+        # spills 3.7-4.5 kB per thread at M = 64 with 8 or 16 warps, with 32 samples 26 kB (8 warps)
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] == 16]
 
     def per_thread(c):
         return words / (32 * c.num_warps)
@@ -104,8 +115,8 @@ def _load_block(
 
 @triton.jit
 def _dot_acc(a, b, acc, F64: tl.constexpr):
-    """acc + a @ b. float64 avoids tl.dot: Triton 3.6's fp64 MMA path fails to compile for K > 16
-    (an assertion in its MMAv2 lowering, seen on sm_90), so it reduces a broadcast product instead."""
+    """acc + a @ b. float64 avoids tl.dot: Triton 3.6's fp64 MMA lowering asserts ("fp64 don't
+    support largeK MMA", sm_90, also at K = 16), so it reduces a broadcast product instead."""
     if F64:
         return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:
@@ -173,6 +184,7 @@ def _lime_fit_kernel(
     ybar = acc_y / sw
 
     # 2. centred normal equations, then the solve
+    tss = tl.zeros((BLOCK_L,), dtype)
     if PHASE != _FINISH:
         gram = tl.zeros((BLOCK_M, BLOCK_M), dtype)
         rhs = tl.zeros((BLOCK_M, BLOCK_L), dtype)
@@ -185,6 +197,7 @@ def _lime_fit_kernel(
             wzc_t = tl.trans(w[:, None] * zc)
             gram = _dot_acc(wzc_t, zc, gram, F64)
             rhs = _dot_acc(wzc_t, yc, rhs, F64)
+            tss += tl.sum(w[:, None] * yc * yc, axis=0)
         ridge = tl.where(seg_ok, alpha, 1.0).to(dtype)
         gram += tl.where(idx_m[:, None] == idx_m[None, :], ridge[:, None], 0)
     if PHASE == _NORMAL_EQUATIONS:
@@ -194,22 +207,22 @@ def _lime_fit_kernel(
     else:
         if PHASE == _FUSED:
             beta = _ridge_solve(gram, rhs, mb, BLOCK_M)
+            # 3. from (G + αI) β = R: Σ w (yc - zc β)² = Σ w yc² - β·R - α |β|² (padded rows: β = 0)
+            rss = tl.maximum(tss - tl.sum(beta * rhs, axis=0) - alpha * tl.sum(beta * beta, axis=0), 0)
         else:
             beta = tl.load(beta_ptr + b * M * L + idx_m[:, None] * L + idx_l[None, :],
                            mask=seg_ok[:, None] & (idx_l < L)[None, :], other=0).to(dtype)
-
-        # 3. residual and total sums of squares
-        rss = tl.zeros((BLOCK_L,), dtype)
-        tss = tl.zeros((BLOCK_L,), dtype)
-        for n0 in range(0, N, BLOCK_N):
-            z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
-                                  sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
-                                  HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
-            zc = tl.where(seg_ok[None, :], z - xbar[None, :], 0)
-            yc = y - ybar[None, :]
-            resid = yc - _dot_acc(zc, beta, tl.zeros((BLOCK_N, BLOCK_L), dtype), F64)
-            rss += tl.sum(w[:, None] * resid * resid, axis=0)
-            tss += tl.sum(w[:, None] * yc * yc, axis=0)
+            # 3. residual and total sums of squares, a third pass (β came from outside)
+            rss = tl.zeros((BLOCK_L,), dtype)
+            for n0 in range(0, N, BLOCK_N):
+                z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
+                                      sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
+                                      HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
+                zc = tl.where(seg_ok[None, :], z - xbar[None, :], 0)
+                yc = y - ybar[None, :]
+                resid = yc - _dot_acc(zc, beta, tl.zeros((BLOCK_N, BLOCK_L), dtype), F64)
+                rss += tl.sum(w[:, None] * resid * resid, axis=0)
+                tss += tl.sum(w[:, None] * yc * yc, axis=0)
 
         intercept = ybar - tl.sum(xbar[:, None] * beta, axis=0)
         local_pred = intercept + tl.sum(beta, axis=0)
