@@ -114,6 +114,20 @@ def _load_block(
 
 
 @triton.jit
+def _centred_block(
+    masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2, xbar, ybar, seg_ok,
+    sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
+    HAS_WEIGHTS: tl.constexpr, F64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """_load_block's samples centred: zc (BLOCK_N, BLOCK_M), zero outside the image's segments,
+    yc (BLOCK_N, BLOCK_L) and the weights w (BLOCK_N,)."""
+    z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
+                          sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
+                          HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
+    return tl.where(seg_ok[None, :], z - xbar[None, :], 0), y - ybar[None, :], w
+
+
+@triton.jit
 def _dot_acc(a, b, acc, F64: tl.constexpr):
     """acc + a @ b. float64 avoids tl.dot: Triton 3.6's fp64 MMA lowering asserts ("fp64 don't
     support largeK MMA", sm_90, also at K = 16), so it reduces a broadcast product instead."""
@@ -189,11 +203,9 @@ def _lime_fit_kernel(
         gram = tl.zeros((BLOCK_M, BLOCK_M), dtype)
         rhs = tl.zeros((BLOCK_M, BLOCK_L), dtype)
         for n0 in range(0, N, BLOCK_N):
-            z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
-                                  sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
-                                  HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
-            zc = tl.where(seg_ok[None, :], z - xbar[None, :], 0)
-            yc = y - ybar[None, :]
+            zc, yc, w = _centred_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2, xbar, ybar, seg_ok,
+                                       sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
+                                       HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
             wzc_t = tl.trans(w[:, None] * zc)
             gram = _dot_acc(wzc_t, zc, gram, F64)
             rhs = _dot_acc(wzc_t, yc, rhs, F64)
@@ -215,11 +227,9 @@ def _lime_fit_kernel(
             # 3. residual and total sums of squares, a third pass (β came from outside)
             rss = tl.zeros((BLOCK_L,), dtype)
             for n0 in range(0, N, BLOCK_N):
-                z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
-                                      sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
-                                      HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
-                zc = tl.where(seg_ok[None, :], z - xbar[None, :], 0)
-                yc = y - ybar[None, :]
+                zc, yc, w = _centred_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2, xbar, ybar,
+                                           seg_ok, sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
+                                           HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
                 resid = yc - _dot_acc(zc, beta, tl.zeros((BLOCK_N, BLOCK_L), dtype), F64)
                 rss += tl.sum(w[:, None] * resid * resid, axis=0)
                 tss += tl.sum(w[:, None] * yc * yc, axis=0)
