@@ -11,7 +11,6 @@ output is used as it is, like lime uses classifier_fn's.
 from __future__ import annotations
 
 import contextlib
-
 from functools import partial
 
 import numpy as np
