@@ -4,19 +4,23 @@
 //   num_segments (B,) int64  ->  coef (B, L, M), intercept, score, local_pred (B, L)
 //
 // Phases, all inside the block, float64 throughout:
-//   1. kernel weights (a float64 scratch row) and their sum;
-//   2. weighted means, one warp per column (segment or label), the warp's lanes splitting the samples;
+//   0. the image's masks packed to bits, one 32-bit word per 32 segments of a sample (N x M bytes
+//      read once, coalesced; every later phase reads the bits);
+//   1. kernel weights and their sum;
+//   2. weighted means, one warp per column (segment or label), the warp's lanes splitting the
+//      samples;
 //   3. the centred Gram matrix and right-hand sides as one product A^T W A of the augmented sample
 //      matrix A = [Z - z̄ | Y - ȳ], restricted to the columns of Z: each thread accumulates a 4x4 block
-//      of it in registers over all samples, which are staged in shared memory a tile at a time;
+//      of it in registers over all samples, straight from the bits and the weights (no barrier);
 //   4. a left-looking Cholesky of gram + alpha I: per column, the pivot by one warp, then the rows
 //      below it by four threads each;
-//   5. forward and backward substitution for all labels at once, one barrier per row;
+//   5. forward and backward substitution, one warp per label (warp barriers only);
 //   6. intercept and local_pred per label; the weighted R² in one pass over the samples for up to
 //      eight labels at a time.
-// Two paths: when the Gram matrix and right-hand sides fit in shared memory beside the tile
-// (M <= 64 with a few labels) they live there; otherwise in a float64 scratch area in global
-// memory, same code. The Gram matrix's rows are M + 1 doubles apart, so the Cholesky's threads,
+// Where things live: the bits and the weights ("samples") and the Gram matrix with the right-hand
+// sides ("system") are in shared memory when they fit the device's per-block limit (opted in
+// beyond the default 48 KiB), otherwise in a float64 scratch area in global memory; same code
+// (Layout below). The Gram matrix's rows are M + 1 doubles apart, so the Cholesky's threads,
 // reading one row each, do not all hit the same shared-memory bank. A failed factorization (a
 // singular system, alpha = 0) writes NaN and sets bit 0 of status[b]; the glue re-solves those
 // images by least squares. Bit 1 says that the image's targets hold a NaN or an infinity.
@@ -32,12 +36,11 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// The default per-block shared-memory limit on every architecture; no opt-in attribute needed.
-constexpr int64_t kSharedBytes = 48 * 1024;
+// The per-block shared memory every architecture allows without opting in.
+constexpr int64_t kDefaultSharedBytes = 48 * 1024;
 // The kernel's static shared variables (the reduction buffer and flags, ~76 B) count against the
-// same 48 KiB as the dynamic part: without this margin some (M, L) fail to launch.
+// same limit as the dynamic part.
 constexpr int64_t kStaticSharedBytes = 128;
-constexpr int64_t kMaxTile = 16;
 // Labels whose residuals one thread carries at once in phase 6.
 constexpr int kLabelChunk = 8;
 
@@ -46,33 +49,82 @@ __host__ __device__ inline int64_t system_doubles(int64_t segments, int64_t labe
   return segments * (segments + 1) + segments * labels;
 }
 
-template <typename T, bool SHARED>
+// 32-bit words of one sample's packed mask, and doubles of an image's weights and packed masks.
+__host__ __device__ inline int64_t mask_words(int64_t segments) { return (segments + 31) / 32; }
+__host__ __device__ inline int64_t samples_doubles(int64_t samples, int64_t segments) {
+  return samples + (samples * mask_words(segments) + 1) / 2;
+}
+
+// Bit u of the result is whether byte u of the 16 is non-zero.
+__device__ inline uint32_t pack16(uint4 v) {
+  const uint32_t parts[4] = {v.x, v.y, v.z, v.w};
+  uint32_t r = 0;
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) r |= static_cast<uint32_t>(((parts[p] >> (8 * k)) & 0xffu) != 0) << (4 * p + k);
+  return r;
+}
+
+// Which of the segments' mean-centred values (1 - mean or -mean) a set or clear bit stands for;
+// zero for the padding columns (>= m).
+struct Centred {
+  double one[4], zero[4];
+  __device__ Centred(const double* xbar, int first, int m) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const bool valid = first + u < m;
+      one[u] = valid ? 1.0 - xbar[first + u] : 0.0;
+      zero[u] = valid ? 0.0 - xbar[first + u] : 0.0;
+    }
+  }
+};
+
+template <typename T, bool SYSTEM_SHARED, bool SAMPLES_SHARED>
 __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     const bool* __restrict__ masks, const T* __restrict__ targets, const T* __restrict__ weights,
     const int64_t* __restrict__ num_segments, int64_t samples, int64_t max_segments, int64_t labels, double kernel_width,
-    double alpha, int64_t tile, T* __restrict__ coef, T* __restrict__ intercept, T* __restrict__ score,
-    T* __restrict__ local_pred, int32_t* __restrict__ status, double* __restrict__ scratch) {
+    double alpha, T* __restrict__ coef, T* __restrict__ intercept, T* __restrict__ score, T* __restrict__ local_pred,
+    int32_t* __restrict__ status, double* __restrict__ scratch) {
   extern __shared__ double smem[];
   __shared__ double red[kWarps];
   __shared__ double bcast;
   __shared__ int failed, bad_targets;
   const int64_t b = blockIdx.x, n = samples, mm = max_segments;
   const int m = static_cast<int>(num_segments[b]), nl = static_cast<int>(labels), cols = m + nl, ld = m + 1;
+  const int nw = static_cast<int>(mask_words(mm));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool* z = masks + b * n * mm;
   const T* y = targets + b * n * nl;
 
-  // Scratch per image: w (N), then the Gram matrix and right-hand sides unless they are shared.
-  const int64_t per_image = n + (SHARED ? 0 : system_doubles(mm, nl));
-  double* w = scratch + b * per_image;
-  double* gram = SHARED ? smem : w + n;          // (m, ld), lower triangle used
+  // Shared: [system] [means (mm + nl)] [samples]; scratch per image: [system] [samples], each
+  // part only where it is not shared.
+  const int64_t per_image = (SYSTEM_SHARED ? 0 : system_doubles(mm, nl)) + (SAMPLES_SHARED ? 0 : samples_doubles(n, mm));
+  double* global = scratch + b * per_image;
+  double* gram = SYSTEM_SHARED ? smem : global;  // (m, ld), lower triangle used
   double* rhs = gram + m * ld;                   // (m, nl), becomes beta
-  double* xbar = SHARED ? rhs + m * nl : smem;   // (cols): segment means, then label means
-  double* ybar = xbar + m;                       // (nl)
-  double* atile = xbar + cols;                   // (tile, cols): centred samples and targets
-  double* wtile = atile + tile * cols;           // (tile)
+  double* xbar = SYSTEM_SHARED ? smem + system_doubles(mm, nl) : smem;  // (cols): segment means, then label means
+  double* ybar = xbar + m;                                               // (nl)
+  double* w = SAMPLES_SHARED ? xbar + mm + nl : global + (SYSTEM_SHARED ? 0 : system_doubles(mm, nl));  // (n)
+  uint32_t* bits = reinterpret_cast<uint32_t*>(w + n);  // (n, nw): bit j of word q is segment 32 q + j
 
-  // 1. kernel weights and their sum
+  // 0. the masks as bits; 16-byte loads where every sample is whole words of aligned bytes
+  if (mm % 32 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0) {
+    const uint4* v = reinterpret_cast<const uint4*>(z);
+    for (int64_t q = threadIdx.x; q < n * nw; q += kThreads) bits[q] = pack16(v[2 * q]) | pack16(v[2 * q + 1]) << 16;
+  } else {
+    for (int64_t q = threadIdx.x; q < n * nw; q += kThreads) {
+      const int64_t i = q / nw, first = (q % nw) * 32;
+      const int len = static_cast<int>(min(int64_t(32), mm - first));
+      uint32_t word = 0;
+      const auto* bytes = reinterpret_cast<const unsigned char*>(z + i * mm + first);
+      for (int k = 0; k < len; ++k) word |= static_cast<uint32_t>(bytes[k] != 0) << k;
+      bits[q] = word;
+    }
+  }
+  __syncthreads();
+
+  // 1. kernel weights and their sum, counting the segments of the image (m of the mm columns)
   const double kw2 = kernel_width * kernel_width;
   double part = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
@@ -81,7 +133,11 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
       wi = static_cast<double>(weights[b * n + i]);
     } else {
       int ones = 0;
-      for (int j = 0; j < m; ++j) ones += z[i * mm + j];
+      for (int q = 0; q < nw; ++q) {
+        const int left = m - 32 * q;
+        const uint32_t valid = left >= 32 ? 0xffffffffu : left <= 0 ? 0u : (1u << left) - 1u;
+        ones += __popc(bits[i * nw + q] & valid);
+      }
       const double d = 1.0 - sqrt(static_cast<double>(ones) / static_cast<double>(m));
       wi = sqrt(exp(-(d * d) / kw2));
     }
@@ -100,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     if (c < m) {
 #pragma unroll 4
       for (int64_t i = lane; i < n; i += 32)
-        if (z[i * mm + c]) acc += w[i], ++ones;
+        if ((bits[i * nw + c / 32] >> (c % 32)) & 1u) acc += w[i], ++ones;
     } else {
 #pragma unroll 4
       for (int64_t i = lane; i < n; i += 32) acc += w[i] * static_cast<double>(y[i * nl + (c - m)]);
@@ -117,67 +173,68 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
   }
   __syncthreads();
 
-  // 3. A^T W A for the 4x4 blocks (bj, bk) with bk <= bj and bk inside Z's columns: rows j < m
-  // give the Gram matrix's lower triangle, rows j >= m the right-hand sides. Thread q of a round
-  // owns pair q; a round restages the samples (one round up to M + L of about 90).
-  const int nb = (cols + 3) / 4, nbz = (m + 3) / 4;
-  const int pairs = nbz * nb - nbz * (nbz - 1) / 2;  // sum over bk < nbz of (nb - bk)
+  // 3. A^T W A for the 4x4 blocks (bj, bk) with bk <= bj and bk inside Z's columns. Z's columns
+  // are padded to nbz blocks, Y's follow: blocks bj < nbz give the Gram matrix's lower triangle
+  // (pairs 0 .. nbz (nbz + 1) / 2 - 1), blocks bj >= nbz the right-hand sides (the pairs after
+  // them, so that the threads reading targets share as few warps as possible with the others).
+  // Thread q of a round owns pair q and reads every sample.
+  const int nbz = (m + 3) / 4, nby = (nl + 3) / 4, gram_pairs = nbz * (nbz + 1) / 2;
+  const int pairs = gram_pairs + nbz * nby;
   for (int first = 0; first < pairs; first += kThreads) {
     const int q = first + static_cast<int>(threadIdx.x);
-    const bool active = q < pairs;
+    if (q >= pairs) break;
     int bj = 0, bk = 0;
-    if (active) {
-      int r = q;
-      while (r >= nb - bk) r -= nb - bk, ++bk;
-      bj = bk + r;
+    if (q < gram_pairs) {
+      while ((bj + 1) * (bj + 2) / 2 <= q) ++bj;
+      bk = q - bj * (bj + 1) / 2;
+    } else {
+      bj = nbz + (q - gram_pairs) / nbz;
+      bk = (q - gram_pairs) % nbz;
     }
+    const bool label_rows = bj >= nbz;
+    const Centred ck(xbar, 4 * bk, m), cj(xbar, label_rows ? 0 : 4 * bj, label_rows ? 0 : m);
+    int label[4];
+    double ym[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int l = 4 * (bj - nbz) + u;
+      label[u] = label_rows && l < nl ? l : -1;
+      ym[u] = label[u] >= 0 ? ybar[l] : 0.0;
+    }
+    const int wj = label_rows ? 0 : bj / 8, sj = label_rows ? 0 : 4 * (bj % 8), wk = bk / 8, sk = 4 * (bk % 8);
     double acc[4][4] = {};
-    for (int64_t t0 = 0; t0 < n; t0 += tile) {
-      const int len = static_cast<int>(min(tile, n - t0));
 #pragma unroll 2
-      for (int e = threadIdx.x; e < len * (cols + 1); e += kThreads) {
-        const int t = e / (cols + 1), c = e - t * (cols + 1);
-        const int64_t i = t0 + t;
-        if (c < m)
-          atile[t * cols + c] = (z[i * mm + c] ? 1.0 : 0.0) - xbar[c];
-        else if (c < cols)
-          atile[t * cols + c] = static_cast<double>(y[i * nl + (c - m)]) - ybar[c - m];
+    for (int64_t t = 0; t < n; ++t) {
+      const uint32_t* row = bits + t * nw;
+      const uint32_t nk = row[wk] >> sk, nj = row[wj] >> sj;
+      const double wt = w[t];
+      double aj[4], ak[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        ak[u] = wt * ((nk >> u) & 1u ? ck.one[u] : ck.zero[u]);
+        if (label_rows)
+          aj[u] = label[u] >= 0 ? static_cast<double>(y[t * nl + label[u]]) - ym[u] : 0.0;
         else
-          wtile[t] = w[i];
+          aj[u] = (nj >> u) & 1u ? cj.one[u] : cj.zero[u];
       }
-      __syncthreads();
-      if (active) {
-        for (int t = 0; t < len; ++t) {
-          const double* row = atile + t * cols;
-          const double wt = wtile[t];
-          double aj[4], ak[4];
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            aj[u] = 4 * bj + u < cols ? row[4 * bj + u] : 0.0;
-            ak[u] = 4 * bk + u < cols ? wt * row[4 * bk + u] : 0.0;
-          }
-#pragma unroll
-          for (int u = 0; u < 4; ++u)
-#pragma unroll
-            for (int v = 0; v < 4; ++v) acc[u][v] += aj[u] * ak[v];
-        }
-      }
-      __syncthreads();
-    }
-    if (active) {
 #pragma unroll
       for (int u = 0; u < 4; ++u)
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int j = 4 * bj + u, k = 4 * bk + v;
-          if (k >= m || j >= cols) continue;
-          if (j < m) {
-            if (k <= j) gram[j * ld + k] = acc[u][v];
-          } else {
-            rhs[k * nl + (j - m)] = acc[u][v];
-          }
-        }
+        for (int v = 0; v < 4; ++v) acc[u][v] += aj[u] * ak[v];
     }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int k = 4 * bk + v;
+        if (k >= m) continue;
+        if (!label_rows) {
+          const int j = 4 * bj + u;
+          if (j < m && k <= j) gram[j * ld + k] = acc[u][v];
+        } else if (label[u] >= 0) {
+          rhs[k * nl + label[u]] = acc[u][v];
+        }
+      }
   }
   __syncthreads();
 
@@ -217,28 +274,24 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     return;
   }
 
-  // 5. L u = rhs, then L^T beta = u, column by column: step i subtracts row i's (unscaled) value
-  // times L's column i from the rows it still affects, so one barrier per row; the divisions by
-  // the diagonal are applied to all rows at the end of each sweep.
-  for (int i = 0; i < m; ++i) {
-    const double lii = gram[i * ld + i];
-    for (int p = threadIdx.x; p < (m - i - 1) * nl; p += kThreads) {
-      const int k = i + 1 + p / nl, l = p % nl;
-      rhs[k * nl + l] -= gram[k * ld + i] * (rhs[i * nl + l] / lii);
+  // 5. L u = rhs, then L^T beta = u, one warp per label: step i divides row i by the diagonal and
+  // subtracts it, times L's column i, from the rows it still affects (lanes split the rows).
+  for (int l = warp; l < nl; l += kWarps) {
+    for (int i = 0; i < m; ++i) {
+      const double ui = rhs[i * nl + l] / gram[i * ld + i];
+      __syncwarp();
+      if (lane == 0) rhs[i * nl + l] = ui;
+      for (int k = i + 1 + lane; k < m; k += 32) rhs[k * nl + l] -= gram[k * ld + i] * ui;
+      __syncwarp();
     }
-    __syncthreads();
-  }
-  for (int p = threadIdx.x; p < m * nl; p += kThreads) rhs[p] /= gram[(p / nl) * ld + p / nl];
-  __syncthreads();
-  for (int i = m - 1; i >= 0; --i) {
-    const double lii = gram[i * ld + i];
-    for (int p = threadIdx.x; p < i * nl; p += kThreads) {
-      const int k = p / nl, l = p % nl;
-      rhs[k * nl + l] -= gram[i * ld + k] * (rhs[i * nl + l] / lii);
+    for (int i = m - 1; i >= 0; --i) {
+      const double bi = rhs[i * nl + l] / gram[i * ld + i];
+      __syncwarp();
+      if (lane == 0) rhs[i * nl + l] = bi;
+      for (int k = lane; k < i; k += 32) rhs[k * nl + l] -= gram[i * ld + k] * bi;
+      __syncwarp();
     }
-    __syncthreads();
   }
-  for (int p = threadIdx.x; p < m * nl; p += kThreads) rhs[p] /= gram[(p / nl) * ld + p / nl];
   __syncthreads();
 
   // 6. intercept, local_pred and coef; then the weighted R² per label from the residuals
@@ -261,9 +314,10 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
       for (int u = 0; u < kLabelChunk; ++u) r[u] = u < chunk ? static_cast<double>(y[i * nl + l0 + u]) - ybar[l0 + u] : 0.0;
 #pragma unroll
       for (int u = 0; u < kLabelChunk; ++u) tss[u] += w[i] * r[u] * r[u];
+      const uint32_t* row = bits + i * nw;
 #pragma unroll 4
       for (int j = 0; j < m; ++j) {
-        const double zc = (z[i * mm + j] ? 1.0 : 0.0) - xbar[j];
+        const double zc = ((row[j / 32] >> (j % 32)) & 1u ? 1.0 : 0.0) - xbar[j];
 #pragma unroll
         for (int u = 0; u < kLabelChunk; ++u)
           if (u < chunk) r[u] -= zc * rhs[j * nl + l0 + u];
@@ -280,41 +334,73 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
   if (threadIdx.x == 0) status[b] = bad_targets ? 2 : 0;
 }
 
-int64_t tile_for(int64_t segments, int64_t labels) {
-  const int64_t cap = (kSharedBytes / 2) / (8 * (segments + labels + 1));
-  return cap < 1 ? 1 : (cap < kMaxTile ? cap : kMaxTile);
+// Which parts of an image's working set live in shared memory, how many bytes of it the block
+// takes, and how many doubles of scratch each image needs for the rest. The samples (phases 0-3
+// and 6 read them N times over) go to shared memory first, then the system.
+struct Layout {
+  bool system_shared, samples_shared;
+  int64_t shared_bytes, scratch_per_image;
+};
+
+Layout layout_for(int64_t samples, int64_t segments, int64_t labels, int64_t shared_limit) {
+  const int64_t means = segments + labels, system = system_doubles(segments, labels);
+  const int64_t sample_part = samples_doubles(samples, segments);
+  for (const auto& choice : {Layout{true, true}, Layout{false, true}, Layout{true, false}, Layout{false, false}}) {
+    const int64_t shared = means + (choice.system_shared ? system : 0) + (choice.samples_shared ? sample_part : 0);
+    if (8 * shared <= shared_limit || (!choice.system_shared && !choice.samples_shared))
+      return {choice.system_shared, choice.samples_shared, 8 * shared,
+              (choice.system_shared ? 0 : system) + (choice.samples_shared ? 0 : sample_part)};
+  }
+  return {};  // not reached: the last choice always returns
 }
 
-bool fits_shared(int64_t segments, int64_t labels, int64_t tile) {
-  const int64_t doubles = system_doubles(segments, labels) + segments + labels + tile * (segments + labels + 1);
-  return doubles * 8 <= kSharedBytes - kStaticSharedBytes;
+// The dynamic shared memory a block of the current device may use (opting in beyond 48 KiB).
+int64_t shared_limit() {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    optin = 0;
+  return (optin > kDefaultSharedBytes ? optin : kDefaultSharedBytes) - kStaticSharedBytes;
+}
+
+template <typename T, bool SYSTEM_SHARED, bool SAMPLES_SHARED>
+void launch_kernel(const Layout& layout, int64_t batch, cudaStream_t stream, const bool* masks, const T* y,
+                   const T* wt, const int64_t* num_segments, int64_t samples, int64_t segments, int64_t labels,
+                   double kernel_width, double alpha, T* c, T* i, T* s, T* lp, int32_t* status, double* scratch) {
+  auto kernel = lime_fit_kernel<T, SYSTEM_SHARED, SAMPLES_SHARED>;
+  if (layout.shared_bytes > kDefaultSharedBytes - kStaticSharedBytes)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(layout.shared_bytes));
+  kernel<<<static_cast<unsigned>(batch), kThreads, static_cast<size_t>(layout.shared_bytes), stream>>>(
+      masks, y, wt, num_segments, samples, segments, labels, kernel_width, alpha, c, i, s, lp, status, scratch);
 }
 
 template <typename T>
 void launch(const bool* masks, const void* targets, const void* weights, const int64_t* num_segments, int64_t batch,
             int64_t samples, int64_t segments, int64_t labels, double kernel_width, double alpha, void* coef,
             void* intercept, void* score, void* local_pred, int32_t* status, double* scratch, cudaStream_t stream) {
-  const int64_t tile = tile_for(segments, labels);
+  const Layout layout = layout_for(samples, segments, labels, shared_limit());
   const auto* y = static_cast<const T*>(targets);
   const auto* wt = static_cast<const T*>(weights);
   auto *c = static_cast<T*>(coef), *i = static_cast<T*>(intercept), *s = static_cast<T*>(score),
        *lp = static_cast<T*>(local_pred);
-  if (fits_shared(segments, labels, tile)) {
-    const size_t bytes = 8 * (system_doubles(segments, labels) + segments + labels + tile * (segments + labels + 1));
-    lime_fit_kernel<T, true><<<static_cast<unsigned>(batch), kThreads, bytes, stream>>>(
-        masks, y, wt, num_segments, samples, segments, labels, kernel_width, alpha, tile, c, i, s, lp, status, scratch);
-  } else {
-    const size_t bytes = 8 * (segments + labels + tile * (segments + labels + 1));
-    lime_fit_kernel<T, false><<<static_cast<unsigned>(batch), kThreads, bytes, stream>>>(
-        masks, y, wt, num_segments, samples, segments, labels, kernel_width, alpha, tile, c, i, s, lp, status, scratch);
-  }
+  const auto go = [&](auto launcher) {
+    launcher(layout, batch, stream, masks, y, wt, num_segments, samples, segments, labels, kernel_width, alpha, c, i, s,
+             lp, status, scratch);
+  };
+  if (layout.system_shared && layout.samples_shared)
+    go(launch_kernel<T, true, true>);
+  else if (layout.samples_shared)
+    go(launch_kernel<T, false, true>);
+  else if (layout.system_shared)
+    go(launch_kernel<T, true, false>);
+  else
+    go(launch_kernel<T, false, false>);
 }
 
 }  // namespace
 
 int64_t lime_fit_scratch_doubles(int64_t batch, int64_t samples, int64_t segments, int64_t labels) {
-  const bool shared = fits_shared(segments, labels, tile_for(segments, labels));
-  return batch * (samples + (shared ? 0 : system_doubles(segments, labels)));
+  return batch * layout_for(samples, segments, labels, shared_limit()).scratch_per_image;
 }
 
 void lime_fit(const bool* masks, const void* targets, const void* weights, const int64_t* num_segments, Elem type,

@@ -1,0 +1,42 @@
+// C entry points to the CUDA launchers (csrc/cuda/launchers.h) compiled for the SIMT emulator,
+// called from tests/test_cuda_emulated.py through ctypes with host pointers. Each returns 0, or
+// -1 with simt_error() saying what the emulator caught.
+#include <cstdint>
+#include <cstring>
+
+#include "launchers.h"
+
+namespace ac = attrefine_fast::cuda;
+
+namespace {
+thread_local std::string last_error;
+
+int finish() {
+  last_error = simt::error();
+  simt::error().clear();
+  return last_error.empty() ? 0 : -1;
+}
+}  // namespace
+
+extern "C" {
+
+const char* simt_error() { return last_error.c_str(); }
+
+void simt_set_schedule(int mode) { simt::schedule() = mode; }
+
+void simt_set_optin_shared_bytes(int64_t bytes) { simt::optin_shared_bytes() = static_cast<std::size_t>(bytes); }
+
+int64_t simt_lime_fit_scratch_doubles(int64_t batch, int64_t samples, int64_t segments, int64_t labels) {
+  return ac::lime_fit_scratch_doubles(batch, samples, segments, labels);
+}
+
+int simt_lime_fit(const bool* masks, const void* targets, const void* weights, const int64_t* num_segments,
+                  int elem, int64_t batch, int64_t samples, int64_t segments, int64_t labels, double kernel_width,
+                  double alpha, void* coef, void* intercept, void* score, void* local_pred, int32_t* status,
+                  double* scratch) {
+  ac::lime_fit(masks, targets, weights, num_segments, static_cast<ac::Elem>(elem), batch, samples, segments, labels,
+               kernel_width, alpha, coef, intercept, score, local_pred, status, scratch, nullptr);
+  return finish();
+}
+
+}  // extern "C"
