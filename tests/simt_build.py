@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "csrc" / "cuda"
 SIMT_DIR = Path(__file__).resolve().parent / "simt"
-KERNELS = ("lime_fit.cu",)
+KERNELS = ("segment_mean.cu", "perturb.cu", "lime_fit.cu", "masked_pgd_step.cu")
 
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\s*\[\s*\]\s*;")

@@ -12,12 +12,15 @@ import pytest
 import torch
 
 from attrefine_fast.ops.lime_fit import lime_fit_ref
-from op_cases import lime_fit_cases
+from attrefine_fast.ops.masked_pgd_step import masked_pgd_step_ref
+from attrefine_fast.ops.perturb import perturb_output_dtype, perturb_ref
+from attrefine_fast.ops.segment_mean import segment_mean_ref
+from op_cases import clone_args, labels, lime_fit_cases, masked_pgd_step_cases, perturb_cases, segment_mean_cases
 import simt_build
 
 pytestmark = pytest.mark.skipif(simt_build.compiler() is None, reason="needs a C++ compiler")
 
-ELEM = {torch.float32: 3, torch.float64: 4}  # cuda::Elem
+ELEM = {torch.uint8: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}  # cuda::Elem
 CANARY = -7.25  # fills the slack after the scratch area
 
 
@@ -30,6 +33,10 @@ def simt(tmp_path_factory):
     lib.simt_lime_fit.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_double] * 2 + [ctypes.c_void_p] * 6
     lib.simt_set_optin_shared_bytes.argtypes = [ctypes.c_int64]
     lib.simt_set_schedule.argtypes = [ctypes.c_int]
+    i64, dbl, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
+    lib.simt_segment_sums.argtypes = [ptr, cint, ptr] + [i64] * 4 + [ptr] * 2
+    lib.simt_perturb_select.argtypes = [ptr, ptr, ptr, cint, ptr, ptr] + [i64] * 8 + [cint]
+    lib.simt_masked_pgd_step.argtypes = [ptr] * 4 + [cint] + [i64] * 3 + [cint] + [dbl] * 4 + [cint, ptr, ptr]
     return lib
 
 
@@ -156,3 +163,133 @@ def test_emulated_lime_fit_flags_singular_systems_and_bad_targets(simt):
     ref = lime_fit_ref(masks[1:2], targets[1:2], torch.tensor([4]), None, 0.25, 0.0)
     for g, w in zip(got, ref):
         torch.testing.assert_close(g[1:2], w, atol=1e-9, rtol=1e-7)
+
+
+# ---- segment_mean, perturb and masked_pgd_step, through the glue's steps in ops_cuda.cpp ----
+def _run(lib, fn, *args, schedule="shuffled"):
+    lib.simt_set_schedule(SCHEDULES[schedule])
+    assert fn(*args) == 0, lib.simt_error().decode()
+
+
+def emulated_segment_mean(lib, images, segments, num_segments, schedule="shuffled"):
+    b, c, h, w = images.shape
+    img, seg = images.contiguous(), segments.to(torch.int32).contiguous()
+    sums = torch.zeros(b, c, num_segments, dtype=torch.float64)
+    counts = torch.zeros(b, num_segments, dtype=torch.float64)
+    _run(lib, lib.simt_segment_sums, _ptr(img), ELEM[img.dtype], _ptr(seg), b, c, h * w, num_segments, _ptr(sums),
+         _ptr(counts), schedule=schedule)
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    return means.transpose(1, 2).contiguous().to(images.dtype if images.is_floating_point() else torch.float64)
+
+
+def _prepared(src, mean, std, dtype, channels_last):
+    """The glue's perturb_source: normalized and cast once per image, laid out as the output."""
+    v = src
+    if mean is not None:
+        compute = torch.float64 if src.dtype == torch.float64 else torch.float32
+        c = src.shape[1]
+        v = (v.to(compute) - mean.to(compute).view(1, c, 1, 1)) / std.to(compute).view(1, c, 1, 1)
+    v = v.to(dtype)
+    return v.permute(0, 2, 3, 1).contiguous() if channels_last else v.contiguous()
+
+
+def emulated_perturb(lib, images, segments, masks, fudge, offset, count, mean, std, out_dtype, channels_last,
+                     schedule="shuffled", int32_ids=False):
+    b, c, h, w = images.shape
+    dtype = perturb_output_dtype(images.dtype, mean is not None, out_dtype)
+    out = torch.empty((b * count, c, h, w), dtype=dtype,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    kept, replaced = (_prepared(t, mean, std, dtype, channels_last) for t in (images, fudge))
+    seg = (segments.int() if int32_ids else segments).contiguous()
+    msk = masks.contiguous()
+    _run(lib, lib.simt_perturb_select, _ptr(kept), _ptr(replaced), _ptr(seg), int(seg.dtype == torch.int64), _ptr(msk),
+         _ptr(out), out.element_size(), b, masks.shape[1], masks.shape[2], c, h * w, offset, count, int(channels_last),
+         schedule=schedule)
+    return out
+
+
+def emulated_masked_pgd_step(lib, x_adv, x, grad, weight, step_size, eps, lo, hi, norm, schedule="shuffled"):
+    """Updates x_adv in place; returns the flag the kernels set (non-zero: nothing was written)."""
+    b, c, h, w = x_adv.shape
+    channels_last = not x_adv.is_contiguous() and x_adv.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    work = x_adv if x_adv.is_contiguous(memory_format=fmt) else x_adv.contiguous(memory_format=fmt)
+    xc, gc = x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
+    wt = None if weight is None else weight.contiguous()
+    flag = torch.zeros(1, dtype=torch.int32)
+    sums = torch.zeros(3 * b, dtype=torch.float64)
+    _run(lib, lib.simt_masked_pgd_step, _ptr(work), _ptr(xc), _ptr(gc), _ptr(wt), ELEM[x_adv.dtype], b, c, h * w,
+         int(channels_last), step_size, eps, lo, hi, int(norm == "linf"), _ptr(sums), _ptr(flag), schedule=schedule)
+    if work is not x_adv:
+        x_adv.copy_(work)
+    return flag.item()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.uint8, 1e-12), (torch.float32, 1e-6),
+                                        (torch.bfloat16, 2**-8), (torch.float16, 2**-11)])
+@pytest.mark.parametrize("name", [name for name, _ in segment_mean_cases()])
+def test_emulated_segment_mean_matches_the_reference(simt, name, dtype, tol):
+    args = dict(segment_mean_cases(dtype))[name]
+    got = emulated_segment_mean(simt, *args)
+    torch.testing.assert_close(got, segment_mean_ref(*args), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("m", [10, 2000])  # (C + 1) M bins in shared memory, and too many for it
+def test_emulated_segment_mean_over_several_blocks(simt, m):
+    gen = torch.Generator().manual_seed(12)
+    images = torch.rand(2, 3, 50, 41, generator=gen, dtype=torch.float64)  # 2050 pixels: 3 blocks
+    segments = labels(2, 50, 41, [m, m // 2], gen)
+    got = emulated_segment_mean(simt, images, segments, m)
+    torch.testing.assert_close(got, segment_mean_ref(images, segments, m), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("int32_ids", [False, True])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("name", [name for name, _ in perturb_cases()])
+def test_emulated_perturb_matches_the_reference(simt, name, dtype, int32_ids):
+    args = dict(perturb_cases(dtype))[name]
+    got = emulated_perturb(simt, *args, int32_ids=int32_ids)
+    torch.testing.assert_close(got, perturb_ref(*args), atol=0, rtol=0)
+
+
+def test_emulated_perturb_in_runs_of_16_bytes_and_unaligned(simt):
+    # 16x16x3 images: whole 16-byte runs; the same one element into their storage: the element path.
+    gen = torch.Generator().manual_seed(8)
+    b, n, m = 3, 20, 7
+    seg = labels(b, 16, 16, [m, 4, 6], gen)
+    masks = torch.rand(b, n, m, generator=gen) > 0.5
+    storage = torch.randint(0, 256, (b * 768 * 2 + 1,), generator=gen).to(torch.float32)
+    for start in (0, 1):
+        images = storage[start : start + b * 768].view(b, 3, 16, 16)
+        fudge = storage[start + b * 768 : start + 2 * b * 768].view(b, 3, 16, 16)
+        for channels_last in (False, True):
+            args = (images, seg, masks, fudge, 3, 13, None, None, None, channels_last)
+            torch.testing.assert_close(emulated_perturb(simt, *args), perturb_ref(*args), atol=0, rtol=0)
+
+
+PGD_TOLERANCES = {  # as in test_compiled_ops.py; float16 one ulp at 1.0
+    ("linf", torch.float64): (0.0, 0.0), ("linf", torch.float32): (0.0, 0.0),
+    ("linf", torch.bfloat16): (2**-7, 0.0), ("linf", torch.float16): (2**-10, 0.0),
+    ("l2", torch.float64): (1e-12, 1e-12), ("l2", torch.float32): (1e-6, 1e-5),
+    ("l2", torch.bfloat16): (2**-6, 0.0), ("l2", torch.float16): (2**-9, 0.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", [name for name, _ in masked_pgd_step_cases()])
+def test_emulated_masked_pgd_step_matches_the_reference(simt, name, dtype):
+    args = dict(masked_pgd_step_cases(dtype))[name]
+    atol, rtol = PGD_TOLERANCES[(args[-1], dtype)]
+    expected = masked_pgd_step_ref(*clone_args(args))
+    mine = clone_args(args)
+    assert emulated_masked_pgd_step(simt, *mine) == 0
+    torch.testing.assert_close(mine[0], expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_emulated_masked_pgd_step_writes_nothing_for_a_non_finite_gradient(simt, norm):
+    args = clone_args(dict(masked_pgd_step_cases(torch.float32))[f"{norm}-prime"])
+    args[2][1, 2, 3, 4] = float("nan")
+    before = args[0].clone()
+    assert emulated_masked_pgd_step(simt, *args) != 0
+    assert torch.equal(args[0], before)

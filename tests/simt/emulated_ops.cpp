@@ -39,4 +39,28 @@ int simt_lime_fit(const bool* masks, const void* targets, const void* weights, c
   return finish();
 }
 
+int simt_segment_sums(const void* images, int elem, const int32_t* segments, int64_t batch, int64_t channels,
+                      int64_t pixels, int64_t num_segments, double* sums, double* counts) {
+  ac::segment_sums(images, static_cast<ac::Elem>(elem), segments, batch, channels, pixels, num_segments, sums, counts,
+                   nullptr);
+  return finish();
+}
+
+int simt_perturb_select(const void* kept, const void* replaced, const void* segments, int segments_int64,
+                        const bool* masks, void* out, int64_t elem_bytes, int64_t batch, int64_t samples,
+                        int64_t num_segments, int64_t channels, int64_t pixels, int64_t offset, int64_t count,
+                        int channels_last) {
+  ac::perturb_select(kept, replaced, segments, segments_int64 != 0, masks, out, elem_bytes, batch, samples,
+                     num_segments, channels, pixels, offset, count, channels_last != 0, nullptr);
+  return finish();
+}
+
+int simt_masked_pgd_step(void* x_adv, const void* x, const void* grad, const void* weight, int elem, int64_t batch,
+                         int64_t channels, int64_t pixels, int channels_last, double step_size, double eps, double lo,
+                         double hi, int linf, double* sums, int* flag) {
+  ac::masked_pgd_step(x_adv, x, grad, weight, static_cast<ac::Elem>(elem), batch, channels, pixels, channels_last != 0,
+                      step_size, eps, lo, hi, linf != 0, sums, flag, nullptr);
+  return finish();
+}
+
 }  // extern "C"

@@ -1,0 +1,29 @@
+// bfloat16 for the SIMT emulator (simt.h): the storage type and the conversions the kernels use,
+// rounding to nearest even as the device does.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  __nv_bfloat16 h;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    h.bits = static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+  } else {
+    h.bits = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  return h;
+}
