@@ -7,7 +7,9 @@ Matches attrefine_fast.ops.masked_pgd_step.masked_pgd_step_ref:
            partial sums of ‖g‖², then of ‖δ‖², then the update; each launch adds up the
            row of partial sums of its sample itself, so the result is deterministic)
     then x_adv = clamp(x + δ, lo, hi).
-Any strides; float16/bfloat16 compute in float32, float64 in float64.
+Any strides; float64 computes in float64, the others in float32. The reference computes op by op in
+the tensor's dtype, so for float16/bfloat16 every intermediate it materializes is rounded to that
+dtype at the same point here; float32 and float64 need no rounding.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attrefine_fast.ops.masked_pgd_step import EPS_FOR_DIVISION
+from attrefine_fast.ops.masked_pgd_step import EPS_FOR_DIVISION, FLOAT16_EPS_FOR_DIVISION
 
 from .contracts import check_masked_pgd_step, concrete
 from .op_registration import triton_op, wrap_triton
@@ -25,6 +27,7 @@ from .op_registration import triton_op, wrap_triton
 # input restored between autotuning runs.
 BLOCK = 1024
 _EPS_FOR_DIVISION = tl.constexpr(EPS_FOR_DIVISION)
+_FLOAT16_EPS_FOR_DIVISION = tl.constexpr(FLOAT16_EPS_FOR_DIVISION)
 
 
 @triton.jit
@@ -52,6 +55,27 @@ def _load_step(
         p = offs % HW
         wt = tl.load(weight_ptr + b * sw_b + (p // W) * sw_h + (p % W) * sw_w, mask=inside, other=0).to(dtype)
     return a, x, g, wt
+
+
+@triton.jit
+def _rnd(v, T: tl.constexpr):
+    """float32 v rounded to T (float16, bfloat16) and back; v itself for float32 and float64."""
+    if T == tl.float16:
+        v = v.to(tl.float16).to(tl.float32)
+    elif T == tl.bfloat16:
+        # to nearest even by hand: the interpreter truncates a float32 -> bfloat16 cast
+        bits = v.to(tl.uint32, bitcast=True)
+        v = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
+def _div(a, b, T: tl.constexpr):
+    """a / b, correctly rounded where the quotient is then rounded to float16/bfloat16 (the GPU's
+    default float32 division is approximate, enough to move that rounding)."""
+    if T == tl.float16 or T == tl.bfloat16:
+        return tl.div_rn(a, b)
+    return a / b
 
 
 @triton.jit
@@ -90,34 +114,44 @@ def _masked_pgd_kernel(
         sa_b, sa_c, sa_h, sa_w, sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sw_b, sw_h, sw_w,
         HAS_WEIGHT, F64, FLAT,
     )
+    T = x_adv_ptr.dtype.element_ty
     if L2:
-        g = g * wt
+        g = _rnd(g * wt, T)
         if STAGE == 0:
             tl.store(g_partial_ptr + b * num_blocks + blk, tl.sum(g * g, axis=0))
         else:
             if F64:
                 g_norm = tl.sqrt(_row_total(g_partial_ptr, b, num_blocks, 128, F64)) + _EPS_FOR_DIVISION
             else:
-                g_norm = tl.sqrt_rn(_row_total(g_partial_ptr, b, num_blocks, 128, F64)) + _EPS_FOR_DIVISION
-            delta = tl.where(inside, a + step_size * g / g_norm - x, 0)
+                # torch's norm is rounded to the dtype, then its sum with the guard
+                guard = _FLOAT16_EPS_FOR_DIVISION if T == tl.float16 else _EPS_FOR_DIVISION
+                g_norm = _rnd(_rnd(tl.sqrt_rn(_row_total(g_partial_ptr, b, num_blocks, 128, F64)), T) + guard, T)
+            # ((a + (step·g) / ‖g‖) - x), each result rounded as the reference's ops round it
+            delta = _rnd(_rnd(a + _rnd(_div(_rnd(step_size * g, T), g_norm, T), T), T) - x, T)
+            delta = tl.where(inside, delta, 0)
             if STAGE == 1:
                 tl.store(d_partial_ptr + b * num_blocks + blk, tl.sum(delta * delta, axis=0))
             else:
                 if F64:
                     d_norm = tl.sqrt(_row_total(d_partial_ptr, b, num_blocks, 128, F64))
                 else:
-                    d_norm = tl.sqrt_rn(_row_total(d_partial_ptr, b, num_blocks, 128, F64))
+                    d_norm = _rnd(tl.sqrt_rn(_row_total(d_partial_ptr, b, num_blocks, 128, F64)), T)
                 # d_norm = 0 (then delta = 0): a factor of 1, with no 0 / 0 computed on the way
                 moved = d_norm > 0
-                delta = delta * tl.where(moved, tl.minimum(eps / tl.where(moved, d_norm, 1.0), 1.0), 1.0)
+                if T == tl.float16 or T == tl.bfloat16:
+                    # the reference's eps / ‖δ‖ is Tensor.__rdiv__: reciprocal, then a product
+                    ratio = _rnd(eps * _rnd(tl.div_rn(1.0, tl.where(moved, d_norm, 1.0)), T), T)
+                else:
+                    ratio = eps / tl.where(moved, d_norm, 1.0)
+                delta = _rnd(delta * tl.where(moved, tl.minimum(ratio, 1.0), 1.0), T)
     else:
         sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(g.dtype)
-        delta = a + step_size * (sign * wt) - x
-        delta = tl.minimum(tl.maximum(delta, -eps), eps)
+        delta = _rnd(_rnd(a + _rnd(step_size * (sign * wt), T), T) - x, T)
+        delta = _rnd(tl.minimum(tl.maximum(delta, -eps), eps), T)
     if STAGE == 2:
-        out = tl.minimum(tl.maximum(x + delta, lo), hi)
+        out = _rnd(tl.minimum(tl.maximum(_rnd(x + delta, T), lo), hi), T)
         target = _element(x_adv_ptr, b, offs, HW, W, sa_b, sa_c, sa_h, sa_w, FLAT)
-        tl.store(target, out.to(x_adv_ptr.dtype.element_ty), mask=inside)
+        tl.store(target, out.to(T), mask=inside)
 
 
 @triton_op("masked_pgd_step_triton", mutates_args={"x_adv"})
