@@ -274,18 +274,21 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     return;
   }
 
-  // 5. L u = rhs, then L^T beta = u, one warp per label: step i divides row i by the diagonal and
-  // subtracts it, times L's column i, from the rows it still affects (lanes split the rows).
+  // 5. L u = rhs, then L^T beta = u, one warp per label: step i scales row i by the reciprocal of
+  // the diagonal and subtracts it, times L's column i, from the rows it still affects (lanes split
+  // the rows). The reciprocals are kept in the Gram matrix's padding column (column m of ld).
+  for (int i = threadIdx.x; i < m; i += kThreads) gram[i * ld + m] = 1.0 / gram[i * ld + i];
+  __syncthreads();
   for (int l = warp; l < nl; l += kWarps) {
     for (int i = 0; i < m; ++i) {
-      const double ui = rhs[i * nl + l] / gram[i * ld + i];
+      const double ui = rhs[i * nl + l] * gram[i * ld + m];
       __syncwarp();
       if (lane == 0) rhs[i * nl + l] = ui;
       for (int k = i + 1 + lane; k < m; k += 32) rhs[k * nl + l] -= gram[k * ld + i] * ui;
       __syncwarp();
     }
     for (int i = m - 1; i >= 0; --i) {
-      const double bi = rhs[i * nl + l] / gram[i * ld + i];
+      const double bi = rhs[i * nl + l] * gram[i * ld + m];
       __syncwarp();
       if (lane == 0) rhs[i * nl + l] = bi;
       for (int k = lane; k < i; k += 32) rhs[k * nl + l] -= gram[i * ld + k] * bi;
