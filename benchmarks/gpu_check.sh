@@ -1,7 +1,9 @@
 #!/bin/bash
 # The checks that need a CUDA GPU, in one run: build the extension with CUDA, the compiled ops'
 # bad-input cases (a backtrace if they crash), the CUDA parity and opcheck tests of the compiled
-# and Triton ops, compute-sanitizer memcheck on the compiled ops' CUDA tests, the performance
+# and Triton ops, compute-sanitizer memcheck on the compiled ops' CUDA tests, racecheck and
+# synccheck on the kernels that share memory between threads (what the CPU emulator in tests/simt
+# cannot see), the performance
 # targets (benchmarks/gpu_targets.py) and the quick benchmark profile.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and the benchmark report go to OUT_DIR)
@@ -33,6 +35,10 @@ run compiled-cuda cuda_tests.log python -m pytest -q -rfE -p no:cacheprovider te
 run triton-cuda triton_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_triton_ops.py tests/test_triton_fit_pgd.py -k cuda
 run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 \
   python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k cuda
+run racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 9 \
+  python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k "cuda and (lime_fit or segment_mean or parity)"
+run synccheck synccheck.log compute-sanitizer --tool synccheck --error-exitcode 9 \
+  python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k "cuda and (lime_fit or parity)"
 run targets targets.log python benchmarks/gpu_targets.py --json "$out/targets.json"
 run bench bench.log python -m attrefine_fast bench --quick --device cuda --json "$out/bench-quick-cuda.json" \
   --markdown "$out/bench-quick-cuda.md"

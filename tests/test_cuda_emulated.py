@@ -151,6 +151,25 @@ def test_emulated_lime_fit_reads_unaligned_masks_byte_by_byte(simt):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_emulated_lime_fit_on_random_shapes(simt, seed):
+    # Sizes around the kernel's boundaries: 4-column blocks, 32-segment mask words, more labels
+    # than warps (8) and than the R² pass carries at once (8), padded segment columns.
+    gen = torch.Generator().manual_seed(100 + seed)
+    pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    b, n, m, nl = pick(1, 3), pick(1, 200), pick(1, 100), pick(1, 12)
+    counts = torch.randint(1, m + 1, (b,), generator=gen)
+    counts[0] = m
+    masks = torch.rand(b, n, m, generator=gen) > torch.rand(1, generator=gen).item()
+    targets = torch.randn(b, n, nl, generator=gen, dtype=torch.float64)
+    weights = torch.rand(b, n, generator=gen, dtype=torch.float64) + 0.01 if seed % 2 else None
+    args = (masks, targets, counts, weights, 0.25 + seed / 4, 0.5 + seed)
+    got, status = emulated_lime_fit(simt, *args)
+    assert torch.all(status == 0), (b, n, m, nl)
+    for g, w in zip(got, lime_fit_ref(*args)):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-7, msg=lambda text: f"{(b, n, m, nl)}: {text}")
+
+
 def test_emulated_lime_fit_flags_singular_systems_and_bad_targets(simt):
     gen = torch.Generator().manual_seed(6)
     masks = torch.rand(3, 40, 4, generator=gen) > 0.5
