@@ -59,10 +59,11 @@ def _lime_fit_variants(full: bool):
     from . import lime_fit as mod
 
     phases = (mod.FUSED, mod.NORMAL_EQUATIONS, mod.FINISH)
-    grid = itertools.product(mod._CONFIGS, (False, True), phases, (False, True), (16, 64, 128))
-    for config, f64, phase, has_weights, block_m in grid:
-        first = config is mod._CONFIGS[0]
-        main = not f64 and phase == mod.FUSED and not has_weights and block_m == 64
+    tuned = [(False, c) for c in mod._CONFIGS] + [(True, c) for c in mod._F64_CONFIGS]
+    grid = itertools.product(tuned, phases, (False, True), (16, 64, 128))
+    for (f64, config), phase, has_weights, block_m in grid:
+        first = config is (mod._F64_CONFIGS if f64 else mod._CONFIGS)[0]
+        main = phase == mod.FUSED and not has_weights and block_m == 64
         if not full and not first and not main:
             continue
         t = "f64" if f64 else "f32"
@@ -71,7 +72,7 @@ def _lime_fit_variants(full: bool):
                     "intercept_ptr": t, "score_ptr": t, "local_pred_ptr": t}
         constexprs = dict(config.kwargs, PHASE=phase, HAS_WEIGHTS=has_weights, F64=f64, BLOCK_M=block_m, BLOCK_L=16)
         yield (f"lime_fit {t} phase={phase} weights={has_weights} BLOCK_M={block_m} {config.kwargs}",
-               mod._lime_fit_kernel.fn, pointers, constexprs, config.num_warps)
+               mod._lime_fit, pointers, constexprs, config.num_warps)
 
 
 def _masked_pgd_variants(full: bool):

@@ -22,10 +22,11 @@ them with a pseudo-inverse (the minimum-norm solution, which the reference's lst
 also gives on CPU) and runs the remaining pass as a second launch.
 
 tl.dot needs blocks of at least 16, so M and L are padded to powers of two >= 16 with zeros.
-float64 reduces broadcast products instead of tl.dot (see _dot_acc), which spill the least with
-16 samples per block: only BLOCK_N = 16 is tried for it (see _fits_in_registers).
+float64 reduces broadcast products instead of tl.dot (see _dot_acc); they hold BLOCK_N x M x M
+values at once, so float64 has its own autotuner over 1 to 4 samples per block
+(_lime_fit_kernel_f64, _F64_CONFIGS).
 One program holds the whole M x M matrix in registers: without spills up to M = 128 in
-float32 (64 in float64, see _fits_in_registers), correct but slower up to MAX_SEGMENTS.
+float32 (64 in float64), correct but slower up to MAX_SEGMENTS.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ FUSED, NORMAL_EQUATIONS, FINISH = 0, 1, 2  # the PHASE of a launch
 # the same, readable inside the kernels (Triton reads only constexpr globals)
 _FUSED, _NORMAL_EQUATIONS, _FINISH = tl.constexpr(FUSED), tl.constexpr(NORMAL_EQUATIONS), tl.constexpr(FINISH)
 
-# Not measured (no GPU when written): candidates for M = 64 / 128 segments at N = 1000 samples.
+# float32 (tl.dot, BLOCK_N >= 16): candidates for M = 64 / 128 segments at N = 1000 samples.
 _CONFIGS = [
     triton.Config({"BLOCK_N": 32}, num_warps=4),
     triton.Config({"BLOCK_N": 64}, num_warps=4),
@@ -52,10 +53,20 @@ _CONFIGS = [
     triton.Config({"BLOCK_N": 16}, num_warps=8),
     triton.Config({"BLOCK_N": 16}, num_warps=16),
 ]
+# float64 (broadcast products): the fewest spills. ptxas (Triton 3.6, sm_90, M = 64, the fused
+# kernel) spills per thread, with 8 warps: 4.5 kB at BLOCK_N = 16 (the only block tried before,
+# 17.9 ms at B = 256 on an H100), 1.0 kB at 8, 104 B at 4, 436 B at 2, 36 B at 1; none at M = 16;
+# at M = 128 every choice spills kilobytes. Not timed yet: the autotuner picks on the GPU.
+_F64_CONFIGS = [
+    triton.Config({"BLOCK_N": 4}, num_warps=8),
+    triton.Config({"BLOCK_N": 1}, num_warps=8),
+    triton.Config({"BLOCK_N": 2}, num_warps=8),
+    triton.Config({"BLOCK_N": 4}, num_warps=16),
+]
 
 
 def _fits_in_registers(configs, named_args, **kwargs):
-    """Drop the configurations whose M x M tile cannot stay in registers.
+    """Drop the float32 configurations whose M x M tile cannot stay in registers.
 
     From ptxas's resource usage for sm_90 (cubins built as in kernels/compile_check.py, no GPU
     needed): the fused kernel spills at most a few bytes per thread while the Gram tile takes
@@ -63,11 +74,7 @@ def _fits_in_registers(configs, named_args, **kwargs):
     spills hundreds of bytes to kilobytes beyond that; e.g. float32 M = 128 spills 1.3 kB per
     thread with 4 warps and nothing with 8.
     """
-    f64 = named_args["targets_ptr"].dtype == torch.float64
-    words = kwargs["BLOCK_M"] ** 2 * (2 if f64 else 1)
-    if f64:  # the broadcast products of _dot_acc: with 16 samples per block ptxas (Triton 3.6, sm_90)
-        # spills 3.7-4.5 kB per thread at M = 64 with 8 or 16 warps, with 32 samples 26 kB (8 warps)
-        configs = [c for c in configs if c.kwargs["BLOCK_N"] == 16]
+    words = kwargs["BLOCK_M"] ** 2
 
     def per_thread(c):
         return words / (32 * c.num_warps)
@@ -155,12 +162,8 @@ def _ridge_solve(gram, rhs, mb, BLOCK_M: tl.constexpr):
     return rhs / diag[:, None]
 
 
-@triton.autotune(
-    configs=autotune_configs(_CONFIGS), key=["N", "BLOCK_M", "BLOCK_L"],
-    prune_configs_by={"early_config_prune": _fits_in_registers},
-)
 @triton.jit
-def _lime_fit_kernel(
+def _lime_fit(
     # pointers
     masks_ptr, targets_ptr, weights_ptr, num_segments_ptr, params_ptr,
     gram_ptr, rhs_ptr, beta_ptr,  # normal equations / solution of the alpha = 0 path
@@ -247,6 +250,13 @@ def _lime_fit_kernel(
         tl.store(local_pred_ptr + b * L + idx_l, local_pred, mask=label_ok)
 
 
+_KEY = ["N", "BLOCK_M", "BLOCK_L"]
+_lime_fit_kernel = triton.autotune(
+    configs=autotune_configs(_CONFIGS), key=_KEY, prune_configs_by={"early_config_prune": _fits_in_registers}
+)(_lime_fit)
+_lime_fit_kernel_f64 = triton.autotune(configs=autotune_configs(_F64_CONFIGS), key=_KEY)(_lime_fit)
+
+
 @triton_op("lime_fit_triton", mutates_args=())
 def lime_fit_triton(
     masks: torch.Tensor,
@@ -278,7 +288,8 @@ def lime_fit_triton(
     sw_b, sw_n = w.stride()[:2]
 
     def launch(phase, gram, rhs, beta):
-        wrap_triton(_lime_fit_kernel)[(b,)](
+        kernel = _lime_fit_kernel_f64 if dtype == torch.float64 else _lime_fit_kernel
+        wrap_triton(kernel)[(b,)](
             masks, targets, w, num_segments, params,
             gram, rhs, beta, coef, intercept, score, local_pred,
             n, m, l,

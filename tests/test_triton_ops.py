@@ -42,15 +42,19 @@ def test_interpreter_is_on_where_there_is_no_gpu():
         assert backends.status(op, "triton", "cpu")[0]
 
 
-@pytest.mark.parametrize("module,kernel", [("perturb", "_perturb_kernel"), ("lime_fit", "_lime_fit_kernel")])
-def test_autotune_keys_and_configs_name_kernel_arguments(module, kernel):
+@pytest.mark.parametrize("module,kernel,configs", [
+    ("perturb", "_perturb_kernel", "_CONFIGS"),
+    ("lime_fit", "_lime_fit_kernel", "_CONFIGS"),
+    ("lime_fit", "_lime_fit_kernel_f64", "_F64_CONFIGS"),
+])
+def test_autotune_keys_and_configs_name_kernel_arguments(module, kernel, configs):
     # Triton skips unknown key names silently; a typo would make one tuning serve every size.
     from attrefine_fast import kernels
 
     mod = getattr(kernels, module)
     tuner = getattr(mod, kernel)
     assert tuner.keys and set(tuner.keys) <= set(tuner.arg_names)
-    for config in mod._CONFIGS:
+    for config in getattr(mod, configs):
         assert set(config.kwargs) <= set(tuner.arg_names)
 
 
