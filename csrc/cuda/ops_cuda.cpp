@@ -95,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lime_fit_cuda(const a
   // same device-to-host copy that reports the failed factorizations.
   check_lime_fit_args(masks, targets, num_segments, weights, kernel_width, alpha, at::kCUDA, /*check_targets=*/false);
   const int64_t b = masks.size(0), n = masks.size(1), m = masks.size(2), nl = targets.size(2);
-  // The block keeps the means and a tile of samples (>= 1 row of M + L + 1 float64) in 48 KiB of
-  // shared memory.
+  // The block keeps at least the means (M + L float64) in shared memory (lime_fit.cu's Layout),
+  // well inside the 48 KiB every device gives a block.
   TORCH_CHECK_VALUE(m + nl <= 3000, "lime_fit on CUDA supports M + L <= 3000 (segments plus labels), got ", m + nl);
   const c10::cuda::CUDAGuard guard(masks.device());
   const auto msk = masks.contiguous(), tgt = targets.contiguous(), segs = num_segments.contiguous();
