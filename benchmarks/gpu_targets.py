@@ -151,6 +151,16 @@ def pgd_cases(rows: list, reps: int) -> None:
             measure(rows, f"masked_pgd_step {size}x{size} B={batch} {norm} weighted", make, reps)
 
 
+def tuned_configs() -> dict:
+    """The configuration each Triton autotuner chose, per tuning key, in this process."""
+    from attrefine_fast import kernels
+
+    tuners = {"perturb": kernels.perturb._perturb_kernel, "lime_fit float32": kernels.lime_fit._lime_fit_kernel,
+              "lime_fit float64": kernels.lime_fit._lime_fit_kernel_f64}
+    return {name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
+            for name, tuner in tuners.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows here")
@@ -168,9 +178,11 @@ def main(argv=None) -> None:
     for name, cases in (("perturb", perturb_cases), ("lime_fit", lime_fit_cases), ("masked_pgd_step", pgd_cases)):
         if args.only in ("", name):
             cases(rows, args.reps)
+    tuned = tuned_configs()
+    print("Triton autotuning:", tuned, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
+            json.dump({"environment": env, "rows": rows, "triton_configs": tuned}, f, indent=1)
 
 
 if __name__ == "__main__":
