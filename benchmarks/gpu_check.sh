@@ -3,7 +3,7 @@
 # bad-input cases (a backtrace if they crash), the CUDA parity and opcheck tests of the compiled
 # and Triton ops, compute-sanitizer memcheck on the compiled ops' CUDA tests, racecheck and
 # synccheck on the kernels that share memory between threads (what the CPU emulator in tests/simt
-# cannot see), the performance
+# cannot see), the CUDA lime_fit's time per phase (benchmarks/lime_fit_phases.cu), the performance
 # targets (benchmarks/gpu_targets.py) and the quick benchmark profile.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and the benchmark report go to OUT_DIR)
@@ -39,6 +39,9 @@ run racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 
   python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k "cuda and (lime_fit or segment_mean or parity)"
 run synccheck synccheck.log compute-sanitizer --tool synccheck --error-exitcode 9 \
   python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k "cuda and (lime_fit or parity)"
+run lime-fit-phases lime_fit_phases.log bash -c "nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch=native \
+  benchmarks/lime_fit_phases.cu -o '$out/lime_fit_phases' && '$out/lime_fit_phases' 256 1000 64 5 && \
+  '$out/lime_fit_phases' 1 1000 64 5 && '$out/lime_fit_phases' 256 1000 64 5 f32"
 run targets targets.log python benchmarks/gpu_targets.py --json "$out/targets.json"
 run bench bench.log python -m attrefine_fast bench --quick --device cuda --json "$out/bench-quick-cuda.json" \
   --markdown "$out/bench-quick-cuda.md"

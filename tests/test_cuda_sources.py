@@ -1,7 +1,7 @@
 """The CUDA sources keep compiling on machines without a GPU.
 
-Every csrc/cuda/*.cu file is compiled with ``nvcc -c`` (one architecture, all files at once), and
-the torch glue (csrc/cuda/ops_cuda.cpp) gets a syntax-only pass with the host compiler. The
+Every csrc/cuda/*.cu file is compiled with ``nvcc -c`` (one architecture, all files at once), the
+phase-timing driver benchmarks/lime_fit_phases.cu is compiled and linked, and the torch glue (csrc/cuda/ops_cuda.cpp) gets a syntax-only pass with the host compiler. The
 kernels must stay free of torch headers: a CPU-only torch ships none usable for CUDA, which is why
 the glue is the only file that includes them.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIR = ROOT / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 KERNEL_FILES = CU_FILES + sorted(CUDA_DIR.glob("*.h")) + sorted(CUDA_DIR.glob("*.cuh"))
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2)/', re.MULTILINE)
@@ -72,6 +73,11 @@ def test_cuda_sources_compile(tmp_path):
         cmd = [NVCC, "-c", "-std=c++17", f"-arch={ARCH}", "-O3", "--expt-relaxed-constexpr", str(cu),
                "-o", str(tmp_path / f"{cu.stem}.o")]
         jobs[cu.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the phase-timing driver (benchmarks/lime_fit_phases.cu): lime_fit.cu with its clocks, linked
+    phases = ROOT / "benchmarks" / "lime_fit_phases.cu"
+    jobs[phases.name] = subprocess.Popen(
+        [NVCC, "-std=c++17", f"-arch={ARCH}", "-O3", "--expt-relaxed-constexpr", str(phases), "-o", str(tmp_path / "phases")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     glue = _glue_syntax_check(tmp_path)
     if glue is not None:
         jobs[glue[0]] = subprocess.Popen(glue[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

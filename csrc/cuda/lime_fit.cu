@@ -44,6 +44,18 @@ constexpr int64_t kStaticSharedBytes = 128;
 // Labels whose residuals one thread carries at once in phase 6.
 constexpr int kLabelChunk = 8;
 
+// benchmarks/lime_fit_phases.cu builds this file with ATTREFINE_LIME_FIT_PHASE_CLOCKS to time the
+// phases on a GPU: thread 0 of block b writes clock64() to phase_clocks[b * kPhaseMarks + k] at
+// the start (k = 0) and after each phase's closing barrier (k = 1 .. 7).
+constexpr int kPhaseMarks = 8;
+#ifdef ATTREFINE_LIME_FIT_PHASE_CLOCKS
+__device__ long long* phase_clocks;
+#define PHASE_MARK(k) \
+  if (threadIdx.x == 0) phase_clocks[blockIdx.x * kPhaseMarks + (k)] = clock64()
+#else
+#define PHASE_MARK(k)
+#endif
+
 // Doubles of the Gram matrix (rows of M + 1) and right-hand sides for up to M segments, L labels.
 __host__ __device__ inline int64_t system_doubles(int64_t segments, int64_t labels) {
   return segments * (segments + 1) + segments * labels;
@@ -108,6 +120,8 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
   double* w = SAMPLES_SHARED ? xbar + mm + nl : global + (SYSTEM_SHARED ? 0 : system_doubles(mm, nl));  // (n)
   uint32_t* bits = reinterpret_cast<uint32_t*>(w + n);  // (n, nw): bit j of word q is segment 32 q + j
 
+  PHASE_MARK(0);
+
   // 0. the masks as bits; 16-byte loads where every sample is whole words of aligned bytes
   if (mm % 32 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0) {
     const uint4* v = reinterpret_cast<const uint4*>(z);
@@ -123,6 +137,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     }
   }
   __syncthreads();
+  PHASE_MARK(1);
 
   // 1. kernel weights and their sum, counting the segments of the image (m of the mm columns)
   const double kw2 = kernel_width * kernel_width;
@@ -147,6 +162,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
   part = block_sum(part, red);
   if (threadIdx.x == 0) bcast = part, failed = 0, bad_targets = 0;
   __syncthreads();
+  PHASE_MARK(2);
   const double sw = bcast;
 
   // 2. weighted means: one warp per column
@@ -172,6 +188,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     if (lane == 0) xbar[c] = c >= m ? acc / sw : ones == n ? 1.0 : ones == 0 ? 0.0 : acc / sw;
   }
   __syncthreads();
+  PHASE_MARK(3);
 
   // 3. A^T W A for the 4x4 blocks (bj, bk) with bk <= bj and bk inside Z's columns. Z's columns
   // are padded to nbz blocks, Y's follow: blocks bj < nbz give the Gram matrix's lower triangle
@@ -237,6 +254,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
       }
   }
   __syncthreads();
+  PHASE_MARK(4);
 
   // 4. Cholesky of gram + alpha I (lower, in place)
   for (int j = 0; j < m; ++j) {
@@ -273,6 +291,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     if (threadIdx.x == 0) status[b] = 1 | (bad_targets ? 2 : 0);
     return;
   }
+  PHASE_MARK(5);
 
   // 5. L u = rhs, then L^T beta = u, one warp per label: step i scales row i by the reciprocal of
   // the diagonal and subtracts it, times L's column i, from the rows it still affects (lanes split
@@ -296,6 +315,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     }
   }
   __syncthreads();
+  PHASE_MARK(6);
 
   // 6. intercept, local_pred and coef; then the weighted R² per label from the residuals
   for (int l = threadIdx.x; l < nl; l += kThreads) {
@@ -335,6 +355,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     }
   }
   if (threadIdx.x == 0) status[b] = bad_targets ? 2 : 0;
+  PHASE_MARK(7);
 }
 
 // Which parts of an image's working set live in shared memory, how many bytes of it the block
