@@ -8,6 +8,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/string_view.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -126,11 +127,17 @@ inline at::Tensor perturb_source(const at::Tensor& src, const std::optional<at::
   return channels_last ? v.permute({0, 2, 3, 1}).contiguous() : v.contiguous();
 }
 
-// check_targets = false leaves the finiteness of targets to a caller that checks it after its
-// kernel (lime_fit writes only its own outputs, so a late error loses nothing).
+[[noreturn]] inline void fail_lime_fit_counts(int64_t max_segments) {
+  TORCH_CHECK_VALUE(false, "num_segments must hold counts in 1..", max_segments);
+  std::abort();  // not reached: TORCH_CHECK_VALUE(false, ...) throws
+}
+
+// check_targets = false leaves the finiteness of targets, check_counts = false the range of
+// num_segments, to a caller that checks them after its kernel, without a host round trip before
+// it (lime_fit writes only its own outputs, so a late error loses nothing).
 inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targets, const at::Tensor& num_segments,
                                 const std::optional<at::Tensor>& weights, double kernel_width, double alpha,
-                                at::DeviceType device, bool check_targets = true) {
+                                at::DeviceType device, bool check_targets = true, bool check_counts = true) {
   check_dim(masks, "masks", 3, "(B, N, M)");
   check_dtype_in(masks, "masks", {at::kBool});
   check_device_type(masks, "masks", device);
@@ -147,10 +154,12 @@ inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targe
                     ", L) to match masks, got ", shape_of(targets));
   TORCH_CHECK_VALUE(num_segments.size(0) == b, "num_segments must hold B=", b, " counts, got shape ",
                     shape_of(num_segments));
-  const auto counts = num_segments.to(at::kCPU);  // B counts: one copy, no kernel
-  const auto extremes = at::aminmax(counts);
-  const int64_t fewest = std::get<0>(extremes).item<int64_t>(), most = std::get<1>(extremes).item<int64_t>();
-  TORCH_CHECK_VALUE(fewest >= 1 && most <= m, "num_segments must hold counts in 1..", m);
+  if (check_counts) {
+    const auto counts = num_segments.to(at::kCPU);  // B counts: one copy, no kernel
+    const auto extremes = at::aminmax(counts);
+    const int64_t fewest = std::get<0>(extremes).item<int64_t>(), most = std::get<1>(extremes).item<int64_t>();
+    if (fewest < 1 || most > m) fail_lime_fit_counts(m);
+  }
   TORCH_CHECK_VALUE(kernel_width > 0, "kernel_width must be positive, got ", kernel_width);
   TORCH_CHECK_VALUE(alpha >= 0, "alpha must be non-negative, got ", alpha);
   TORCH_CHECK_VALUE(!check_targets || all_finite(targets), "targets contains NaN or infinite values");

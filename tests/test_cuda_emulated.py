@@ -170,6 +170,20 @@ def test_emulated_lime_fit_on_random_shapes(simt, seed):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-7, msg=lambda text: f"{(b, n, m, nl)}: {text}")
 
 
+def test_emulated_lime_fit_flags_counts_out_of_range_and_fits_the_others(simt):
+    # No host round trip before the launch: the kernel checks the counts (status bit 2) and the
+    # glue raises from the status it reads after it.
+    gen = torch.Generator().manual_seed(13)
+    masks = torch.rand(3, 30, 6, generator=gen) > 0.5
+    targets = torch.rand(3, 30, 2, generator=gen, dtype=torch.float64)
+    got, status = emulated_lime_fit(simt, masks, targets, torch.tensor([0, 6, 7]), None, 0.25, 1.0)
+    assert status.tolist() == [4, 0, 4]
+    assert torch.all(torch.isnan(got[0][0])) and torch.all(torch.isnan(got[0][2]))
+    ref = lime_fit_ref(masks[1:2], targets[1:2], torch.tensor([6]), None, 0.25, 1.0)
+    for g, w in zip(got, ref):
+        torch.testing.assert_close(g[1:2], w, atol=1e-9, rtol=1e-7)
+
+
 def test_emulated_lime_fit_flags_singular_systems_and_bad_targets(simt):
     gen = torch.Generator().manual_seed(6)
     masks = torch.rand(3, 40, 4, generator=gen) > 0.5

@@ -31,7 +31,8 @@ void perturb_select(const void* kept, const void* replaced, const void* segments
 // nullptr, num_segments (B,) int64, all dense, targets/weights/outputs float32 (f32) or float64
 // (f64). status[b] is written for every image: bit 0 where the Cholesky factorization failed (a
 // singular system: the glue re-solves those images by least squares), bit 1 where the targets
-// may hold a NaN or an infinity (their weighted sum is not finite). scratch:
+// may hold a NaN or an infinity (their weighted sum is not finite), bit 2 where num_segments[b]
+// is outside 1..M (nothing fitted). scratch:
 // lime_fit_scratch_doubles(...) doubles.
 int64_t lime_fit_scratch_doubles(int64_t batch, int64_t samples, int64_t segments, int64_t labels);
 void lime_fit(const bool* masks, const void* targets, const void* weights, const int64_t* num_segments, Elem type,

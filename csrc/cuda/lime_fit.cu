@@ -23,7 +23,8 @@
 // (Layout below). The Gram matrix's rows are M + 1 doubles apart, so the Cholesky's threads,
 // reading one row each, do not all hit the same shared-memory bank. A failed factorization (a
 // singular system, alpha = 0) writes NaN and sets bit 0 of status[b]; the glue re-solves those
-// images by least squares. Bit 1 says that the image's targets hold a NaN or an infinity.
+// images by least squares. Bit 1 says that the image's targets hold a NaN or an infinity; bit 2
+// that num_segments[b] is outside 1..M (the image is not fitted: NaN), which the glue reports.
 #include <cmath>
 #include <cstdint>
 
@@ -92,6 +93,14 @@ struct Centred {
   }
 };
 
+// An image without a fit: NaN in its coef (size values) and its per-label outputs.
+template <typename T>
+__device__ void write_nan(T* coef, int64_t size, T* intercept, T* score, T* local_pred, int64_t labels) {
+  const T nan = static_cast<T>(NAN);
+  for (int64_t q = threadIdx.x; q < size; q += kThreads) coef[q] = nan;
+  for (int64_t l = threadIdx.x; l < labels; l += kThreads) intercept[l] = score[l] = local_pred[l] = nan;
+}
+
 template <typename T, bool SYSTEM_SHARED, bool SAMPLES_SHARED>
 __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     const bool* __restrict__ masks, const T* __restrict__ targets, const T* __restrict__ weights,
@@ -103,6 +112,12 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
   __shared__ double bcast;
   __shared__ int failed, bad_targets;
   const int64_t b = blockIdx.x, n = samples, mm = max_segments;
+  if (num_segments[b] < 1 || num_segments[b] > mm) {  // the whole block leaves, before any barrier
+    write_nan(coef + b * labels * mm, labels * mm, intercept + b * labels, score + b * labels,
+              local_pred + b * labels, labels);
+    if (threadIdx.x == 0) status[b] = 4;
+    return;
+  }
   const int m = static_cast<int>(num_segments[b]), nl = static_cast<int>(labels), cols = m + nl, ld = m + 1;
   const int nw = static_cast<int>(mask_words(mm));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -284,10 +299,7 @@ __global__ void __launch_bounds__(kThreads, 2) lime_fit_kernel(
     __syncthreads();
   }
   if (failed) {
-    const T nan = static_cast<T>(NAN);
-    for (int64_t q = threadIdx.x; q < nl * mm; q += kThreads) coef[b * nl * mm + q] = nan;
-    for (int l = threadIdx.x; l < nl; l += kThreads)
-      intercept[b * nl + l] = score[b * nl + l] = local_pred[b * nl + l] = nan;
+    write_nan(coef + b * nl * mm, nl * mm, intercept + b * nl, score + b * nl, local_pred + b * nl, nl);
     if (threadIdx.x == 0) status[b] = 1 | (bad_targets ? 2 : 0);
     return;
   }

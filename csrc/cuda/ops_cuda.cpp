@@ -91,9 +91,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lime_fit_cuda(const a
                                                                           const at::Tensor& num_segments,
                                                                           const std::optional<at::Tensor>& weights,
                                                                           double kernel_width, double alpha) {
-  // targets' values are checked by the kernel (status bit 1) and settled here after it, from the
-  // same device-to-host copy that reports the failed factorizations.
-  check_lime_fit_args(masks, targets, num_segments, weights, kernel_width, alpha, at::kCUDA, /*check_targets=*/false);
+  // The counts' range (status bit 2) and targets' values (bit 1) are checked by the kernel and
+  // settled here after it, from the same device-to-host copy that reports the failed
+  // factorizations: no host round trip before the launch.
+  check_lime_fit_args(masks, targets, num_segments, weights, kernel_width, alpha, at::kCUDA, /*check_targets=*/false,
+                      /*check_counts=*/false);
   const int64_t b = masks.size(0), n = masks.size(1), m = masks.size(2), nl = targets.size(2);
   // The block keeps at least the means (M + L float64) in shared memory (lime_fit.cu's Layout),
   // well inside the 48 KiB every device gives a block.
@@ -115,11 +117,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lime_fit_cuda(const a
   const auto host_status = status.to(at::kCPU);
   const int32_t* st = host_status.data_ptr<int32_t>();
   std::vector<int64_t> singular;
-  bool bad_targets = false;
+  bool bad_targets = false, bad_counts = false;
   for (int64_t i = 0; i < b; ++i) {
+    bad_counts |= (st[i] & 4) != 0;
     bad_targets |= (st[i] & 2) != 0;
     if (st[i] & 1) singular.push_back(i);
   }
+  if (bad_counts) fail_lime_fit_counts(m);
   TORCH_CHECK_VALUE(!bad_targets || all_finite(tgt), "targets contains NaN or infinite values");
   // Singular systems (alpha = 0 with a constant column) are rare: re-solve those images with the
   // CPU kernel's least-squares path and copy them back.
