@@ -37,6 +37,11 @@ def simt(tmp_path_factory):
     lib.simt_segment_sums.argtypes = [ptr, cint, ptr] + [i64] * 4 + [ptr] * 2
     lib.simt_perturb_select.argtypes = [ptr, ptr, ptr, cint, ptr, ptr] + [i64] * 8 + [cint]
     lib.simt_masked_pgd_step.argtypes = [ptr] * 4 + [cint] + [i64] * 3 + [cint] + [dbl] * 4 + [cint, ptr, ptr]
+    for kind in ("half", "bfloat16"):
+        getattr(lib, f"simt_float_to_{kind}").restype = ctypes.c_uint16
+        getattr(lib, f"simt_float_to_{kind}").argtypes = [ctypes.c_float]
+        getattr(lib, f"simt_{kind}_to_float").restype = ctypes.c_float
+        getattr(lib, f"simt_{kind}_to_float").argtypes = [ctypes.c_uint16]
     return lib
 
 
@@ -329,3 +334,32 @@ def test_emulated_masked_pgd_step_writes_nothing_for_a_non_finite_gradient(simt,
     before = args[0].clone()
     assert emulated_masked_pgd_step(simt, *args) != 0
     assert torch.equal(args[0], before)
+
+
+# ---- the emulator's own float16 / bfloat16 conversions, against torch's ----
+def _floats_to_round(dtype):
+    """Every value of dtype, the midpoints between neighbours (ties), values just off them, and
+    floats spread over every exponent, both signs (float32, as the kernels convert)."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    finite = every[torch.isfinite(every)].unique()
+    mids = (finite[:-1].double() + finite[1:].double()) / 2
+    mids = mids[mids.float().double() == mids].float()  # the ties float32 can hold
+    near = torch.cat([torch.nextafter(mids, torch.tensor(float("inf"))), torch.nextafter(mids, torch.tensor(float("-inf")))])
+    gen = torch.Generator().manual_seed(14)
+    spread = torch.randn(20000, generator=gen) * torch.exp2(torch.randint(-30, 20, (20000,), generator=gen).float())
+    return torch.cat([finite, mids, near, spread, torch.tensor([65504.0, 65519.99, 65520.0, 1e6, float("inf"), float("-inf")])])
+
+
+@pytest.mark.parametrize("dtype, kind", [(torch.float16, "half"), (torch.bfloat16, "bfloat16")])
+def test_emulated_half_precision_conversions_match_torch(simt, dtype, kind):
+    to_float, to_half = getattr(simt, f"simt_{kind}_to_float"), getattr(simt, f"simt_float_to_{kind}")
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    want = patterns.view(dtype).float()
+    got = torch.tensor([to_float(int(p) & 0xFFFF) for p in patterns.tolist()])
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[~torch.isnan(got)], want[~torch.isnan(want)])
+    values = _floats_to_round(dtype)
+    got = torch.tensor([to_half(v) for v in values.tolist()], dtype=torch.int32)
+    want = values.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    assert torch.equal(got, want), values[got != want][:5]
+    assert to_half(float("nan")) & 0x7FFF > (0x7C00 if kind == "half" else 0x7F80)  # NaN stays NaN

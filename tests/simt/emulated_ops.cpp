@@ -4,6 +4,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include "launchers.h"
 
 namespace ac = attrefine_fast::cuda;
@@ -21,6 +24,12 @@ int finish() {
 extern "C" {
 
 const char* simt_error() { return last_error.c_str(); }
+
+// The emulator's float16 and bfloat16 conversions, checked against torch's by the tests.
+uint16_t simt_float_to_half(float v) { return __float2half_rn(v).bits; }
+float simt_half_to_float(uint16_t h) { return __half2float(__half{h}); }
+uint16_t simt_float_to_bfloat16(float v) { return __float2bfloat16_rn(v).bits; }
+float simt_bfloat16_to_float(uint16_t h) { return __bfloat162float(__nv_bfloat16{h}); }
 
 void simt_set_schedule(int mode) { simt::schedule() = mode; }
 
