@@ -1,8 +1,14 @@
 """The compiled C++/OpenMP CPU ops (csrc/cpu) against the pure-PyTorch references: parity over
 (dtype, atol, rtol) with awkward shapes, torch.library.opcheck on the registrations, errors on bad
 input straight from the op, and one end-to-end explanation with each backend."""
+import functools
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,13 +441,48 @@ def test_cuda_lime_fit_singular_system_and_opcheck():
         torch.library.opcheck(getattr(torch.ops.attrefine_fast, op).default, cuda_sample)
 
 
+@functools.lru_cache(maxsize=None)
+def bad_input_outcomes(device: str) -> dict:
+    """What each bad-input case raised on device, from tests/bad_input_runner.py in a subprocess:
+    a case that crashes the process gets {"crashed": the end of its output}, and the others still
+    run in the tests that follow it."""
+    runner = Path(__file__).with_name("bad_input_runner.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(runner.parent), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-X", "faulthandler", str(runner), device], capture_output=True, text=True,
+                          env=env, timeout=600)
+    outcomes, started = {}, None
+    for line in done.stdout.splitlines():
+        record = json.loads(line)
+        if "start" in record:
+            started = record["start"]
+        else:
+            outcomes[record["case"]] = record
+            started = None
+    if done.returncode != 0:
+        outcomes[started or "(before any case)"] = {"crashed": f"exit status {done.returncode}\n{done.stderr[-3000:]}"}
+    return outcomes
+
+
+def _check_bad_input_outcome(device, name):
+    _, _, error, match = BAD_CALLS[name]
+    outcomes = bad_input_outcomes(device)
+    crashed = [case for case, outcome in outcomes.items() if "crashed" in outcome]
+    outcome = outcomes.get(name) or {"crashed": f"never ran: the process ended at {crashed}"}
+    assert "crashed" not in outcome, outcome["crashed"]
+    assert outcome["raised"] == error.__name__, outcome
+    assert re.search(match, outcome["message"]), outcome
+
+
+@pytest.mark.parametrize("name", ["segment_mean id >= M", "lime_fit counts"])
+def test_bad_input_cases_run_in_a_separate_process(name):
+    # the runner behind the CUDA cases below, on the CPU
+    _check_bad_input_outcome("cpu", name)
+
+
 @needs_cuda_kernels
 @pytest.mark.parametrize("name", [n for n in BAD_CALLS if "overlaps" not in n])  # overlap needs one storage
 def test_cuda_bad_input_raises_the_cpu_error(name):
-    op, make_args, error, match = BAD_CALLS[name]
-    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in make_args())
-    with pytest.raises(error, match=match):
-        getattr(ops, op)(*args)
+    _check_bad_input_outcome("cuda", name)
 
 
 @needs_cuda_kernels
