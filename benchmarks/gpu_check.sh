@@ -1,10 +1,11 @@
 #!/bin/bash
-# The checks that need a CUDA GPU, in one run: build the extension with CUDA, the compiled ops'
-# bad-input cases (a backtrace if they crash), the CUDA parity and opcheck tests of the compiled
-# and Triton ops, compute-sanitizer memcheck on the compiled ops' CUDA tests, racecheck and
+# The checks that need a CUDA GPU, in one run, most wanted first (a run cut short keeps the logs it
+# wrote): build the extension with CUDA, the compiled ops' bad-input cases (a backtrace if they
+# crash), their CUDA parity and opcheck tests, the CUDA lime_fit's time per phase
+# (benchmarks/lime_fit_phases.cu), the performance targets (benchmarks/gpu_targets.py), the Triton
+# ops' CUDA tests, compute-sanitizer memcheck on the compiled ops' CUDA tests, racecheck and
 # synccheck on the kernels that share memory between threads (what the CPU emulator in tests/simt
-# cannot see), the CUDA lime_fit's time per phase (benchmarks/lime_fit_phases.cu), the performance
-# targets (benchmarks/gpu_targets.py) and the quick benchmark profile.
+# cannot see), and the quick benchmark profile.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and the benchmark report go to OUT_DIR)
 #
@@ -32,17 +33,22 @@ if [ $status -ne 0 ] && command -v cuda-gdb > /dev/null; then  # where a crashin
     python tests/bad_input_runner.py cuda
 fi
 run compiled-cuda cuda_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_compiled_ops.py -k cuda
-run triton-cuda triton_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_triton_ops.py tests/test_triton_fit_pgd.py -k cuda
-run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 \
-  python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k cuda
-run racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 9 \
-  python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k "cuda and (lime_fit or segment_mean or parity)"
-run synccheck synccheck.log compute-sanitizer --tool synccheck --error-exitcode 9 \
-  python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k "cuda and (lime_fit or parity)"
 run lime-fit-phases lime_fit_phases.log bash -c "nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch=native \
   benchmarks/lime_fit_phases.cu -o '$out/lime_fit_phases' && '$out/lime_fit_phases' 256 1000 64 5 && \
   '$out/lime_fit_phases' 1 1000 64 5 && '$out/lime_fit_phases' 256 1000 64 5 f32"
 run targets targets.log python benchmarks/gpu_targets.py --json "$out/targets.json"
+# pytest-xdist, where installed, spreads the Triton tests' compilations over the cores
+workers=$(python -c "import xdist" 2> /dev/null && echo "-n 8")
+run triton-cuda triton_tests.log python -m pytest -q -rfE -p no:cacheprovider $workers \
+  tests/test_triton_ops.py tests/test_triton_fit_pgd.py -k cuda
+run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k cuda
+# the kernels that share memory between threads: lime_fit, segment_mean's bins, the PGD reductions
+shared="cuda and (lime_fit or segment_mean or masked_pgd_step)"
+run racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 9 \
+  python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k "$shared"
+run synccheck synccheck.log compute-sanitizer --tool synccheck --error-exitcode 9 \
+  python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k "$shared"
 run bench bench.log python -m attrefine_fast bench --quick --device cuda --json "$out/bench-quick-cuda.json" \
   --markdown "$out/bench-quick-cuda.md"
 step end
