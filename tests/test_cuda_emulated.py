@@ -327,6 +327,26 @@ def test_emulated_masked_pgd_step_matches_the_reference(simt, name, dtype):
     torch.testing.assert_close(mine[0], expected, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_emulated_masked_pgd_step_l2_on_large_samples(simt, dtype, channels_last):
+    # 3 x 110 x 110 = 36300 elements a sample: the sums kernel takes 16 per thread (9 blocks, the
+    # last one partial) rather than 4
+    gen = torch.Generator().manual_seed(15)
+    x = torch.rand(2, 3, 110, 110, generator=gen, dtype=torch.float64)
+    x_adv = (x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    weight = torch.rand(2, 110, 110, generator=gen, dtype=torch.float64).to(dtype)
+    x, x_adv, grad = (t.to(dtype) for t in (x, x_adv, grad))
+    if channels_last:
+        x_adv, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x_adv, grad))
+    args = (x_adv, x, grad, weight, 0.5, 0.4, 0.0, 1.0, "l2")
+    expected = masked_pgd_step_ref(*clone_args(args))
+    mine = clone_args(args)
+    assert emulated_masked_pgd_step(simt, *mine) == 0
+    torch.testing.assert_close(mine[0], expected, atol=PGD_TOLERANCES[("l2", dtype)][0], rtol=PGD_TOLERANCES[("l2", dtype)][1])
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_emulated_masked_pgd_step_writes_nothing_for_a_non_finite_gradient(simt, norm):
     args = clone_args(dict(masked_pgd_step_cases(torch.float32))[f"{norm}-prime"])
