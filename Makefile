@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo explain-demo test bench
+.PHONY: install demo explain-demo test test-emulated-sanitized bench
 
 install:
 	@# A pinned torch takes this machine kind's CPU wheel; a plain `torch` would pull GBs of CUDA.
@@ -22,6 +22,14 @@ explain-demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The CUDA kernels under the SIMT emulator (tests/simt) with AddressSanitizer and
+# UndefinedBehaviorSanitizer: every global and shared-memory access checked, on a machine without a GPU.
+SANITIZER_RUNTIMES = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libubsan.so)
+test-emulated-sanitized: install
+	ATTREFINE_SIMT_SANITIZE=1 LD_PRELOAD="$(SANITIZER_RUNTIMES)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda_emulated.py
 
 bench: install
 	$(PYTHON) -m attrefine_fast bench

@@ -5,6 +5,11 @@ that is not C++: a launch ``k<<<grid, block, bytes, stream>>>(args)`` becomes
 ``simt::launch(k, grid, block, bytes, stream)(args)``, and ``extern __shared__ T name[];``
 becomes a pointer to the block's dynamic shared memory. The library is built once per test
 session into a folder keyed by the sources' hash, and loaded with ctypes.
+
+With ATTREFINE_SIMT_SANITIZE=1 it is built with AddressSanitizer and UndefinedBehaviorSanitizer,
+which then check every global and shared memory access of the kernels (as compute-sanitizer's
+memcheck does on a GPU); the Python process must load the sanitizer runtimes first
+(`make test-emulated-sanitized` does).
 """
 from __future__ import annotations
 
@@ -36,11 +41,16 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
+def sanitized() -> bool:
+    return os.environ.get("ATTREFINE_SIMT_SANITIZE", "0") not in ("", "0")
+
+
 def build(cache: Path) -> ctypes.CDLL:
     """Compiles (or reuses) the emulated kernels and returns the loaded library."""
     sources = [CUDA_DIR / k for k in KERNELS]
     inputs = sources + sorted(CUDA_DIR.glob("*.h")) + sorted(CUDA_DIR.glob("*.cuh")) + sorted(SIMT_DIR.iterdir())
-    digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in inputs)).hexdigest()[:16]
+    flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if sanitized() else []
+    digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in inputs) + " ".join(flags).encode()).hexdigest()[:16]
     out = cache / f"simt-{digest}"
     lib = out / "libsimt_kernels.so"
     if not lib.exists():
@@ -52,7 +62,7 @@ def build(cache: Path) -> ctypes.CDLL:
             translated.append(str(dst))
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             partial = Path(tmp) / lib.name
-            cmd = [compiler(), "-std=c++17", "-O1", "-g", "-shared", "-fPIC", "-w",
+            cmd = [compiler(), "-std=c++17", "-O1", "-g", "-shared", "-fPIC", "-w", *flags,
                    "-include", str(SIMT_DIR / "simt.h"), "-I", str(SIMT_DIR), "-I", str(CUDA_DIR),
                    *translated, str(SIMT_DIR / "emulated_ops.cpp"), "-o", str(partial)]
             done = subprocess.run(cmd, capture_output=True, text=True)
