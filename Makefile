@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo explain-demo test test-emulated-sanitized bench
+.PHONY: install demo explain-demo test test-emulated-sanitized test-sanitized bench
 
 install:
 	@# A pinned torch takes this machine kind's CPU wheel; a plain `torch` would pull GBs of CUDA.
@@ -30,6 +30,18 @@ test-emulated-sanitized: install
 	ATTREFINE_SIMT_SANITIZE=1 LD_PRELOAD="$(SANITIZER_RUNTIMES)" \
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda_emulated.py
+
+# The CPU kernels under AddressSanitizer and UBSan: the tests that reach them, on a sanitized build of
+# the extension in build/sanitized (a copy of the tracked files; the installed package is untouched).
+SANITIZED_TESTS = tests/test_compiled_ops.py tests/test_explain.py tests/test_input_buffers.py \
+	tests/test_lime_parity.py tests/test_validation.py tests/test_reference_ops.py tests/test_attacks.py
+test-sanitized: install
+	rm -rf build/sanitized && mkdir -p build/sanitized
+	git ls-files -z | xargs -0 cp --parents -t build/sanitized
+	cd build/sanitized && ATTREFINE_SANITIZE=1 $(PYTHON) setup.py -q build_ext --inplace
+	cd build/sanitized && PYTHONPATH="$$PWD" LD_PRELOAD="$(SANITIZER_RUNTIMES)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(PYTHON) -m pytest -q -p no:cacheprovider $(SANITIZED_TESTS)
 
 bench: install
 	$(PYTHON) -m attrefine_fast bench

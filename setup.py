@@ -4,6 +4,9 @@ The C++ CPU extension (``attrefine_fast._C``) is built wherever torch and a C++ 
 present. CUDA sources are added when torch itself was built with CUDA and a toolkit is found,
 or when ``ATTREFINE_FORCE_CUDA=1`` (a build machine without a GPU). ``ATTREFINE_NO_EXTENSION=1``
 skips compiled code entirely; the package then runs on its pure-PyTorch backend.
+``ATTREFINE_SANITIZE=1`` builds the CPU extension alone with AddressSanitizer and
+UndefinedBehaviorSanitizer, for `make test-sanitized` (it loads only where their runtimes are
+preloaded).
 
 Install with ``pip install --no-build-isolation -e .`` after torch is installed.
 """
@@ -46,10 +49,16 @@ def extensions():
 
     cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
     link_flags = ["-fopenmp"]
+    if _flag("ATTREFINE_SANITIZE"):
+        sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+        cxx_flags, link_flags = ["-O1", "-fopenmp", "-std=c++17", *sanitize], ["-fopenmp", *sanitize]
+        say("ATTREFINE_SANITIZE=1: the CPU extension with AddressSanitizer and UBSan (no CUDA)")
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
 
     with_cuda = False
-    if _flag("ATTREFINE_FORCE_CUDA"):
+    if _flag("ATTREFINE_SANITIZE"):
+        why = "ATTREFINE_SANITIZE=1"
+    elif _flag("ATTREFINE_FORCE_CUDA"):
         with_cuda, why = True, "ATTREFINE_FORCE_CUDA=1"
     elif torch.version.cuda is None:
         why = f"torch {torch.__version__} was built without CUDA"
