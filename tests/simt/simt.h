@@ -8,12 +8,15 @@
 // reaches a barrier (__syncthreads, a warp shuffle), so the emulation is deterministic.
 //
 // What it checks: barrier discipline (a __syncthreads some threads of the block never reach, or a
-// full-warp shuffle some lanes never reach, is reported as a deadlock instead of hanging), dynamic
-// shared memory overruns (a canary after the buffer), reads of dynamic shared memory never written
-// (the buffer starts filled with 0xff bytes: NaN as float64/float32), the launch limits (block
-// size, grid size, the 48 KiB default dynamic shared memory unless the kernel opted in to more).
-// What it cannot check: data races between threads and the memory model (a fiber is never
-// preempted between barriers), warp-synchronous code without a barrier, and speed.
+// full-warp shuffle some lanes never reach, is reported as a deadlock instead of hanging), missing
+// barriers that make a result depend on the order of the threads (schedule(): forward, reversed
+// or shuffled), dynamic shared memory overruns (a canary after the buffer), reads of dynamic
+// shared memory never written (the buffer starts filled with 0xff bytes: NaN as float64/float32),
+// the launch limits (block size, grid size, the 48 KiB default dynamic shared memory unless the
+// kernel opted in to more); built with AddressSanitizer (tests/simt_build.py), every access.
+// What it cannot check: races that need two threads interleaved between barriers (a fiber is
+// never preempted there, so an unprotected read-modify-write is never torn), the memory model,
+// warp-synchronous code without a barrier, and speed.
 #pragma once
 
 #include <ucontext.h>
