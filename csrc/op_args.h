@@ -27,10 +27,13 @@ inline void check_segment_mean_args(const at::Tensor& images, const at::Tensor& 
 }
 
 // Checks perturb's arguments and returns the output dtype (perturb_output_dtype in ops/perturb.py).
+// check_ids = false leaves the segment ids' range to a caller whose kernel checks them before it
+// writes (the CUDA one: no host round trip before its launch).
 inline at::ScalarType check_perturb_args(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
                                          const at::Tensor& fudge, int64_t offset, int64_t count,
                                          const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
-                                         std::optional<at::ScalarType> out_dtype, at::DeviceType device) {
+                                         std::optional<at::ScalarType> out_dtype, at::DeviceType device,
+                                         bool check_ids = true) {
   check_segments_shape(images, segments);
   check_dtype_in(images, "images", kImageDtypes);
   check_device_type(images, "images", device);
@@ -64,7 +67,7 @@ inline at::ScalarType check_perturb_args(const at::Tensor& images, const at::Ten
   TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble ||
                        dtype == at::kByte,
                    "out_dtype must be a float dtype or uint8, got ", dtype);
-  check_segment_ids(segments, masks.size(2));
+  if (check_ids) check_segment_ids(segments, masks.size(2));
   return dtype;
 }
 
@@ -99,9 +102,9 @@ inline int64_t check_perturb_out(const at::Tensor& images, const at::Tensor& seg
 inline int64_t check_perturb_into_args(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
                                        const at::Tensor& fudge, int64_t offset, const std::optional<at::Tensor>& mean,
                                        const std::optional<at::Tensor>& std, const at::Tensor& out,
-                                       at::DeviceType device) {
+                                       at::DeviceType device, bool check_ids = true) {
   const int64_t count = check_perturb_out(images, segments, masks, fudge, out);
-  check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out.scalar_type(), device);
+  check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out.scalar_type(), device, check_ids);
   return count;
 }
 

@@ -35,7 +35,7 @@ def simt(tmp_path_factory):
     lib.simt_lime_fit_scratch_doubles.argtypes = [i64] * 4
     lib.simt_lime_fit.argtypes = [ptr] * 4 + [cint] + [i64] * 4 + [dbl] * 2 + [ptr] * 6
     lib.simt_segment_sums.argtypes = [ptr, cint, ptr] + [i64] * 4 + [ptr] * 2
-    lib.simt_perturb_select.argtypes = [ptr, ptr, ptr, cint, ptr, ptr] + [i64] * 8 + [cint]
+    lib.simt_perturb_select.argtypes = [ptr, ptr, ptr, cint, ptr, ptr] + [i64] * 8 + [cint, ptr]
     lib.simt_masked_pgd_step.argtypes = [ptr] * 4 + [cint] + [i64] * 3 + [cint] + [dbl] * 4 + [cint, ptr, ptr]
     for kind in ("half", "bfloat16"):
         getattr(lib, f"simt_float_to_{kind}").restype = ctypes.c_uint16
@@ -232,18 +232,22 @@ def _prepared(src, mean, std, dtype, channels_last):
 
 
 def emulated_perturb(lib, images, segments, masks, fudge, offset, count, mean, std, out_dtype, channels_last,
-                     schedule="shuffled", int32_ids=False):
+                     schedule="shuffled", int32_ids=False, out=None):
+    """perturb through the emulated kernels, into out where given; also returns the flag they set
+    (1: a segment id is out of range, and nothing was written)."""
     b, c, h, w = images.shape
     dtype = perturb_output_dtype(images.dtype, mean is not None, out_dtype)
-    out = torch.empty((b * count, c, h, w), dtype=dtype,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if out is None:
+        out = torch.empty((b * count, c, h, w), dtype=dtype,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     kept, replaced = (_prepared(t, mean, std, dtype, channels_last) for t in (images, fudge))
     seg = (segments.int() if int32_ids else segments).contiguous()
     msk = masks.contiguous()
+    flag = torch.zeros(1, dtype=torch.int32)
     _run(lib, lib.simt_perturb_select, _ptr(kept), _ptr(replaced), _ptr(seg), int(seg.dtype == torch.int64), _ptr(msk),
          _ptr(out), out.element_size(), b, masks.shape[1], masks.shape[2], c, h * w, offset, count, int(channels_last),
-         schedule=schedule)
-    return out
+         _ptr(flag), schedule=schedule)
+    return out, flag.item()
 
 
 def emulated_masked_pgd_step(lib, x_adv, x, grad, weight, step_size, eps, lo, hi, norm, schedule="shuffled"):
@@ -286,8 +290,24 @@ def test_emulated_segment_mean_over_several_blocks(simt, m):
 @pytest.mark.parametrize("name", [name for name, _ in perturb_cases()])
 def test_emulated_perturb_matches_the_reference(simt, name, dtype, int32_ids):
     args = dict(perturb_cases(dtype))[name]
-    got = emulated_perturb(simt, *args, int32_ids=int32_ids)
+    got, flag = emulated_perturb(simt, *args, int32_ids=int32_ids)
+    assert flag == 0
     torch.testing.assert_close(got, perturb_ref(*args), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 5])
+@pytest.mark.parametrize("int32_ids", [False, True])
+def test_emulated_perturb_writes_nothing_for_a_segment_id_out_of_range(simt, bad_id, int32_ids):
+    gen = torch.Generator().manual_seed(16)
+    images, fudge = torch.rand(2, 3, 9, 7, generator=gen), torch.rand(2, 3, 9, 7, generator=gen)
+    segments = labels(2, 9, 7, [5, 4], gen)
+    segments[1, 8, 6] = bad_id
+    masks = torch.rand(2, 4, 5, generator=gen) > 0.5
+    out = torch.full((2 * 3, 3, 9, 7), -3.0)
+    _, flag = emulated_perturb(simt, images, segments, masks, fudge, 1, 3, None, None, None, False, int32_ids=int32_ids,
+                               out=out)
+    assert flag == 1
+    assert torch.all(out == -3.0)
 
 
 def test_emulated_perturb_in_runs_of_16_bytes_and_unaligned(simt):
@@ -302,7 +322,7 @@ def test_emulated_perturb_in_runs_of_16_bytes_and_unaligned(simt):
         fudge = storage[start + b * 768 : start + 2 * b * 768].view(b, 3, 16, 16)
         for channels_last in (False, True):
             args = (images, seg, masks, fudge, 3, 13, None, None, None, channels_last)
-            torch.testing.assert_close(emulated_perturb(simt, *args), perturb_ref(*args), atol=0, rtol=0)
+            torch.testing.assert_close(emulated_perturb(simt, *args)[0], perturb_ref(*args), atol=0, rtol=0)
 
 
 # L-inf rounds every intermediate as the reference does, so it is exact in every dtype here (the

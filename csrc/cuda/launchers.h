@@ -21,11 +21,13 @@ void segment_sums(const void* images, Elem images_type, const int32_t* segments,
 // perturb: out[b * count + i] = per pixel (kept or replaced)[b] by masks[b, offset + i, segments[b, p]].
 // kept / replaced: (B, C, H, W) or (B, H, W, C) dense, elements of elem_bytes (1, 2, 4 or 8) bytes,
 // already normalized and cast; out has the same layout per sample; C * H * W < 2^31. segments
-// (B, H*W) dense, int64 where segments_int64, else int32.
+// (B, H*W) dense, int64 where segments_int64, else int32. flag: one zeroed int; the segment ids
+// are checked on the device first, and where one lies outside [0, num_segments) the flag is set
+// to 1 and nothing is written.
 void perturb_select(const void* kept, const void* replaced, const void* segments, bool segments_int64,
                     const bool* masks, void* out, int64_t elem_bytes, int64_t batch, int64_t samples,
                     int64_t num_segments, int64_t channels, int64_t pixels, int64_t offset, int64_t count,
-                    bool channels_last, cudaStream_t stream);
+                    bool channels_last, int* flag, cudaStream_t stream);
 
 // lime_fit: one block per image. masks (B, N, M) bool, targets (B, N, L), weights (B, N) or
 // nullptr, num_segments (B,) int64, all dense, targets/weights/outputs float32 (f32) or float64

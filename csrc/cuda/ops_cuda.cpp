@@ -48,11 +48,16 @@ at::Tensor segment_mean_cuda(const at::Tensor& images, const at::Tensor& segment
 }
 
 // Writes samples [offset, offset + count) of every image into out (dense, in the layout
-// channels_last names); arguments are checked by the callers.
+// channels_last names); the arguments are checked by the callers, all but the segment ids' range,
+// which the kernels check on the device before writing: where one is out of range nothing is
+// written, and the error is raised here after the launches, from the one flag they set.
 void write_samples(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
                    const at::Tensor& fudge, int64_t offset, int64_t count, const std::optional<at::Tensor>& mean,
                    const std::optional<at::Tensor>& std, bool channels_last, at::Tensor& out) {
-  if (out.numel() == 0) return;
+  if (out.numel() == 0) {
+    check_segment_ids(segments, masks.size(2));
+    return;
+  }
   const int64_t b = images.size(0), c = images.size(1), pixels = images.size(2) * images.size(3);
   const int64_t n = masks.size(1), m = masks.size(2);
   TORCH_CHECK_VALUE(c * pixels < (int64_t(1) << 31), "perturb on CUDA needs fewer than 2^31 elements per image");
@@ -62,17 +67,23 @@ void write_samples(const at::Tensor& images, const at::Tensor& segments, const a
   const auto replaced = perturb_source(fudge, mean, std, out.scalar_type(), channels_last);
   const auto seg = segments.contiguous();  // int64 or int32, read as they are
   const auto msk = masks.contiguous();
+  auto flag = at::zeros({1}, images.options().dtype(at::kInt));
   cuda::perturb_select(kept.data_ptr(), replaced.data_ptr(), seg.data_ptr(), seg.scalar_type() == at::kLong,
                        msk.data_ptr<bool>(), out.data_ptr(), out.element_size(), b, n, m, c, pixels, offset, count,
-                       channels_last, c10::cuda::getCurrentCUDAStream());
+                       channels_last, flag.data_ptr<int>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (flag.item<int>() != 0) {  // nothing was written
+    check_segment_ids(segments, m);  // raises the CPU op's error, with the ids' range
+    TORCH_CHECK(false, "perturb: the kernel flagged a segment id outside [0, ", m, ") that the check did not find");
+  }
 }
 
 at::Tensor perturb_cuda(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
                         const at::Tensor& fudge, int64_t offset, int64_t count, const std::optional<at::Tensor>& mean,
                         const std::optional<at::Tensor>& std, std::optional<at::ScalarType> out_dtype,
                         bool channels_last) {
-  const auto dtype = check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype, at::kCUDA);
+  const auto dtype =
+      check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype, at::kCUDA, /*check_ids=*/false);
   auto out = perturb_output(images, count, dtype, channels_last);
   write_samples(images, segments, masks, fudge, offset, count, mean, std, channels_last, out);
   return out;
@@ -81,7 +92,8 @@ at::Tensor perturb_cuda(const at::Tensor& images, const at::Tensor& segments, co
 void perturb_into_cuda(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
                        const at::Tensor& fudge, int64_t offset, const std::optional<at::Tensor>& mean,
                        const std::optional<at::Tensor>& std, at::Tensor& out) {
-  const int64_t count = check_perturb_into_args(images, segments, masks, fudge, offset, mean, std, out, at::kCUDA);
+  const int64_t count =
+      check_perturb_into_args(images, segments, masks, fudge, offset, mean, std, out, at::kCUDA, /*check_ids=*/false);
   write_samples(images, segments, masks, fudge, offset, count, mean, std, !out.is_contiguous(), out);
   out.unsafeGetTensorImpl()->bump_version();  // written through a raw pointer
 }

@@ -11,6 +11,9 @@
 // it looks up the run's segments and loads both sources once, then writes that run for
 // kSamplesPerThread samples, one 16-byte store and VEC mask-byte lookups (cached) per sample.
 // Consecutive threads take consecutive runs, so every warp writes 512 contiguous bytes.
+// The segment ids are checked by a pass before it (an id outside [0, M) would read past a mask
+// row): it sets a flag the writing kernel reads first, so bad ids write nothing, and the glue
+// reads the flag once, after both launches, instead of a host round trip before them.
 #include <cstdint>
 #include <cstring>
 
@@ -22,6 +25,19 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kSamplesPerThread = 8;
+
+// flag = 1 where an id lies outside [0, num_segments) (flag zeroed by the caller).
+template <typename seg_t>
+__global__ void bad_ids_kernel(const seg_t* __restrict__ segments, int64_t numel, int64_t num_segments,
+                               int* __restrict__ flag) {
+  bool bad = false;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t id = segments[i];
+    bad |= id < 0 || id >= num_segments;
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicOr(flag, 1);
+}
 
 // VEC elements of bits_t moved as one unit (16 bytes when VEC * sizeof(bits_t) == 16).
 template <typename bits_t, int VEC>
@@ -61,7 +77,8 @@ template <typename bits_t, typename seg_t, int VEC, bool CHANNELS_LAST>
 __global__ void __launch_bounds__(kThreads) perturb_select_kernel(
     const bits_t* __restrict__ kept, const bits_t* __restrict__ replaced, const seg_t* __restrict__ segments,
     const bool* __restrict__ masks, bits_t* __restrict__ out, int64_t samples, int64_t num_segments, int32_t channels,
-    int32_t pixels, int64_t offset, int64_t count, int64_t tasks) {
+    int32_t pixels, int64_t offset, int64_t count, int64_t tasks, const int* __restrict__ flag) {
+  if (*flag) return;  // a segment id out of range: nothing is written
   const int32_t per_sample = channels * pixels;
   const int32_t e0 = (static_cast<int32_t>(blockIdx.x) * kThreads + static_cast<int32_t>(threadIdx.x)) * VEC;
   if (e0 >= per_sample) return;
@@ -93,17 +110,17 @@ __global__ void __launch_bounds__(kThreads) perturb_select_kernel(
 template <typename bits_t, typename seg_t, int VEC>
 void launch_runs(const bits_t* kept, const bits_t* replaced, const seg_t* segments, const bool* masks, bits_t* out,
                  int64_t batch, int64_t samples, int64_t num_segments, int64_t channels, int64_t pixels, int64_t offset,
-                 int64_t count, bool channels_last, cudaStream_t stream) {
+                 int64_t count, bool channels_last, const int* flag, cudaStream_t stream) {
   const int64_t runs = channels * pixels / VEC;
   const int64_t tasks = batch * ((count + kSamplesPerThread - 1) / kSamplesPerThread);
   const dim3 grid(static_cast<unsigned>((runs + kThreads - 1) / kThreads), static_cast<unsigned>(tasks < 65535 ? tasks : 65535));
   const auto c = static_cast<int32_t>(channels), p = static_cast<int32_t>(pixels);
   if (channels_last)
     perturb_select_kernel<bits_t, seg_t, VEC, true><<<grid, kThreads, 0, stream>>>(
-        kept, replaced, segments, masks, out, samples, num_segments, c, p, offset, count, tasks);
+        kept, replaced, segments, masks, out, samples, num_segments, c, p, offset, count, tasks, flag);
   else
     perturb_select_kernel<bits_t, seg_t, VEC, false><<<grid, kThreads, 0, stream>>>(
-        kept, replaced, segments, masks, out, samples, num_segments, c, p, offset, count, tasks);
+        kept, replaced, segments, masks, out, samples, num_segments, c, p, offset, count, tasks, flag);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -111,7 +128,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 template <typename bits_t, typename seg_t>
 void launch(const void* kept, const void* replaced, const seg_t* segments, const bool* masks, void* out, int64_t batch,
             int64_t samples, int64_t num_segments, int64_t channels, int64_t pixels, int64_t offset, int64_t count,
-            bool channels_last, cudaStream_t stream) {
+            bool channels_last, const int* flag, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(bits_t);
   const auto* k = static_cast<const bits_t*>(kept);
   const auto* r = static_cast<const bits_t*>(replaced);
@@ -119,21 +136,25 @@ void launch(const void* kept, const void* replaced, const seg_t* segments, const
   // 16-byte runs need every sample to start on a 16-byte boundary in all three buffers.
   if ((channels * pixels) % kVec == 0 && aligned16(kept) && aligned16(replaced) && aligned16(out))
     launch_runs<bits_t, seg_t, kVec>(k, r, segments, masks, o, batch, samples, num_segments, channels, pixels, offset,
-                                     count, channels_last, stream);
+                                     count, channels_last, flag, stream);
   else
     launch_runs<bits_t, seg_t, 1>(k, r, segments, masks, o, batch, samples, num_segments, channels, pixels, offset,
-                                  count, channels_last, stream);
+                                  count, channels_last, flag, stream);
 }
 
 template <typename seg_t>
 void launch_bits(const void* kept, const void* replaced, const seg_t* segments, const bool* masks, void* out,
                  int64_t elem_bytes, int64_t batch, int64_t samples, int64_t num_segments, int64_t channels,
-                 int64_t pixels, int64_t offset, int64_t count, bool channels_last, cudaStream_t stream) {
+                 int64_t pixels, int64_t offset, int64_t count, bool channels_last, int* flag, cudaStream_t stream) {
+  const int64_t ids = batch * pixels, blocks = (ids + kThreads * 8 - 1) / (kThreads * 8);
+  if (ids > 0)
+    bad_ids_kernel<seg_t><<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), kThreads, 0, stream>>>(
+        segments, ids, num_segments, flag);
   switch (elem_bytes) {
-    case 1: launch<uint8_t>(kept, replaced, segments, masks, out, batch, samples, num_segments, channels, pixels, offset, count, channels_last, stream); break;
-    case 2: launch<uint16_t>(kept, replaced, segments, masks, out, batch, samples, num_segments, channels, pixels, offset, count, channels_last, stream); break;
-    case 4: launch<uint32_t>(kept, replaced, segments, masks, out, batch, samples, num_segments, channels, pixels, offset, count, channels_last, stream); break;
-    default: launch<uint64_t>(kept, replaced, segments, masks, out, batch, samples, num_segments, channels, pixels, offset, count, channels_last, stream); break;
+    case 1: launch<uint8_t>(kept, replaced, segments, masks, out, batch, samples, num_segments, channels, pixels, offset, count, channels_last, flag, stream); break;
+    case 2: launch<uint16_t>(kept, replaced, segments, masks, out, batch, samples, num_segments, channels, pixels, offset, count, channels_last, flag, stream); break;
+    case 4: launch<uint32_t>(kept, replaced, segments, masks, out, batch, samples, num_segments, channels, pixels, offset, count, channels_last, flag, stream); break;
+    default: launch<uint64_t>(kept, replaced, segments, masks, out, batch, samples, num_segments, channels, pixels, offset, count, channels_last, flag, stream); break;
   }
 }
 
@@ -142,13 +163,13 @@ void launch_bits(const void* kept, const void* replaced, const seg_t* segments, 
 void perturb_select(const void* kept, const void* replaced, const void* segments, bool segments_int64,
                     const bool* masks, void* out, int64_t elem_bytes, int64_t batch, int64_t samples,
                     int64_t num_segments, int64_t channels, int64_t pixels, int64_t offset, int64_t count,
-                    bool channels_last, cudaStream_t stream) {
+                    bool channels_last, int* flag, cudaStream_t stream) {
   if (segments_int64)
     launch_bits(kept, replaced, static_cast<const int64_t*>(segments), masks, out, elem_bytes, batch, samples,
-                num_segments, channels, pixels, offset, count, channels_last, stream);
+                num_segments, channels, pixels, offset, count, channels_last, flag, stream);
   else
     launch_bits(kept, replaced, static_cast<const int32_t*>(segments), masks, out, elem_bytes, batch, samples,
-                num_segments, channels, pixels, offset, count, channels_last, stream);
+                num_segments, channels, pixels, offset, count, channels_last, flag, stream);
 }
 
 }  // namespace cuda

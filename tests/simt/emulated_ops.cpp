@@ -58,9 +58,9 @@ int simt_segment_sums(const void* images, int elem, const int32_t* segments, int
 int simt_perturb_select(const void* kept, const void* replaced, const void* segments, int segments_int64,
                         const bool* masks, void* out, int64_t elem_bytes, int64_t batch, int64_t samples,
                         int64_t num_segments, int64_t channels, int64_t pixels, int64_t offset, int64_t count,
-                        int channels_last) {
+                        int channels_last, int* flag) {
   ac::perturb_select(kept, replaced, segments, segments_int64 != 0, masks, out, elem_bytes, batch, samples,
-                     num_segments, channels, pixels, offset, count, channels_last != 0, nullptr);
+                     num_segments, channels, pixels, offset, count, channels_last != 0, flag, nullptr);
   return finish();
 }
 
