@@ -5,7 +5,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+
+#include "bit_cast.h"
 
 struct __half {
   uint16_t bits;
@@ -18,16 +19,12 @@ inline float __half2float(__half h) {
     const float v = std::ldexp(static_cast<float>(mantissa), -24);
     return sign ? -v : v;
   }
-  const uint32_t u = exponent == 31 ? sign | 0x7f800000u | (mantissa << 13)  // infinity or NaN
-                                    : sign | ((exponent + 112) << 23) | (mantissa << 13);
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+  return simt_bit_cast<float>(exponent == 31 ? sign | 0x7f800000u | (mantissa << 13)  // infinity or NaN
+                                              : sign | ((exponent + 112) << 23) | (mantissa << 13));
 }
 
 inline __half __float2half_rn(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t u = simt_bit_cast<uint32_t>(v);
   const uint32_t sign = (u >> 16) & 0x8000u, magnitude = u & 0x7fffffffu;
   uint32_t bits;
   if (magnitude > 0x7f800000u) {
@@ -35,8 +32,7 @@ inline __half __float2half_rn(float v) {
   } else if (magnitude >= 0x477ff000u) {
     bits = 0x7c00u;  // 65520 and beyond round to infinity
   } else if (magnitude < 0x38800000u) {  // below 2^-14: a subnormal (or zero) of float16
-    float scaled;
-    std::memcpy(&scaled, &magnitude, sizeof(scaled));
+    const float scaled = simt_bit_cast<float>(magnitude);
     bits = static_cast<uint32_t>(std::nearbyint(std::ldexp(scaled, 24)));  // 1024 is 2^-14, normal
   } else {  // rebias the exponent (127 -> 15), then round the 13 dropped bits to nearest even
     const uint32_t rebased = magnitude - 0x38000000u;
