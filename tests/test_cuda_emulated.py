@@ -6,6 +6,7 @@ the way the CUDA glue (csrc/cuda/ops_cuda.cpp) does and compare with the pure-Py
 they catch index, barrier and shared-memory-size mistakes where no GPU exists. They say nothing
 of data races, the memory model or speed, which only the GPU runs check (benchmarks/gpu_check.sh).
 """
+import contextlib
 import ctypes
 
 import pytest
@@ -71,6 +72,16 @@ def emulated_lime_fit(lib, masks, targets, num_segments, weights, kernel_width, 
     return tuple(outs), status
 
 
+@contextlib.contextmanager
+def optin_shared(lib, kib):
+    """The emulated device allows kib KiB of shared memory per block (sm_90's 227 otherwise)."""
+    lib.simt_set_optin_shared_bytes(kib * 1024)
+    try:
+        yield
+    finally:
+        lib.simt_set_optin_shared_bytes(227 * 1024)
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.float64, 1e-9, 1e-7), (torch.float32, 1e-4, 1e-4)])
 @pytest.mark.parametrize("name", [name for name, _ in lime_fit_cases()])
@@ -87,15 +98,12 @@ def test_emulated_lime_fit_matches_the_reference(simt, name, dtype, atol, rtol, 
 @pytest.mark.parametrize("optin_kib, schedule", [(48, "reverse"), (227, "shuffled")])
 def test_emulated_lime_fit_at_the_explanation_size(simt, optin_kib, schedule):
     # N = 1000, M = 64, 5 labels on devices with and without more than 48 KiB of shared memory.
-    simt.simt_set_optin_shared_bytes(optin_kib * 1024)
-    try:
-        gen = torch.Generator().manual_seed(9)
-        masks = torch.rand(2, 1000, 64, generator=gen) > 0.5
-        targets = torch.rand(2, 1000, 5, generator=gen, dtype=torch.float64)
-        args = (masks, targets, torch.tensor([64, 34]), None, 0.25, 1.0)
+    gen = torch.Generator().manual_seed(9)
+    masks = torch.rand(2, 1000, 64, generator=gen) > 0.5
+    targets = torch.rand(2, 1000, 5, generator=gen, dtype=torch.float64)
+    args = (masks, targets, torch.tensor([64, 34]), None, 0.25, 1.0)
+    with optin_shared(simt, optin_kib):
         got, status = emulated_lime_fit(simt, *args, schedule=schedule)
-    finally:
-        simt.simt_set_optin_shared_bytes(227 * 1024)
     assert torch.all(status == 0)
     for g, w in zip(got, lime_fit_ref(*args)):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-7)
@@ -121,18 +129,15 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("n, m, nl, optin_kib, system_in_scratch, samples_in_scratch", LAYOUTS)
 def test_emulated_lime_fit_in_every_layout(simt, n, m, nl, optin_kib, system_in_scratch, samples_in_scratch):
-    simt.simt_set_optin_shared_bytes(optin_kib * 1024)
-    try:
-        want_scratch = system_in_scratch * _system_doubles(m, nl) + samples_in_scratch * _samples_doubles(n, m)
+    gen = torch.Generator().manual_seed(10)
+    masks = torch.rand(2, n, m, generator=gen) > 0.3
+    targets = torch.rand(2, n, nl, generator=gen, dtype=torch.float64)
+    weights = torch.rand(2, n, generator=gen, dtype=torch.float64)
+    args = (masks, targets, torch.tensor([m, m - 3]), weights, 0.25, 1.0)
+    want_scratch = system_in_scratch * _system_doubles(m, nl) + samples_in_scratch * _samples_doubles(n, m)
+    with optin_shared(simt, optin_kib):
         assert simt.simt_lime_fit_scratch_doubles(2, n, m, nl) == 2 * want_scratch
-        gen = torch.Generator().manual_seed(10)
-        masks = torch.rand(2, n, m, generator=gen) > 0.3
-        targets = torch.rand(2, n, nl, generator=gen, dtype=torch.float64)
-        weights = torch.rand(2, n, generator=gen, dtype=torch.float64)
-        args = (masks, targets, torch.tensor([m, m - 3]), weights, 0.25, 1.0)
         got, status = emulated_lime_fit(simt, *args)
-    finally:
-        simt.simt_set_optin_shared_bytes(227 * 1024)
     assert torch.all(status == 0)
     for g, w in zip(got, lime_fit_ref(*args)):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-7)
