@@ -25,11 +25,11 @@ test: install
 
 # The CUDA kernels under the SIMT emulator (tests/simt) with AddressSanitizer and
 # UndefinedBehaviorSanitizer: every global and shared-memory access checked, on a machine without a GPU.
-SANITIZER_RUNTIMES = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libubsan.so)
+# The sanitizers' runtimes go first into the Python process that loads the sanitized code.
+SANITIZER_ENV = LD_PRELOAD="$(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 test-emulated-sanitized: install
-	ATTREFINE_SIMT_SANITIZE=1 LD_PRELOAD="$(SANITIZER_RUNTIMES)" \
-	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda_emulated.py
+	ATTREFINE_SIMT_SANITIZE=1 $(SANITIZER_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda_emulated.py
 
 # The CPU kernels under AddressSanitizer and UBSan: the tests that reach them, on a sanitized build of
 # the extension in build/sanitized (a copy of the tracked files; the installed package is untouched).
@@ -39,9 +39,7 @@ test-sanitized: install
 	rm -rf build/sanitized && mkdir -p build/sanitized
 	git ls-files -z | xargs -0 cp --parents -t build/sanitized
 	cd build/sanitized && ATTREFINE_SANITIZE=1 $(PYTHON) setup.py -q build_ext --inplace
-	cd build/sanitized && PYTHONPATH="$$PWD" LD_PRELOAD="$(SANITIZER_RUNTIMES)" \
-	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	$(PYTHON) -m pytest -q -p no:cacheprovider $(SANITIZED_TESTS)
+	cd build/sanitized && PYTHONPATH="$$PWD" $(SANITIZER_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider $(SANITIZED_TESTS)
 
 bench: install
 	$(PYTHON) -m attrefine_fast bench

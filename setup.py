@@ -51,7 +51,7 @@ def extensions():
     link_flags = ["-fopenmp"]
     if _flag("ATTREFINE_SANITIZE"):
         sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
-        cxx_flags, link_flags = ["-O1", "-fopenmp", "-std=c++17", *sanitize], ["-fopenmp", *sanitize]
+        cxx_flags, link_flags = [*cxx_flags, "-O1", *sanitize], [*link_flags, *sanitize]  # the last -O counts
         say("ATTREFINE_SANITIZE=1: the CPU extension with AddressSanitizer and UBSan (no CUDA)")
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
 

@@ -29,7 +29,7 @@ run() {  # run NAME LOG COMMAND...: the command's output to LOG, its exit status
 run build build.log python -m pip install --no-build-isolation --no-deps -e .
 run bad-input bad_input.log python -m pytest -q -rfE -p no:cacheprovider tests/test_compiled_ops.py -k bad_input
 if [ $status -ne 0 ] && command -v cuda-gdb > /dev/null; then  # where a crashing CUDA case crashed
-  run bad-input-backtrace bad_input_gdb.log env PYTHONPATH=tests cuda-gdb -batch -ex run -ex bt --args \
+  run bad-input-backtrace bad_input_gdb.log cuda-gdb -batch -ex run -ex bt --args \
     python tests/bad_input_runner.py cuda
 fi
 run compiled-cuda cuda_tests.log python -m pytest -q -rfE -p no:cacheprovider tests/test_compiled_ops.py -k cuda

@@ -56,7 +56,6 @@ def _ptr(t):
 
 def emulated_lime_fit(lib, masks, targets, num_segments, weights, kernel_width, alpha, schedule="shuffled"):
     """lime_fit through the emulated kernel, as the CUDA glue calls it; also returns the status."""
-    lib.simt_set_schedule(SCHEDULES[schedule])
     b, n, m = masks.shape
     nl = targets.shape[2]
     msk, tgt, segs = masks.contiguous(), targets.contiguous(), num_segments.contiguous()
@@ -65,9 +64,8 @@ def emulated_lime_fit(lib, masks, targets, num_segments, weights, kernel_width, 
     status = torch.full((b,), -1, dtype=torch.int32)
     size = lib.simt_lime_fit_scratch_doubles(b, n, m, nl)
     scratch = torch.full((size + 64,), CANARY, dtype=torch.float64)
-    rc = lib.simt_lime_fit(_ptr(msk), _ptr(tgt), _ptr(wts), _ptr(segs), ELEM[targets.dtype], b, n, m, nl, kernel_width,
-                           alpha, *(_ptr(o) for o in outs), _ptr(status), _ptr(scratch))
-    assert rc == 0, lib.simt_error().decode()
+    _run(lib, lib.simt_lime_fit, _ptr(msk), _ptr(tgt), _ptr(wts), _ptr(segs), ELEM[targets.dtype], b, n, m, nl,
+         kernel_width, alpha, *(_ptr(o) for o in outs), _ptr(status), _ptr(scratch), schedule=schedule)
     assert torch.all(scratch[size:] == CANARY), "the kernel wrote past its scratch area"
     return tuple(outs), status
 
