@@ -1,8 +1,8 @@
 """Triton kernels of the attrefine_fast ops, installed as ``attrefine_fast.kernels``.
 
 ``get(op)`` returns the Triton implementation of an op (with the op schema's signature), or
-None where there is none yet. Each is the torch op ``attrefine_fast::<op>_triton`` (see
-op_registration.py for why it has its own name). On CPU tensors the kernels run only under
+None where there is none yet. Each is a TritonOp: the torch op ``attrefine_fast::<op>_triton``
+(its ``.op``; see op_registration.py for why it has its own name) with a direct eager call. On CPU tensors the kernels run only under
 ``TRITON_INTERPRET=1``, which must be set before this package is imported.
 """
 import triton  # noqa: F401  (ImportError here tells backends that Triton is unavailable)

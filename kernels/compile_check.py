@@ -50,9 +50,11 @@ def _perturb_variants(full: bool):
         stat = compute if norm else src
         pointers = {"images_ptr": src, "fudge_ptr": src, "segments_ptr": "i64", "masks_ptr": "bool",
                     "mean_ptr": stat, "std_ptr": stat, "out_ptr": dst}
-        constexprs = dict(config.kwargs, NORMALIZE=norm, COMPUTE_F64=src == "f64",
+        channels_last = (index + index // len(cases)) % 2 == 1  # both layouts across cases and configurations
+        constexprs = dict(config.kwargs, CHANNELS_LAST=channels_last, NORMALIZE=norm, COMPUTE_F64=src == "f64",
                           HALF_OUT=dst in ("f16", "bf16"))
-        yield f"perturb {src}->{dst} norm={norm} {config.kwargs}", mod._perturb_kernel.fn, pointers, constexprs, config.num_warps
+        yield (f"perturb {src}->{dst} norm={norm} {config.kwargs} channels_last={channels_last}",
+               mod._perturb_kernel.fn, pointers, constexprs, config.num_warps)
 
 
 def _lime_fit_variants(full: bool):

@@ -40,7 +40,7 @@ def check_segment_mean(images, segments, num_segments: int) -> None:
             raise ValueError(f"segment ids must lie in [0, {num_segments}), got ids in [{lo}, {hi}]")
 
 
-def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean, std, out_dtype) -> None:
+def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean, std, out_dtype, channels_last: bool = False) -> None:
     check_tensor("masks", masks, ndim=3, dtypes=(torch.bool,))
     check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
     b, c = images.shape[:2]
@@ -84,13 +84,21 @@ def check_lime_fit(masks, targets, num_segments, weights, kernel_width: float, a
         raise ValueError(f"masks (B, N, M) and targets (B, N, L) must be non-empty, got {tuple(masks.shape)} and {tuple(targets.shape)}")
     if targets.shape[:2] != (b, n):
         raise ValueError(f"targets must have shape (B, N, L) = ({b}, {n}, L) to match masks, got {tuple(targets.shape)}")
-    if num_segments.shape[0] != b or bool(((num_segments < 1) | (num_segments > m)).any()):
+    if num_segments.shape[0] != b:
         raise ValueError(f"num_segments must hold B={b} counts in 1..{m}")
     if not kernel_width > 0:
         raise ValueError(f"kernel_width must be positive, got {kernel_width}")
     if not alpha >= 0:
         raise ValueError(f"alpha must be non-negative, got {alpha}")
-    check_finite("targets", targets)
+    # The counts and the targets' sum come to the host in one copy (each wait for the device
+    # would hold back the launch); a non-finite sum is settled element-wise by check_finite.
+    counts_bad, sum_finite = torch.stack(
+        [((num_segments < 1) | (num_segments > m)).any(), torch.isfinite(targets.sum())]
+    ).tolist()
+    if counts_bad:
+        raise ValueError(f"num_segments must hold B={b} counts in 1..{m}")
+    if not sum_finite:
+        check_finite("targets", targets)
     if weights is not None:
         check_tensor("weights", weights, ndim=2, dtypes=(targets.dtype,))
         if tuple(weights.shape) != (b, n):

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .contracts import check_lime_fit, concrete
-from .op_registration import autotune_configs, triton_op, wrap_triton
+from .contracts import check_lime_fit
+from .op_registration import TritonOp, autotune_configs, scalars, wrap_triton
 
 MAX_SEGMENTS = 256
 FUSED, NORMAL_EQUATIONS, FINISH = 0, 1, 2  # the PHASE of a launch
@@ -257,8 +257,7 @@ _lime_fit_kernel = triton.autotune(
 _lime_fit_kernel_f64 = triton.autotune(configs=autotune_configs(_F64_CONFIGS), key=_KEY)(_lime_fit)
 
 
-@triton_op("lime_fit_triton", mutates_args=())
-def lime_fit_triton(
+def _lime_fit_launcher(
     masks: torch.Tensor,
     targets: torch.Tensor,
     num_segments: torch.Tensor,
@@ -266,8 +265,6 @@ def lime_fit_triton(
     kernel_width: float,
     alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if concrete(masks, targets, num_segments, weights):
-        check_lime_fit(masks, targets, num_segments, weights, kernel_width, alpha)
     dtype, device = targets.dtype, targets.device
     b, n, m = masks.shape
     l = targets.shape[2]
@@ -282,7 +279,7 @@ def lime_fit_triton(
     coef = torch.empty((b, l, m), dtype=dtype, device=device)
     intercept, score, local_pred = (torch.empty((b, l), dtype=dtype, device=device) for _ in range(3))
     # Scalars travel as a tensor of targets' dtype: Triton passes Python floats as float32.
-    params = torch.tensor([kernel_width**2, alpha], dtype=dtype, device=device)
+    params = scalars((kernel_width**2, alpha), dtype, device)
     has_weights = weights is not None
     w = weights if has_weights else targets  # never read when HAS_WEIGHTS is off
     sw_b, sw_n = w.stride()[:2]
@@ -311,3 +308,6 @@ def lime_fit_triton(
     beta = (torch.linalg.pinv(gram, hermitian=True) @ rhs).contiguous()
     launch(FINISH, gram, rhs, beta)
     return coef, intercept, score, local_pred
+
+
+lime_fit_triton = TritonOp("lime_fit_triton", _lime_fit_launcher, check_lime_fit)

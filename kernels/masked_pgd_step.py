@@ -19,8 +19,8 @@ import triton.language as tl
 
 from attrefine_fast.ops.masked_pgd_step import EPS_FOR_DIVISION, FLOAT16_EPS_FOR_DIVISION
 
-from .contracts import check_masked_pgd_step, concrete
-from .op_registration import triton_op, wrap_triton
+from .contracts import check_masked_pgd_step
+from .op_registration import TritonOp, scalars, wrap_triton
 
 # An elementwise pass: 1024 elements per program keeps 32x32x3 images at 3 programs per sample.
 # Not measured (no GPU when written), so no autotuning; an in-place kernel would also need its
@@ -154,8 +154,7 @@ def _masked_pgd_kernel(
         tl.store(target, out.to(T), mask=inside)
 
 
-@triton_op("masked_pgd_step_triton", mutates_args={"x_adv"})
-def masked_pgd_step_triton(
+def _masked_pgd_step_launcher(
     x_adv: torch.Tensor,
     x: torch.Tensor,
     grad: torch.Tensor,
@@ -166,13 +165,11 @@ def masked_pgd_step_triton(
     hi: float,
     norm: str,
 ) -> None:
-    if concrete(x_adv, x, grad, weight):
-        check_masked_pgd_step(x_adv, x, grad, weight, step_size, eps, lo, hi, norm)
     b, c, h, w = x_adv.shape
     f64 = x_adv.dtype == torch.float64
     compute = torch.float64 if f64 else torch.float32
     # Scalars travel as a tensor: Triton passes Python floats as float32.
-    params = torch.tensor([step_size, eps, lo, hi], dtype=compute, device=x_adv.device)
+    params = scalars((step_size, eps, lo, hi), compute, x_adv.device)
     num_blocks = triton.cdiv(c * h * w, BLOCK)
     has_weight = weight is not None
     wt = weight if has_weight else x_adv  # never read when HAS_WEIGHT is off
@@ -189,3 +186,8 @@ def masked_pgd_step_triton(
             *x_adv.stride(), *x.stride(), *grad.stride(), *weight_strides,
             STAGE=stage, L2=l2, HAS_WEIGHT=has_weight, F64=f64, FLAT=flat, BLOCK=BLOCK,
         )
+
+
+masked_pgd_step_triton = TritonOp(
+    "masked_pgd_step_triton", _masked_pgd_step_launcher, check_masked_pgd_step, mutates_args=("x_adv",)
+)

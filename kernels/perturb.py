@@ -5,8 +5,14 @@
 
 images, fudge (B, C, H, W); segments (B, H, W) int64; masks (B, N, M) bool; optional mean/std (C,)
 -> (B * count, C, H, W) in perturb_output_dtype(...), contiguous or channels-last. Every input
-may be non-contiguous (strides are passed), and the output layout is just another set of
-strides, so channels-last costs nothing extra. Matches attrefine_fast.ops.perturb.perturb_ref.
+may be non-contiguous (strides are passed). Matches attrefine_fast.ops.perturb.perturb_ref.
+
+The kernel is bound by the bytes it writes, so it works like the CUDA one (csrc/cuda/perturb.cu):
+a program owns BLOCK consecutive elements of a sample *in the output's layout* (NCHW or NHWC),
+prepares both sources for them once (load, normalize, cast) and then writes them for SAMPLES
+samples, each a contiguous store of BLOCK elements and one cached mask-byte gather per element.
+Sources are read once per SAMPLES outputs, and a channels-last output is written as densely
+as an NCHW one.
 """
 from __future__ import annotations
 
@@ -16,72 +22,80 @@ import triton.language as tl
 
 from attrefine_fast.ops.perturb import perturb_output_dtype
 
-from .contracts import check_perturb, check_perturb_into, concrete
-from .op_registration import autotune_configs, triton_op, wrap_triton
+from .contracts import check_perturb, check_perturb_into
+from .op_registration import TritonOp, autotune_configs, wrap_triton
 
-# Not measured: no GPU was available when these were written. The candidates cover 32x32
-# (1,024 pixels: one block of 1024 or four of 256) and 224x224 (50,176 pixels) images; the
-# key lists only the sizes that change the best choice. SAMPLES samples share one program so
-# that the segment ids of a pixel block are read once per SAMPLES outputs, not once per output.
+# Not measured: no GPU was available when these were written. BLOCK counts elements of a sample
+# (C * H * W: 3,072 at 32x32, 150,528 at 224x224, RGB); 8 elements per thread give two 16-byte
+# float32 stores per sample. The key lists only what changes the best choice.
 _CONFIGS = [
     triton.Config({"BLOCK": 1024, "SAMPLES": 4}, num_warps=4),
     triton.Config({"BLOCK": 256, "SAMPLES": 8}, num_warps=2),
-    triton.Config({"BLOCK": 512, "SAMPLES": 4}, num_warps=4),
-    triton.Config({"BLOCK": 1024, "SAMPLES": 1}, num_warps=4),
+    triton.Config({"BLOCK": 512, "SAMPLES": 4}, num_warps=2),
     triton.Config({"BLOCK": 1024, "SAMPLES": 8}, num_warps=4),
-    triton.Config({"BLOCK": 2048, "SAMPLES": 2}, num_warps=8),
+    triton.Config({"BLOCK": 2048, "SAMPLES": 4}, num_warps=8),
+    triton.Config({"BLOCK": 4096, "SAMPLES": 2}, num_warps=8),
 ]
 
 
-@triton.autotune(configs=autotune_configs(_CONFIGS), key=["HW", "C"])
+@triton.autotune(configs=autotune_configs(_CONFIGS), key=["PER_SAMPLE", "CHANNELS_LAST"])
 @triton.jit
 def _perturb_kernel(
     # pointers
     images_ptr, fudge_ptr, segments_ptr, masks_ptr, mean_ptr, std_ptr, out_ptr,
-    # sizes
-    C, W, HW, offset, count,
-    # strides (elements)
+    # sizes (PER_SAMPLE = C * H * W, the elements of one output sample)
+    C, W, HW, PER_SAMPLE, offset, count,
+    # strides (elements); the output is dense in its layout
     si_b, si_c, si_h, si_w,
     sf_b, sf_c, sf_h, sf_w,
     ss_b, ss_h, ss_w,
     sm_b, sm_n, sm_m,
-    so_n, so_c, so_h, so_w,
     # compile-time
-    NORMALIZE: tl.constexpr, COMPUTE_F64: tl.constexpr, HALF_OUT: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, NORMALIZE: tl.constexpr, COMPUTE_F64: tl.constexpr, HALF_OUT: tl.constexpr,
     BLOCK: tl.constexpr, SAMPLES: tl.constexpr,
 ):
     groups = tl.cdiv(count, SAMPLES)  # sample groups per image
     b = (tl.program_id(0) // groups).to(tl.int64)
     first = (tl.program_id(0) % groups) * SAMPLES
-    pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = pix < HW
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # element of a sample, in the output's order
+    inside = e < PER_SAMPLE
+    if CHANNELS_LAST:
+        pix = e // C
+        ch = e % C
+    else:
+        pix = e % HW
+        ch = e // HW
     y = pix // W
     x = pix % W
     seg = tl.load(segments_ptr + b * ss_b + y * ss_h + x * ss_w, mask=inside, other=0)
-    image_at = images_ptr + b * si_b + y * si_h + x * si_w
-    fudge_at = fudge_ptr + b * sf_b + y * sf_h + x * sf_w
+    kept = tl.load(images_ptr + b * si_b + ch * si_c + y * si_h + x * si_w, mask=inside, other=0)
+    replaced = tl.load(fudge_ptr + b * sf_b + ch * sf_c + y * sf_h + x * sf_w, mask=inside, other=0)
+    if NORMALIZE:
+        mean = tl.load(mean_ptr + ch, mask=inside, other=0)
+        std = tl.load(std_ptr + ch, mask=inside, other=1)
+        if COMPUTE_F64:
+            kept = (kept.to(tl.float64) - mean) / std
+            replaced = (replaced.to(tl.float64) - mean) / std
+        else:
+            kept = (kept.to(tl.float32) - mean) / std
+            replaced = (replaced.to(tl.float32) - mean) / std
+    if HALF_OUT:  # float64 -> 16 bits goes through float32, as torch's conversion does
+        kept = kept.to(tl.float32)
+        replaced = replaced.to(tl.float32)
+    kept = kept.to(out_ptr.dtype.element_ty)
+    replaced = replaced.to(out_ptr.dtype.element_ty)
+    mask_row = masks_ptr + b * sm_b + offset * sm_n + seg * sm_m
 
     for s in range(0, SAMPLES):
         i = first + s
-        live = pix < tl.where(i < count, HW, 0)  # no pixel of a sample past count
-        keep = tl.load(masks_ptr + b * sm_b + (offset + i) * sm_n + seg * sm_m, mask=live, other=0) != 0
-        out_at = out_ptr + (b * count + i) * so_n + y * so_h + x * so_w
-        # Only the kept source is read at each pixel: the other load is masked off.
-        for ch in range(0, C):
-            v = tl.load(image_at + ch * si_c, mask=live & keep, other=0)
-            v = tl.where(keep, v, tl.load(fudge_at + ch * sf_c, mask=live & ~keep, other=0))
-            if NORMALIZE:
-                if COMPUTE_F64:
-                    v = (v.to(tl.float64) - tl.load(mean_ptr + ch)) / tl.load(std_ptr + ch)
-                else:
-                    v = (v.to(tl.float32) - tl.load(mean_ptr + ch)) / tl.load(std_ptr + ch)
-            if HALF_OUT:  # float64 -> 16 bits goes through float32, as torch's conversion does
-                v = v.to(tl.float32)
-            tl.store(out_at + ch * so_c, v.to(out_ptr.dtype.element_ty), mask=live)
+        live = e < tl.where(i < count, PER_SAMPLE, 0)  # no element of a sample past count
+        keep = tl.load(mask_row + i * sm_n, mask=live, other=0) != 0
+        tl.store(out_ptr + (b * count + i) * PER_SAMPLE + e, tl.where(keep, kept, replaced), mask=live)
 
 
 def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out) -> None:
-    """Launch the kernel for samples [offset, offset + count) into ``out`` (any strides)."""
+    """Launch the kernel for samples [offset, offset + count) into ``out`` (contiguous or
+    channels-last; where both describe it, as for C = 1, the NCHW order)."""
     b, c, h, w = images.shape
     normalized = mean is not None
     compute_f64 = images.dtype == torch.float64
@@ -90,17 +104,17 @@ def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out
         mean, std = mean.to(compute), std.to(compute)
     else:  # never read: NORMALIZE is off
         mean = std = images
-    grid = lambda meta: (b * triton.cdiv(count, meta["SAMPLES"]), triton.cdiv(h * w, meta["BLOCK"]))  # noqa: E731
+    grid = lambda meta: (b * triton.cdiv(count, meta["SAMPLES"]), triton.cdiv(c * h * w, meta["BLOCK"]))  # noqa: E731
     wrap_triton(_perturb_kernel)[grid](
         images, fudge, segments, masks, mean, std, out,
-        c, w, h * w, offset, count,
-        *images.stride(), *fudge.stride(), *segments.stride(), *masks.stride(), *out.stride(),
-        NORMALIZE=normalized, COMPUTE_F64=compute_f64, HALF_OUT=out.dtype in (torch.float16, torch.bfloat16),
+        c, w, h * w, c * h * w, offset, count,
+        *images.stride(), *fudge.stride(), *segments.stride(), *masks.stride(),
+        CHANNELS_LAST=not out.is_contiguous(), NORMALIZE=normalized, COMPUTE_F64=compute_f64,
+        HALF_OUT=out.dtype in (torch.float16, torch.bfloat16),
     )
 
 
-@triton_op("perturb_triton", mutates_args=())
-def perturb_triton(
+def _perturb_launcher(
     images: torch.Tensor,
     segments: torch.Tensor,
     masks: torch.Tensor,
@@ -112,8 +126,6 @@ def perturb_triton(
     out_dtype: torch.dtype | None,
     channels_last: bool,
 ) -> torch.Tensor:
-    if concrete(images, segments, masks, fudge, mean, std):
-        check_perturb(images, segments, masks, fudge, offset, count, mean, std, out_dtype)
     b, c, h, w = images.shape
     out = torch.empty(
         (b * count, c, h, w),
@@ -125,8 +137,7 @@ def perturb_triton(
     return out
 
 
-@triton_op("perturb_into_triton", mutates_args={"out"})
-def perturb_into_triton(
+def _perturb_into_launcher(
     images: torch.Tensor,
     segments: torch.Tensor,
     masks: torch.Tensor,
@@ -136,6 +147,8 @@ def perturb_into_triton(
     std: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
-    if concrete(images, segments, masks, fudge, mean, std, out):
-        check_perturb_into(images, segments, masks, fudge, offset, mean, std, out)
     _write_samples(images, segments, masks, fudge, offset, out.shape[0] // images.shape[0], mean, std, out)
+
+
+perturb_triton = TritonOp("perturb_triton", _perturb_launcher, check_perturb)
+perturb_into_triton = TritonOp("perturb_into_triton", _perturb_into_launcher, check_perturb_into, mutates_args=("out",))

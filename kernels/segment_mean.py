@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .contracts import check_segment_mean, concrete
-from .op_registration import triton_op, wrap_triton
+from .contracts import check_segment_mean
+from .op_registration import TritonOp, wrap_triton
 
 # Not measured (no GPU when written). BLOCK x BLOCK_M is the one-hot tile; with 8 warps ptxas
 # gives the kernel 130 registers per thread for sm_90 (202 with 4 warps), without spills.
@@ -55,10 +55,7 @@ def _segment_sums_kernel(
             tl.atomic_add(sums_ptr + (b * M + labels) * C + ch, total, mask=present)
 
 
-@triton_op("segment_mean_triton", mutates_args=())
-def segment_mean_triton(images: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
-    if concrete(images, segments):
-        check_segment_mean(images, segments, num_segments)
+def _segment_mean_launcher(images: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
     b, c, h, w = images.shape
     out_dtype = images.dtype if images.is_floating_point() else torch.float64
     sums = torch.zeros((b, num_segments, c), dtype=torch.float64, device=images.device)
@@ -70,3 +67,6 @@ def segment_mean_triton(images: torch.Tensor, segments: torch.Tensor, num_segmen
         BLOCK=BLOCK, BLOCK_M=BLOCK_M, num_warps=NUM_WARPS,
     )
     return (sums / counts.clamp_min(1).unsqueeze(2)).to(out_dtype)
+
+
+segment_mean_triton = TritonOp("segment_mean_triton", _segment_mean_launcher, check_segment_mean)

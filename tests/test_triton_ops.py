@@ -77,13 +77,88 @@ def test_triton_op_has_the_schema_of_the_op(op):
     assert signature(ours) == signature(getattr(torch.ops.attrefine_fast, op).default._schema)
 
 
+@pytest.mark.parametrize("route", ["torch.ops", "direct"])
 @pytest.mark.parametrize("name", list(BAD_CALLS))
-def test_bad_input_raises_the_compiled_ops_errors(name):
+def test_bad_input_raises_the_compiled_ops_errors(name, route):
     # The compiled ops' argument contract, held by the Triton ops too (kernels/contracts.py): a
-    # direct torch.ops call with bad input must not reach a kernel.
+    # torch.ops call or a direct eager call with bad input must not reach a kernel.
+    from attrefine_fast import kernels
+
     op, make_args, error, match = BAD_CALLS[name]
+    call = getattr(torch.ops.attrefine_fast, f"{op}_triton") if route == "torch.ops" else kernels.get(op)
     with pytest.raises(error, match=match):
-        getattr(torch.ops.attrefine_fast, f"{op}_triton")(*make_args())
+        call(*make_args())
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("went through the registered op")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_calls_skip_the_dispatcher_and_bump_versions(device, monkeypatch):
+    # Plain tensors, nothing traced, no grad: the TritonOp checks and launches itself, and tells
+    # autograd about what it wrote, as the registered op's in-place machinery does.
+    from attrefine_fast import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    images, segments, masks, fudge = perturb_inputs(2, 3, 5, 7, 4, [3, 1], torch.float32, device, gen)
+    into, pgd = kernels.get("perturb_into"), kernels.get("masked_pgd_step")
+    monkeypatch.setattr(into, "op", _refuse)
+    monkeypatch.setattr(pgd, "op", _refuse)
+    out = torch.zeros(2 * 3, 3, 5, 7, device=device)
+    version = out._version
+    into(images, segments, masks, fudge, 1, None, None, out)
+    assert out._version > version
+    torch.testing.assert_close(out, ops.perturb_ref(images, segments, masks, fudge, 1, 3), atol=0, rtol=0)
+    x = images.clone()
+    x_adv = x + 0.01
+    version = x_adv._version
+    pgd(x_adv, x, fudge - 0.5, None, 0.1, 0.03, 0.0, 1.0, "linf")
+    assert x_adv._version > version
+    with pytest.raises(ValueError, match="segment ids"):  # the checks run on this route too
+        into(images, segments + 5, masks, fudge, 0, None, None, out)
+
+
+def test_scalar_arguments_are_cached_for_direct_calls_only(monkeypatch):
+    # A direct call reuses the tensor that carries its float arguments (no host-to-device copy,
+    # which waits for the stream, per launch); a traced call must make its own.
+    from attrefine_fast.kernels import op_registration as reg
+
+    fresh = reg.scalars((0.5, 1.0), torch.float64, torch.device("cpu"))
+    assert fresh is not reg.scalars((0.5, 1.0), torch.float64, torch.device("cpu"))
+    monkeypatch.setattr(reg._launching, "direct", True, raising=False)
+    cached = reg.scalars((0.5, 1.0), torch.float64, torch.device("cpu"))
+    assert cached is reg.scalars((0.5, 1.0), torch.float64, torch.device("cpu"))
+    assert torch.equal(cached, fresh) and cached.dtype == torch.float64
+    assert reg.scalars((0.5, 1.0), torch.float32, torch.device("cpu")).dtype == torch.float32
+    negative_zero = reg.scalars((-0.0, 1.0), torch.float64, torch.device("cpu"))
+    assert torch.signbit(negative_zero[0]) and not torch.signbit(reg.scalars((0.0, 1.0), torch.float64, "cpu")[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_calls_that_need_the_dispatcher_go_through_the_op(device, monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from attrefine_fast import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    images, segments, masks, fudge = perturb_inputs(1, 3, 4, 4, 3, [2], torch.float32, device, gen)
+    impl = kernels.get("perturb")
+    args = (images.requires_grad_(), segments, masks, fudge, 0, 2, None, None, None, False)
+    # autograd: the op's "not differentiable" error, not a silently detached result
+    out = impl(*args)
+    assert out.grad_fn is not None
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
+    with torch.no_grad():  # nothing for autograd to record: the direct route again
+        monkeypatch.setattr(impl, "op", _refuse)
+        assert impl(*args).grad_fn is None
+    routed = []
+    monkeypatch.setattr(impl, "op", lambda *a, **k: routed.append(k) or "op")
+    with FakeTensorMode():  # tracing modes, like fake tensors, see the registered op
+        assert impl(*args) == "op"
+    assert impl(*args[:-1], channels_last=False) == "op"  # keyword arguments: the op binds them
+    assert routed == [{}, {"channels_last": False}]
 
 
 def test_kernels_compile_for_a_gpu_target():
@@ -142,6 +217,7 @@ PERTURB_SHAPES = [
     pytest.param(2, 3, 7, 13, 5, [5, 2], 1, 3, id="prime"),
     pytest.param(1, 1, 1, 1, 2, [1], 1, 1, id="size1-single-segment"),
     pytest.param(3, 4, 6, 10, 7, [6, 1, 4], 1, 6, id="non-pow2"),
+    pytest.param(2, 1, 5, 9, 4, [3, 4], 0, 4, id="one-channel"),  # NCHW and NHWC are one order
 ]
 PERTURB_OPTIONS = [
     pytest.param({}, id="plain"),
@@ -243,9 +319,10 @@ def test_perturb_every_autotune_config(monkeypatch, config):
 
     use_only_config(monkeypatch, "perturb", "_perturb_kernel", module._CONFIGS[config])
     gen = torch.Generator().manual_seed(11)
-    # 17 x 31 = 527 pixels: several blocks for BLOCK <= 512; 9 samples: a partial group
+    # 3 x 17 x 31 = 1581 elements: several blocks for BLOCK <= 1024; 9 samples: a partial group
     images, segments, masks, fudge = perturb_inputs(2, 3, 17, 31, 11, [7, 3], torch.float32, "cpu", gen)
-    check_perturb(images, segments, masks, fudge, 2, 9, {"normalize": True}, 1e-6, 1e-6)
+    options = {"normalize": True, "channels_last": config % 2 == 1}
+    check_perturb(images, segments, masks, fudge, 2, 9, options, 1e-6, 1e-6)
 
 
 # ---------------------------------------------------------------- GPU only
@@ -333,3 +410,18 @@ def test_torch_compile_fullgraph_cuda():
     eager = run_all(calls)
     compiled = torch.compile(run_all, fullgraph=True)(calls)
     torch.testing.assert_close(compiled, eager)
+
+
+@needs_cuda
+def test_torch_compile_fullgraph_of_the_backend_callables_cuda():
+    # What backends.resolve hands out (a TritonOp, whose eager calls skip the dispatcher) must
+    # trace to the registered op under torch.compile.
+    gen = torch.Generator().manual_seed(5)
+    images, segments, masks, fudge = perturb_inputs(2, 3, 9, 7, 5, [4, 2], torch.float32, "cuda", gen)
+    impl = backends.resolve("perturb", "triton", "cuda")
+
+    def run(images, segments, masks, fudge):
+        return impl(images, segments, masks, fudge, 1, 3, None, None, None, True) * 2
+
+    eager = run(images, segments, masks, fudge)
+    torch.testing.assert_close(torch.compile(run, fullgraph=True)(images, segments, masks, fudge), eager)
