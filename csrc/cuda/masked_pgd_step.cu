@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "block_reduce.cuh"
+#include "flag_pass.cuh"
 #include "launchers.h"
 
 namespace attrefine_fast {
@@ -86,16 +87,13 @@ __device__ __forceinline__ typename Op<T>::type masked_grad(const Step<T>& s, in
 __device__ __forceinline__ bool finite(float v) { return isfinite(v); }
 __device__ __forceinline__ bool finite(double v) { return isfinite(v); }
 
-// flag |= 1 where grad holds a NaN or an infinity (flag zeroed by the caller).
-template <typename T>
-__global__ void grad_flag_kernel(const T* __restrict__ grad, int64_t numel, int* __restrict__ flag) {
-  bool bad = false;
-#pragma unroll 4
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    bad |= !finite(load(grad + i));
-  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicOr(flag, 1);
-}
+// A NaN or an infinity: the predicate of L-inf's flag pass over grad.
+struct NonFinite {
+  template <typename T>
+  __device__ bool operator()(T v) const {
+    return !finite(load(&v));
+  }
+};
 
 // One block: flag = 1 if some sample's Σg² is not finite, | 2 if its Σa² or Σa·g is not.
 __global__ void sums_flag_kernel(const double* __restrict__ sums, int64_t batch, int* __restrict__ flag) {
@@ -197,8 +195,8 @@ void launch(void* x_adv, const void* x, const void* grad, const void* weight, in
   const int64_t tile = kThreads * kElemsPerThread;
   const dim3 grid(static_cast<unsigned>((s.per_sample + tile - 1) / tile), static_cast<unsigned>(batch));
   if (linf) {
-    const int64_t numel = batch * s.per_sample, blocks = (numel + kThreads * 8 - 1) / (kThreads * 8);
-    grad_flag_kernel<T><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(s.grad, numel, flag);
+    const int64_t numel = batch * s.per_sample;
+    flag_pass_kernel<T, NonFinite><<<flag_pass_blocks(numel), kFlagThreads, 0, stream>>>(s.grad, numel, NonFinite{}, flag);
     linf_kernel<T><<<grid, kThreads, 0, stream>>>(s, flag, step_size, eps, lo, hi);
     return;
   }

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "flag_pass.cuh"
 #include "launchers.h"
 
 namespace attrefine_fast {
@@ -26,18 +27,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kSamplesPerThread = 8;
 
-// flag = 1 where an id lies outside [0, num_segments) (flag zeroed by the caller).
-template <typename seg_t>
-__global__ void bad_ids_kernel(const seg_t* __restrict__ segments, int64_t numel, int64_t num_segments,
-                               int* __restrict__ flag) {
-  bool bad = false;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t id = segments[i];
-    bad |= id < 0 || id >= num_segments;
+// An id outside [0, num_segments): the predicate of the id check's flag pass.
+struct IdOutOfRange {
+  int64_t num_segments;
+  template <typename seg_t>
+  __device__ bool operator()(seg_t id) const {
+    return id < 0 || static_cast<int64_t>(id) >= num_segments;
   }
-  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicOr(flag, 1);
-}
+};
 
 // VEC elements of bits_t moved as one unit (16 bytes when VEC * sizeof(bits_t) == 16).
 template <typename bits_t, int VEC>
@@ -146,10 +143,10 @@ template <typename seg_t>
 void launch_bits(const void* kept, const void* replaced, const seg_t* segments, const bool* masks, void* out,
                  int64_t elem_bytes, int64_t batch, int64_t samples, int64_t num_segments, int64_t channels,
                  int64_t pixels, int64_t offset, int64_t count, bool channels_last, int* flag, cudaStream_t stream) {
-  const int64_t ids = batch * pixels, blocks = (ids + kThreads * 8 - 1) / (kThreads * 8);
+  const int64_t ids = batch * pixels;
   if (ids > 0)
-    bad_ids_kernel<seg_t><<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), kThreads, 0, stream>>>(
-        segments, ids, num_segments, flag);
+    flag_pass_kernel<seg_t, IdOutOfRange><<<flag_pass_blocks(ids), kFlagThreads, 0, stream>>>(
+        segments, ids, IdOutOfRange{num_segments}, flag);
   switch (elem_bytes) {
     case 1: launch<uint8_t>(kept, replaced, segments, masks, out, batch, samples, num_segments, channels, pixels, offset, count, channels_last, flag, stream); break;
     case 2: launch<uint16_t>(kept, replaced, segments, masks, out, batch, samples, num_segments, channels, pixels, offset, count, channels_last, flag, stream); break;
