@@ -87,7 +87,8 @@ def main(argv=None) -> None:
     from attrefine_fast import kernels
 
     if not args.launch:
-        stub_launches([kernels.segment_mean, kernels.perturb, kernels.lime_fit, kernels.masked_pgd_step])
+        stub_launches([kernels.segment_mean, kernels.perturb, kernels.lime_fit, kernels.masked_pgd_step,
+                       kernels.device_checks])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"# {where}, torch {torch.__version__}, launches {'included' if args.launch else 'stubbed'}; "

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-_PTR = {"f32": "*fp32", "f64": "*fp64", "f16": "*fp16", "bf16": "*bf16", "u8": "*u8", "i64": "*i64", "bool": "*i1"}
+_PTR = {"f32": "*fp32", "f64": "*fp64", "f16": "*fp16", "bf16": "*bf16", "u8": "*u8", "i64": "*i64", "i32": "*i32", "bool": "*i1"}
 
 
 def _signature(fn, pointers: dict, constexprs: dict) -> dict:
@@ -49,7 +49,7 @@ def _perturb_variants(full: bool):
         compute = "f64" if src == "f64" else "f32"
         stat = compute if norm else src
         pointers = {"images_ptr": src, "fudge_ptr": src, "segments_ptr": "i64", "masks_ptr": "bool",
-                    "mean_ptr": stat, "std_ptr": stat, "out_ptr": dst}
+                    "mean_ptr": stat, "std_ptr": stat, "out_ptr": dst, "flag_ptr": "i32"}
         channels_last = (index + index // len(cases)) % 2 == 1  # both layouts across cases and configurations
         constexprs = dict(config.kwargs, CHANNELS_LAST=channels_last, NORMALIZE=norm, COMPUTE_F64=src == "f64",
                           HALF_OUT=dst in ("f16", "bf16"))
@@ -84,7 +84,7 @@ def _masked_pgd_variants(full: bool):
         compute = "f64" if t == "f64" else "f32"
         for stage in (0, 1, 2) if l2 else (2,):
             pointers = {"x_adv_ptr": t, "x_ptr": t, "grad_ptr": t, "weight_ptr": t, "params_ptr": compute,
-                        "g_partial_ptr": compute, "d_partial_ptr": compute}
+                        "g_partial_ptr": compute, "d_partial_ptr": compute, "flag_ptr": "i32"}
             constexprs = dict(STAGE=stage, L2=l2, HAS_WEIGHT=has_weight, F64=t == "f64", FLAT=flat, BLOCK=mod.BLOCK)
             yield (f"masked_pgd_step {t} l2={l2} weight={has_weight} stage={stage} flat={flat}",
                    mod._masked_pgd_kernel, pointers, constexprs, 4)
@@ -97,6 +97,7 @@ _QUICK = (
     "lime_fit f64 phase=2 weights=False BLOCK_M=16",
     "masked_pgd_step f64 l2=True weight=True stage=1 flat=True", "masked_pgd_step f32 l2=True weight=False stage=2 flat=False",
     "masked_pgd_step bf16 l2=False weight=True stage=2 flat=False", "segment_mean u8",
+    "flag_pass ids i64", "flag_pass non-finite bf16",
 )
 
 
@@ -109,12 +110,23 @@ def _segment_mean_variants(full: bool):
         yield f"segment_mean {t}", mod._segment_sums_kernel, pointers, constexprs, mod.NUM_WARPS
 
 
+def _flag_pass_variants(full: bool):
+    from . import device_checks as mod
+
+    cases = [("ids", "i64"), ("ids", "i32"), ("non-finite", "f32"), ("non-finite", "f64"), ("non-finite", "f16"),
+             ("non-finite", "bf16")]
+    for check, t in cases:
+        constexprs = {"IDS": check == "ids", "BLOCK": mod.BLOCK}
+        yield f"flag_pass {check} {t}", mod._flag_pass_kernel, {"data_ptr": t, "flag_ptr": "i32"}, constexprs, 4
+
+
 def variants(mode: str = "default"):
     """(name, kernel, pointer dtypes, constexprs, num_warps) for mode "quick", "default" or "all"."""
     full = mode == "all"
     seen = set()
     for variant in itertools.chain(
-        _segment_mean_variants(full), _perturb_variants(full), _lime_fit_variants(full), _masked_pgd_variants(full)
+        _segment_mean_variants(full), _perturb_variants(full), _lime_fit_variants(full), _masked_pgd_variants(full),
+        _flag_pass_variants(full),
     ):
         if mode == "quick":
             prefix = next((q for q in _QUICK if variant[0].startswith(q)), None)

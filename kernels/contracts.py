@@ -26,6 +26,13 @@ def concrete(*tensors) -> bool:
 
 def check_segment_mean(images, segments, num_segments: int) -> None:
     """images (B, C, H, W); segments (B, H, W) integer ids in [0, num_segments)."""
+    check_segments_layout(images, segments, num_segments)
+    check_segment_ids(segments, num_segments)
+
+
+def check_segments_layout(images, segments, num_segments: int) -> None:
+    """What check_segment_mean checks without reading the ids (a launcher that checks them on
+    the device, kernels/device_checks.py, checks the rest here)."""
     check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
     check_tensor("segments", segments, ndim=3, dtypes=(torch.int64, torch.int32))
     b, _, h, w = images.shape
@@ -34,6 +41,9 @@ def check_segment_mean(images, segments, num_segments: int) -> None:
     check_same_device(images=images, segments=segments)
     if num_segments < 1:
         raise ValueError(f"num_segments must be at least 1, got {num_segments}")
+
+
+def check_segment_ids(segments, num_segments: int) -> None:
     if segments.numel():
         lo, hi = torch.stack(torch.aminmax(segments)).tolist()  # one device-to-host copy
         if lo < 0 or hi >= num_segments:
@@ -46,7 +56,8 @@ def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean,
     b, c = images.shape[:2]
     if masks.shape[0] != b or masks.shape[2] < 1:
         raise ValueError(f"masks must have shape (B, N, M) with B={b}, got {tuple(masks.shape)}")
-    check_segment_mean(images, segments, masks.shape[2])  # the same contract for images and ids
+    # the same contract for images and ids; the launcher checks the ids on the device
+    check_segments_layout(images, segments, masks.shape[2])
     check_tensor("fudge", fudge, ndim=4)
     if fudge.shape != images.shape or fudge.dtype != images.dtype:
         raise ValueError(f"fudge must match images in shape and dtype: {tuple(images.shape)} {images.dtype}, got {tuple(fudge.shape)} {fudge.dtype}")
@@ -124,4 +135,4 @@ def check_masked_pgd_step(x_adv, x, grad, weight, step_size: float, eps: float, 
         check_tensor("weight", weight, ndim=3, dtypes=(x_adv.dtype,))
         if tuple(weight.shape) != (b, h, w):
             raise ValueError(f"weight must have shape (B, H, W) = {(b, h, w)}, got {tuple(weight.shape)}")
-    check_finite("grad", grad)
+    # grad's values are checked on the device by the launcher (kernels/device_checks.py)

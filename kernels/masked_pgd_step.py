@@ -10,6 +10,9 @@ Matches attrefine_fast.ops.masked_pgd_step.masked_pgd_step_ref:
 Any strides; float64 computes in float64, the others in float32. The reference computes op by op in
 the tensor's dtype, so for float16/bfloat16 every intermediate it materializes is rounded to that
 dtype at the same point here; float32 and float64 need no rounding.
+A finite gradient is checked on the device (kernels/device_checks.py): a pass over grad sets a
+flag that every launch reads first, so a NaN or an infinity writes nothing, and the error is
+raised after the launches instead of a host round trip before them.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import triton.language as tl
 from attrefine_fast.ops.masked_pgd_step import EPS_FOR_DIVISION, FLOAT16_EPS_FOR_DIVISION
 
 from .contracts import check_masked_pgd_step
+from .device_checks import flag_pass, flag_set, new_flag
 from .op_registration import TritonOp, scalars, wrap_triton
 
 # An elementwise pass: 1024 elements per program keeps 32x32x3 images at 3 programs per sample.
@@ -91,7 +95,7 @@ def _row_total(partial_ptr, b, num_blocks, BLOCK_P: tl.constexpr, F64: tl.conste
 @triton.jit
 def _masked_pgd_kernel(
     # pointers
-    x_adv_ptr, x_ptr, grad_ptr, weight_ptr, params_ptr, g_partial_ptr, d_partial_ptr,
+    x_adv_ptr, x_ptr, grad_ptr, weight_ptr, params_ptr, g_partial_ptr, d_partial_ptr, flag_ptr,
     # sizes
     C, HW, W, num_blocks,
     # strides (elements)
@@ -104,7 +108,8 @@ def _masked_pgd_kernel(
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < C * HW
+    # a non-finite grad (flag set by the pass before): nothing is read or written
+    inside = offs < tl.where(tl.load(flag_ptr) == 0, C * HW, 0)
     step_size = tl.load(params_ptr)
     eps = tl.load(params_ptr + 1)
     lo = tl.load(params_ptr + 2)
@@ -179,13 +184,17 @@ def _masked_pgd_step_launcher(
     d_partial = torch.empty_like(g_partial)
     stages = (0, 1, 2) if l2 else (2,)
     flat = all(t.is_contiguous() for t in (x_adv, x, grad))
+    flag = new_flag(x_adv.device)
+    flag_pass(grad, flag)
     for stage in stages:
         wrap_triton(_masked_pgd_kernel)[(b, num_blocks)](
-            x_adv, x, grad, wt, params, g_partial, d_partial,
+            x_adv, x, grad, wt, params, g_partial, d_partial, flag,
             c, h * w, w, num_blocks,
             *x_adv.stride(), *x.stride(), *grad.stride(), *weight_strides,
             STAGE=stage, L2=l2, HAS_WEIGHT=has_weight, F64=f64, FLAT=flat, BLOCK=BLOCK,
         )
+    if flag_set(flag):  # after the launches, which wrote nothing
+        raise ValueError("grad contains NaN or infinite values")
 
 
 masked_pgd_step_triton = TritonOp(

@@ -12,7 +12,8 @@ a program owns BLOCK consecutive elements of a sample *in the output's layout* (
 prepares both sources for them once (load, normalize, cast) and then writes them for SAMPLES
 samples, each a contiguous store of BLOCK elements and one cached mask-byte gather per element.
 Sources are read once per SAMPLES outputs, and a channels-last output is written as densely
-as an NCHW one.
+as an NCHW one. The segment ids are checked on the device, by a pass whose flag the kernel reads
+first (kernels/device_checks.py).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import triton.language as tl
 
 from attrefine_fast.ops.perturb import perturb_output_dtype
 
-from .contracts import check_perturb, check_perturb_into
+from .contracts import check_perturb, check_perturb_into, check_segment_ids
+from .device_checks import flag_pass, flag_set, new_flag
 from .op_registration import TritonOp, autotune_configs, wrap_triton
 
 # Not measured: no GPU was available when these were written. BLOCK counts elements of a sample
@@ -42,7 +44,7 @@ _CONFIGS = [
 @triton.jit
 def _perturb_kernel(
     # pointers
-    images_ptr, fudge_ptr, segments_ptr, masks_ptr, mean_ptr, std_ptr, out_ptr,
+    images_ptr, fudge_ptr, segments_ptr, masks_ptr, mean_ptr, std_ptr, out_ptr, flag_ptr,
     # sizes (PER_SAMPLE = C * H * W, the elements of one output sample)
     C, W, HW, PER_SAMPLE, offset, count,
     # strides (elements); the output is dense in its layout
@@ -58,7 +60,9 @@ def _perturb_kernel(
     b = (tl.program_id(0) // groups).to(tl.int64)
     first = (tl.program_id(0) % groups) * SAMPLES
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # element of a sample, in the output's order
-    inside = e < PER_SAMPLE
+    # a segment id out of range (flag set by the pass before): nothing is read or written
+    limit = tl.where(tl.load(flag_ptr) == 0, PER_SAMPLE, 0)
+    inside = e < limit
     if CHANNELS_LAST:
         pix = e // C
         ch = e % C
@@ -88,15 +92,20 @@ def _perturb_kernel(
 
     for s in range(0, SAMPLES):
         i = first + s
-        live = e < tl.where(i < count, PER_SAMPLE, 0)  # no element of a sample past count
+        live = e < tl.where(i < count, limit, 0)  # no element of a sample past count
         keep = tl.load(mask_row + i * sm_n, mask=live, other=0) != 0
         tl.store(out_ptr + (b * count + i) * PER_SAMPLE + e, tl.where(keep, kept, replaced), mask=live)
 
 
 def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out) -> None:
-    """Launch the kernel for samples [offset, offset + count) into ``out`` (contiguous or
-    channels-last; where both describe it, as for C = 1, the NCHW order)."""
+    """Launch the kernels for samples [offset, offset + count) into ``out`` (contiguous or
+    channels-last; where both describe it, as for C = 1, the NCHW order): the segment ids'
+    check on the device, then the writing kernel, which writes nothing if an id is out of range;
+    the error is raised after both launches."""
     b, c, h, w = images.shape
+    m = masks.shape[2]
+    flag = new_flag(images.device)
+    flag_pass(segments, flag, ids_below=m)
     normalized = mean is not None
     compute_f64 = images.dtype == torch.float64
     if normalized:
@@ -106,12 +115,15 @@ def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out
         mean = std = images
     grid = lambda meta: (b * triton.cdiv(count, meta["SAMPLES"]), triton.cdiv(c * h * w, meta["BLOCK"]))  # noqa: E731
     wrap_triton(_perturb_kernel)[grid](
-        images, fudge, segments, masks, mean, std, out,
+        images, fudge, segments, masks, mean, std, out, flag,
         c, w, h * w, c * h * w, offset, count,
         *images.stride(), *fudge.stride(), *segments.stride(), *masks.stride(),
         CHANNELS_LAST=not out.is_contiguous(), NORMALIZE=normalized, COMPUTE_F64=compute_f64,
         HALF_OUT=out.dtype in (torch.float16, torch.bfloat16),
     )
+    if flag_set(flag):
+        check_segment_ids(segments, m)  # raises the contract's error, which names the ids
+        raise RuntimeError("perturb's id check on the device flagged ids that the host finds in range")
 
 
 def _perturb_launcher(

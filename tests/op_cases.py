@@ -199,4 +199,6 @@ BAD_CALLS = {
     "pgd weight shape": ("masked_pgd_step", lambda: (_img(), _img(), _img(), torch.rand(2, 4, 5), 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "weight"),
     "pgd range": ("masked_pgd_step", lambda: (_img(), _img(), _img(), None, 0.1, 0.1, 1.0, 0.0, "linf"), ValueError, "lo <= hi"),
     "pgd int": ("masked_pgd_step", lambda: (_img().int(), _img().int(), _img().int(), None, 0.1, 0.1, 0.0, 1.0, "linf"), TypeError, "x_adv"),
+    "pgd grad nan": ("masked_pgd_step", lambda: (_img(), _img(), _img().index_put_((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan"))), None, 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "grad contains NaN"),
+    "pgd l2 grad inf": ("masked_pgd_step", lambda: (_img(), _img(), _img().index_put_((torch.tensor(0),), torch.tensor(float("-inf"))), None, 0.1, 0.1, 0.0, 1.0, "l2"), ValueError, "grad contains NaN"),
 }

@@ -257,3 +257,20 @@ def test_masked_pgd_step_l2_with_a_zero_ball_and_a_zero_step_is_the_clean_input(
     x_adv = x.clone()
     ops.masked_pgd_step(x_adv, x, grad, weight, step_size=0.1, eps=0.0, norm="l2", backend="triton")
     assert torch.equal(x_adv, x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_masked_pgd_step_non_finite_grad_writes_nothing(device, norm, bad):
+    # grad is checked on the device while the host goes on to the launches: the writing stage
+    # must see the flag and leave x_adv as it was.
+    from attrefine_fast import kernels
+
+    gen = torch.Generator().manual_seed(4)
+    x_adv, x, grad, weight = pgd_inputs((3, 2, 7, 9), torch.float32, device, gen, True)
+    grad[2, 1, 6, 8] = bad  # the last element
+    before = x_adv.clone()
+    with pytest.raises(ValueError, match="grad contains NaN or infinite values"):
+        kernels.get("masked_pgd_step")(x_adv, x, grad, weight, 0.1, 0.3, 0.0, 1.0, norm)
+    assert torch.equal(x_adv, before)

@@ -90,6 +90,56 @@ def test_bad_input_raises_the_compiled_ops_errors(name, route):
         call(*make_args())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("route", ["torch.ops", "direct"])
+@pytest.mark.parametrize("bad_id", [-1, 4])
+def test_perturb_into_writes_nothing_for_a_segment_id_out_of_range(device, route, bad_id):
+    # The ids are checked on the device (kernels/device_checks.py) while the host goes on to the
+    # launch: the writing kernel must see the flag and leave the caller's buffer as it was.
+    from attrefine_fast import kernels
+
+    gen = torch.Generator().manual_seed(3)
+    images, segments, masks, fudge = perturb_inputs(2, 3, 6, 5, 4, [4, 2], torch.float32, device, gen)
+    segments[1, 5, 4] = bad_id  # the last pixel of the last image
+    out = torch.full((2 * 4, 3, 6, 5), 7.0, device=device).contiguous(memory_format=torch.channels_last)
+    call = torch.ops.attrefine_fast.perturb_into_triton if route == "torch.ops" else kernels.get("perturb_into")
+    with pytest.raises(ValueError, match=rf"segment ids must lie in \[0, 4\), got ids in \[{min(bad_id, 0)}, {max(bad_id, 3)}\]"):
+        call(images, segments, masks, fudge, 0, None, None, out)
+    assert torch.all(out == 7.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_flag_pass_finds_one_bad_element_anywhere(device, dtype):
+    from attrefine_fast.kernels.device_checks import BLOCK, flag_pass, flag_set, new_flag
+
+    def flagged(data, **kwargs):
+        flag = new_flag(device)
+        flag_pass(data, flag, **kwargs)
+        return flag_set(flag)
+
+    # a non-contiguous (B, C, H, W) view spanning several programs
+    base = torch.rand(3, 5, 41, 37, dtype=torch.float64).to(dtype).to(device)
+    grad = base[:, 1:4].transpose(2, 3)
+    assert grad.numel() > 2 * BLOCK and not grad.is_contiguous()
+    assert not flagged(grad)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for at in ((0, 0, 0, 0), (1, 2, 20, 17), (2, 2, 36, 40)):
+            bad = grad.clone()
+            bad[at] = value
+            assert flagged(bad), (value, at)
+    huge = torch.finfo(dtype).max
+    assert not flagged(torch.full((1, 1, 3, 3), huge, dtype=dtype, device=device))  # finite, if near overflow
+
+    ids = torch.randint(0, 6, (2, 33, 71), device=device)
+    for id_dtype in (torch.int64, torch.int32):
+        assert not flagged(ids.to(id_dtype), ids_below=6)
+        for value, at in ((-1, (0, 0, 0)), (6, (1, 32, 70)), (2**31 - 1, (1, 5, 9))):
+            bad = ids.to(id_dtype).clone()
+            bad[at] = value
+            assert flagged(bad, ids_below=6) and flagged(bad[:, ::2], ids_below=6) == (at[1] % 2 == 0)
+
+
 def _refuse(*args, **kwargs):
     raise AssertionError("went through the registered op")
 
@@ -170,7 +220,7 @@ def test_kernels_compile_for_a_gpu_target():
     run = subprocess.run([sys.executable, "-m", "attrefine_fast.kernels.compile_check", "--quick", "--arch", "90"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert "10 kernel variants compile for sm_90" in run.stdout
+    assert "12 kernel variants compile for sm_90" in run.stdout
 
 
 # ---------------------------------------------------------------- segment_mean
@@ -347,7 +397,8 @@ def test_launchers_trace_with_fake_tensors(monkeypatch, index, tracing):
 
     from attrefine_fast import kernels
 
-    for module in (kernels.perturb, kernels.lime_fit, kernels.masked_pgd_step, kernels.segment_mean):
+    modules = (kernels.perturb, kernels.lime_fit, kernels.masked_pgd_step, kernels.segment_mean, kernels.device_checks)
+    for module in modules:
         monkeypatch.setattr(module, "wrap_triton", lambda kernel: _NoLaunch())
     op, args = sample_calls("cpu")[index]
     eager_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]

@@ -1,0 +1,75 @@
+"""Argument checks on the device for the Triton ops, as csrc/cuda/flag_pass.cuh does for the
+CUDA ones.
+
+A check that needs the data (segment ids in range, a finite gradient) would otherwise bring a
+reduction to the host before the launch, leaving the GPU idle while the host waits and then
+launches. Instead one pass over the array sets a flag, the writing kernel reads the flag first
+and writes nothing if it is set (a caller's buffer stays as it was), and the launcher reads the
+flag once, after its launches, to raise the op's error.
+
+    flag = new_flag(device)                       # int32 zero
+    flag_pass(segments, flag, ids_below=M)        # or flag_pass(grad, flag)  (non-finite)
+    ... launch the kernels, each reading flag_ptr ...
+    if flag_set(flag): raise ...
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .contracts import concrete
+from .op_registration import wrap_triton
+
+# Not measured (no GPU when written): an elementwise read, 2048 elements per program.
+BLOCK = 2048
+
+
+@triton.jit
+def _flag_pass_kernel(
+    data_ptr, flag_ptr,
+    numel, C, H, W, ids_below,
+    s_b, s_c, s_h, s_w,
+    IDS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """flag = 1 where an element of data, a (B, C, H, W) array of any strides, is an id outside
+    [0, ids_below) (IDS) or a NaN or an infinity (not IDS)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    x = offs % W
+    rest = offs // W
+    y = rest % H
+    rest = rest // H
+    v = tl.load(data_ptr + (rest // C) * s_b + (rest % C) * s_c + y * s_h + x * s_w, mask=inside, other=0)
+    if IDS:
+        bad = (v < 0) | (v >= ids_below)
+    else:
+        v = v.to(tl.float64) if v.dtype == tl.float64 else v.to(tl.float32)
+        bad = (v - v) != 0  # NaN for a NaN or an infinity, 0 for every finite value
+    count = tl.sum((bad & inside).to(tl.int32), axis=0)
+    tl.store(flag_ptr, 1, mask=count > 0)  # every program that stores, stores 1
+
+
+def new_flag(device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def flag_pass(data: torch.Tensor, flag: torch.Tensor, ids_below: int | None = None) -> None:
+    """Set flag where data (B, H, W) or (B, C, H, W) holds an id outside [0, ids_below), or,
+    without ids_below, a non-finite value."""
+    if data.numel() == 0:
+        return
+    view = data.unsqueeze(1) if data.dim() == 3 else data
+    b, c, h, w = view.shape
+    wrap_triton(_flag_pass_kernel)[(triton.cdiv(view.numel(), BLOCK),)](
+        view, flag,
+        view.numel(), c, h, w, 0 if ids_below is None else ids_below,
+        *view.stride(),
+        IDS=ids_below is not None, BLOCK=BLOCK,
+    )
+
+
+def flag_set(flag: torch.Tensor) -> bool:
+    """Whether a pass set the flag (one device-to-host copy); False while traced, where there is
+    no data to read (the checks are skipped there, as the op's other checks are)."""
+    return concrete(flag) and bool(flag.item())
