@@ -116,7 +116,7 @@ def _flag_pass_variants(full: bool):
     cases = [("ids", "i64"), ("ids", "i32"), ("non-finite", "f32"), ("non-finite", "f64"), ("non-finite", "f16"),
              ("non-finite", "bf16")]
     for check, t in cases:
-        constexprs = {"IDS": check == "ids", "BLOCK": mod.BLOCK}
+        constexprs = {"RANGE": check == "ids", "BLOCK": mod.BLOCK}
         yield f"flag_pass {check} {t}", mod._flag_pass_kernel, {"data_ptr": t, "flag_ptr": "i32"}, constexprs, 4
 
 

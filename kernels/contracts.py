@@ -101,15 +101,7 @@ def check_lime_fit(masks, targets, num_segments, weights, kernel_width: float, a
         raise ValueError(f"kernel_width must be positive, got {kernel_width}")
     if not alpha >= 0:
         raise ValueError(f"alpha must be non-negative, got {alpha}")
-    # The counts and the targets' sum come to the host in one copy (each wait for the device
-    # would hold back the launch); a non-finite sum is settled element-wise by check_finite.
-    counts_bad, sum_finite = torch.stack(
-        [((num_segments < 1) | (num_segments > m)).any(), torch.isfinite(targets.sum())]
-    ).tolist()
-    if counts_bad:
-        raise ValueError(f"num_segments must hold B={b} counts in 1..{m}")
-    if not sum_finite:
-        check_finite("targets", targets)
+    # the counts and the targets' values: checked on the device by the launcher (check_lime_fit_values)
     if weights is not None:
         check_tensor("weights", weights, ndim=2, dtypes=(targets.dtype,))
         if tuple(weights.shape) != (b, n):
@@ -117,6 +109,18 @@ def check_lime_fit(masks, targets, num_segments, weights, kernel_width: float, a
         check_finite("weights", weights)
         if bool((weights < 0).any()) or bool((weights.sum(dim=1) <= 0).any()):
             raise ValueError("weights must be non-negative with a positive sum per image")
+
+
+def check_lime_fit_values(targets, num_segments, m: int) -> None:
+    """The counts in 1..M and finite targets (one device-to-host copy; a non-finite sum is
+    settled element-wise by check_finite)."""
+    counts_bad, sum_finite = torch.stack(
+        [((num_segments < 1) | (num_segments > m)).any(), torch.isfinite(targets.sum())]
+    ).tolist()
+    if counts_bad:
+        raise ValueError(f"num_segments must hold B={num_segments.shape[0]} counts in 1..{m}")
+    if not sum_finite:
+        check_finite("targets", targets)
 
 
 def check_masked_pgd_step(x_adv, x, grad, weight, step_size: float, eps: float, lo: float, hi: float, norm: str) -> None:

@@ -8,7 +8,7 @@ and writes nothing if it is set (a caller's buffer stays as it was), and the lau
 flag once, after its launches, to raise the op's error.
 
     flag = new_flag(device)                       # int32 zero
-    flag_pass(segments, flag, ids_below=M)        # or flag_pass(grad, flag)  (non-finite)
+    flag_pass(segments, flag, within=(0, M))      # or flag_pass(grad, flag)  (non-finite)
     ... launch the kernels, each reading flag_ptr ...
     if flag_set(flag): raise ...
 """
@@ -28,12 +28,12 @@ BLOCK = 2048
 @triton.jit
 def _flag_pass_kernel(
     data_ptr, flag_ptr,
-    numel, C, H, W, ids_below,
+    numel, C, H, W, lo, hi,
     s_b, s_c, s_h, s_w,
-    IDS: tl.constexpr, BLOCK: tl.constexpr,
+    RANGE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """flag = 1 where an element of data, a (B, C, H, W) array of any strides, is an id outside
-    [0, ids_below) (IDS) or a NaN or an infinity (not IDS)."""
+    """flag = 1 where an element of data, a (B, C, H, W) array of any strides, is an integer
+    outside [lo, hi) (RANGE) or a NaN or an infinity (not RANGE)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
     x = offs % W
@@ -41,8 +41,8 @@ def _flag_pass_kernel(
     y = rest % H
     rest = rest // H
     v = tl.load(data_ptr + (rest // C) * s_b + (rest % C) * s_c + y * s_h + x * s_w, mask=inside, other=0)
-    if IDS:
-        bad = (v < 0) | (v >= ids_below)
+    if RANGE:
+        bad = (v < lo) | (v >= hi)
     else:
         v = v.to(tl.float64) if v.dtype == tl.float64 else v.to(tl.float32)
         bad = (v - v) != 0  # NaN for a NaN or an infinity, 0 for every finite value
@@ -54,18 +54,19 @@ def new_flag(device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-def flag_pass(data: torch.Tensor, flag: torch.Tensor, ids_below: int | None = None) -> None:
-    """Set flag where data (B, H, W) or (B, C, H, W) holds an id outside [0, ids_below), or,
-    without ids_below, a non-finite value."""
+def flag_pass(data: torch.Tensor, flag: torch.Tensor, within: tuple[int, int] | None = None) -> None:
+    """Set flag where data (1 to 4 dimensions) holds an integer outside [lo, hi) = within, or,
+    without within, a non-finite value."""
     if data.numel() == 0:
         return
-    view = data.unsqueeze(1) if data.dim() == 3 else data
+    view = data[(None,) * (4 - data.dim())]  # leading dimensions of 1: a view, any strides kept
     b, c, h, w = view.shape
+    lo, hi = within if within is not None else (0, 0)
     wrap_triton(_flag_pass_kernel)[(triton.cdiv(view.numel(), BLOCK),)](
         view, flag,
-        view.numel(), c, h, w, 0 if ids_below is None else ids_below,
+        view.numel(), c, h, w, lo, hi,
         *view.stride(),
-        IDS=ids_below is not None, BLOCK=BLOCK,
+        RANGE=within is not None, BLOCK=BLOCK,
     )
 
 

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .contracts import check_lime_fit
+from .contracts import check_lime_fit, check_lime_fit_values
+from .device_checks import flag_pass, flag_set, new_flag
 from .op_registration import TritonOp, autotune_configs, scalars, wrap_triton
 
 MAX_SEGMENTS = 256
@@ -178,7 +179,9 @@ def _lime_fit(
 ):
     dtype = tl.float64 if F64 else tl.float32
     b = tl.program_id(0).to(tl.int64)
-    mb = tl.load(num_segments_ptr + b * sk_b)
+    # Counts outside 1..M are flagged by a pass on the device and the call then raises; clamped
+    # here so that such a count reads nothing out of bounds on the way.
+    mb = tl.minimum(tl.maximum(tl.load(num_segments_ptr + b * sk_b), 1), M)
     kw2 = tl.load(params_ptr)
     alpha = tl.load(params_ptr + 1)
     idx_m = tl.arange(0, BLOCK_M)
@@ -282,6 +285,16 @@ def _lime_fit_launcher(
     params = scalars((kernel_width**2, alpha), dtype, device)
     has_weights = weights is not None
     w = weights if has_weights else targets  # never read when HAS_WEIGHTS is off
+    # The counts and the targets' values are checked on the device (the outputs are the call's
+    # own, so raising after the launch loses nothing, and the launch waits for no copy).
+    flag = new_flag(device)
+    flag_pass(num_segments, flag, within=(1, m + 1))
+    flag_pass(targets, flag)
+
+    def raise_if_flagged():
+        if flag_set(flag):
+            check_lime_fit_values(targets, num_segments, m)  # raises the contract's error
+            raise RuntimeError("lime_fit's checks on the device flagged values that the host finds valid")
     sw_b, sw_n = w.stride()[:2]
 
     def launch(phase, gram, rhs, beta):
@@ -297,12 +310,14 @@ def _lime_fit_launcher(
 
     if alpha > 0:
         launch(FUSED, coef, coef, coef)  # the scratch pointers are unused
+        raise_if_flagged()
         return coef, intercept, score, local_pred
     # zeros, not empty: the launch writes every entry, but a solve of uninitialized memory (where a
     # launch is skipped, as when the launcher is traced with stubbed kernels) can fail to converge.
     gram = torch.zeros((b, m, m), dtype=dtype, device=device)
     rhs = torch.zeros((b, m, l), dtype=dtype, device=device)
     launch(NORMAL_EQUATIONS, gram, rhs, rhs)
+    raise_if_flagged()  # before the solve, which may fail to converge on non-finite sums
     # The minimum-norm solution, as the reference's lstsq gives on CPU; lstsq itself has no fake
     # implementation (its outputs' shapes depend on the data), which torch.compile needs.
     beta = (torch.linalg.pinv(gram, hermitian=True) @ rhs).contiguous()

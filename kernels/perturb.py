@@ -105,7 +105,7 @@ def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out
     b, c, h, w = images.shape
     m = masks.shape[2]
     flag = new_flag(images.device)
-    flag_pass(segments, flag, ids_below=m)
+    flag_pass(segments, flag, within=(0, m))
     normalized = mean is not None
     compute_f64 = images.dtype == torch.float64
     if normalized:

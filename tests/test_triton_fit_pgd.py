@@ -274,3 +274,23 @@ def test_masked_pgd_step_non_finite_grad_writes_nothing(device, norm, bad):
     with pytest.raises(ValueError, match="grad contains NaN or infinite values"):
         kernels.get("masked_pgd_step")(x_adv, x, grad, weight, 0.1, 0.3, 0.0, 1.0, norm)
     assert torch.equal(x_adv, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's sums of inf
+def test_lime_fit_bad_counts_and_targets_raise_the_contract_errors(device, alpha):
+    # Checked on the device while the host launches; alpha = 0 must raise before its solve,
+    # which non-finite sums could make fail with an error of its own.
+    from attrefine_fast import kernels
+
+    gen = torch.Generator().manual_seed(6)
+    masks, targets, counts = fit_inputs(2, 12, 5, 3, [5, 4], torch.float64, device, gen)
+    fit = kernels.get("lime_fit")
+    bad_targets = targets.clone()
+    bad_targets[1, 11, 2] = float("inf")
+    with pytest.raises(ValueError, match="targets contains NaN or infinite values"):
+        fit(masks, bad_targets, counts, None, 0.25, alpha)
+    for bad_counts in ([6, 4], [5, 0]):
+        with pytest.raises(ValueError, match=r"num_segments must hold B=2 counts in 1\.\.5"):
+            fit(masks, targets, torch.tensor(bad_counts, device=device), None, 0.25, alpha)

@@ -133,11 +133,18 @@ def test_flag_pass_finds_one_bad_element_anywhere(device, dtype):
 
     ids = torch.randint(0, 6, (2, 33, 71), device=device)
     for id_dtype in (torch.int64, torch.int32):
-        assert not flagged(ids.to(id_dtype), ids_below=6)
+        assert not flagged(ids.to(id_dtype), within=(0, 6))
         for value, at in ((-1, (0, 0, 0)), (6, (1, 32, 70)), (2**31 - 1, (1, 5, 9))):
             bad = ids.to(id_dtype).clone()
             bad[at] = value
-            assert flagged(bad, ids_below=6) and flagged(bad[:, ::2], ids_below=6) == (at[1] % 2 == 0)
+            assert flagged(bad, within=(0, 6)) and flagged(bad[:, ::2], within=(0, 6)) == (at[1] % 2 == 0)
+    counts = torch.tensor([1, 6, 3], device=device)  # lime_fit's counts, in 1..M: [1, M + 1)
+    assert not flagged(counts, within=(1, 7))
+    assert flagged(counts - 1, within=(1, 7)) and flagged(counts + 1, within=(1, 7))
+    targets = torch.rand(2, 9, 5, dtype=torch.float64).to(dtype).to(device)  # (B, N, L)
+    assert not flagged(targets)
+    targets[1, 8, 4] = float("nan")
+    assert flagged(targets)
 
 
 def _refuse(*args, **kwargs):
