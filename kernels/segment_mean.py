@@ -8,6 +8,8 @@ pixels has mean 0.
 Program (b, block) reduces BLOCK pixels of image b against BLOCK_M segments at a time with a
 one-hot comparison, then adds its partial sums to a (B, M, C) float64 buffer with atomics, so
 that even one large image spreads over many programs. The division runs in one torch call.
+An id outside [0, M) matches no segment, so it cannot write out of bounds: it is flagged by a pass
+on the device (kernels/device_checks.py) and the error raised after the launches.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .contracts import check_segment_mean
+from .contracts import check_segment_ids, check_segments_layout
+from .device_checks import flag_pass, flag_set, new_flag
 from .op_registration import TritonOp, wrap_triton
 
 # Not measured (no GPU when written). BLOCK x BLOCK_M is the one-hot tile; with 8 warps ptxas
@@ -47,7 +50,9 @@ def _segment_sums_kernel(
         labels = m0 + tl.arange(0, BLOCK_M)
         hit = seg[:, None] == labels[None, :]  # (BLOCK, BLOCK_M) one-hot
         count = tl.sum(hit.to(tl.float64), axis=0)
-        present = count > 0  # skip the atomics of segments with no pixel in this block
+        # skip the atomics of segments with no pixel in this block; labels >= M (past the last
+        # block of M) are written by no valid id, and an invalid one is flagged, not written
+        present = (count > 0) & (labels < M)
         tl.atomic_add(counts_ptr + b * M + labels, count, mask=present)
         for ch in range(0, C):
             v = tl.load(image_at + ch * si_c, mask=inside, other=0).to(tl.float64)
@@ -60,13 +65,18 @@ def _segment_mean_launcher(images: torch.Tensor, segments: torch.Tensor, num_seg
     out_dtype = images.dtype if images.is_floating_point() else torch.float64
     sums = torch.zeros((b, num_segments, c), dtype=torch.float64, device=images.device)
     counts = torch.zeros((b, num_segments), dtype=torch.float64, device=images.device)
+    flag = new_flag(images.device)
+    flag_pass(segments, flag, within=(0, num_segments))
     wrap_triton(_segment_sums_kernel)[(b, triton.cdiv(h * w, BLOCK))](
         images, segments, sums, counts,
         c, w, h * w, num_segments,
         *images.stride(), *segments.stride(),
         BLOCK=BLOCK, BLOCK_M=BLOCK_M, num_warps=NUM_WARPS,
     )
+    if flag_set(flag):
+        check_segment_ids(segments, num_segments)  # raises the contract's error, which names the ids
+        raise RuntimeError("segment_mean's id check on the device flagged ids that the host finds in range")
     return (sums / counts.clamp_min(1).unsqueeze(2)).to(out_dtype)
 
 
-segment_mean_triton = TritonOp("segment_mean_triton", _segment_mean_launcher, check_segment_mean)
+segment_mean_triton = TritonOp("segment_mean_triton", _segment_mean_launcher, check_segments_layout)
