@@ -3,9 +3,10 @@
 # wrote): build the extension with CUDA, the compiled ops' bad-input cases (a backtrace if they
 # crash), their CUDA parity and opcheck tests, the CUDA lime_fit's time per phase
 # (benchmarks/lime_fit_phases.cu), the performance targets (benchmarks/gpu_targets.py), the Triton
-# ops' CUDA tests, compute-sanitizer memcheck on the compiled ops' CUDA tests, racecheck and
-# synccheck on the kernels that share memory between threads (what the CPU emulator in tests/simt
-# cannot see), and the quick benchmark profile.
+# ops' host time per call (benchmarks/triton_host_overhead.py) and their CUDA tests,
+# compute-sanitizer memcheck on the compiled ops' CUDA tests, racecheck and synccheck on the
+# kernels that share memory between threads (what the CPU emulator in tests/simt cannot see), and
+# the quick benchmark profile.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and the benchmark report go to OUT_DIR)
 #
@@ -37,6 +38,8 @@ run lime-fit-phases lime_fit_phases.log bash -c "nvcc -O3 -std=c++17 --expt-rela
   benchmarks/lime_fit_phases.cu -o '$out/lime_fit_phases' && '$out/lime_fit_phases' 256 1000 64 5 && \
   '$out/lime_fit_phases' 1 1000 64 5 && '$out/lime_fit_phases' 256 1000 64 5 f32"
 run targets targets.log python benchmarks/gpu_targets.py --json "$out/targets.json"
+run triton-host triton_host.log bash -c "python benchmarks/triton_host_overhead.py && \
+  python benchmarks/triton_host_overhead.py --launch"
 # pytest-xdist, where installed, spreads the Triton tests' compilations over the cores
 workers=$(python -c "import xdist" 2> /dev/null && echo "-n 8")
 run triton-cuda triton_tests.log python -m pytest -q -rfE -p no:cacheprovider $workers \
