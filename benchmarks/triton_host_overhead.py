@@ -2,13 +2,13 @@
 (``torch.ops.attrefine_fast.<op>_triton``, the dispatcher's autograd / ADInplaceOrView layers)
 and through the direct eager call that ``backend="triton"`` resolves to (kernels/op_registration.py).
 
-    python benchmarks/triton_host_overhead.py [--device cpu|cuda] [--calls N] [--launch]
+    python benchmarks/triton_host_overhead.py [--device cpu|cuda] [--calls N] [--blocks K] [--launch]
 
 By default the kernel launches are stubbed out, so the figures are the Python around them
 (argument contract, allocations, dispatch) and can be taken on a machine without a GPU. With
 ``--launch`` (CUDA only) the kernels run too: the time is then the host's per call, launches
-included, with the GPU queue left to drain between timed blocks. Times are the best of 5 blocks
-of N calls, in microseconds per call; inputs are small (the host cost does not depend on the
+included, with the GPU queue left to drain between timed blocks. Times are the best of K blocks
+of N calls (the least disturbed by other work on the machine), in microseconds per call; inputs are small (the host cost does not depend on the
 sizes, apart from the checks' reductions).
 """
 from __future__ import annotations
@@ -30,12 +30,12 @@ def stub_launches(modules) -> None:
         module.wrap_triton = NoLaunch
 
 
-def best_microseconds(fn, calls: int, sync) -> float:
+def best_microseconds(fn, calls: int, blocks: int, sync) -> float:
     for _ in range(min(calls, 100)):
         fn()
     sync()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(blocks):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -74,7 +74,8 @@ def cases(device: str):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
-    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--blocks", type=int, default=20)
     parser.add_argument("--launch", action="store_true", help="run the kernels too (CUDA only)")
     args = parser.parse_args(argv)
     import torch
@@ -92,13 +93,12 @@ def main(argv=None) -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"# {where}, torch {torch.__version__}, launches {'included' if args.launch else 'stubbed'}; "
-          f"us per call, best of 5 x {args.calls}")
+          f"us per call, best of {args.blocks} x {args.calls}")
     print(f"{'op':24s} {'torch.ops':>10s} {'direct':>10s} {'contract':>10s}")
     for name, (impl, call_args) in cases(device).items():
-        via_op = best_microseconds(lambda: impl.op(*call_args), args.calls, sync)
-        direct = best_microseconds(lambda: impl(*call_args), args.calls, sync)
-        contract = best_microseconds(lambda: impl.check(*call_args), args.calls, sync)
-        print(f"{name:24s} {via_op:10.1f} {direct:10.1f} {contract:10.1f}")
+        timed = [best_microseconds(fn, args.calls, args.blocks, sync)
+                 for fn in (lambda: impl.op(*call_args), lambda: impl(*call_args), lambda: impl.check(*call_args))]
+        print(f"{name:24s} " + " ".join(f"{t:10.1f}" for t in timed))
 
 
 if __name__ == "__main__":

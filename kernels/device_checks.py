@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .contracts import concrete
-from .op_registration import wrap_triton
+from .op_registration import cdiv, wrap_triton
 
 # Not measured (no GPU when written): an elementwise read, 2048 elements per program.
 BLOCK = 2048
@@ -59,10 +59,12 @@ def flag_pass(data: torch.Tensor, flag: torch.Tensor, within: tuple[int, int] | 
     without within, a non-finite value."""
     if data.numel() == 0:
         return
-    view = data[(None,) * (4 - data.dim())]  # leading dimensions of 1: a view, any strides kept
+    view = data
+    while view.dim() < 4:  # leading dimensions of 1: a view, any strides kept
+        view = view.unsqueeze(0)
     b, c, h, w = view.shape
     lo, hi = within if within is not None else (0, 0)
-    wrap_triton(_flag_pass_kernel)[(triton.cdiv(view.numel(), BLOCK),)](
+    wrap_triton(_flag_pass_kernel)[(cdiv(view.numel(), BLOCK),)](
         view, flag,
         view.numel(), c, h, w, lo, hi,
         *view.stride(),

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .contracts import check_lime_fit, check_lime_fit_values
 from .device_checks import flag_pass, flag_set, new_flag
-from .op_registration import TritonOp, autotune_configs, scalars, wrap_triton
+from .op_registration import TritonOp, autotune_configs, next_power_of_2, scalars, wrap_triton
 
 MAX_SEGMENTS = 256
 FUSED, NORMAL_EQUATIONS, FINISH = 0, 1, 2  # the PHASE of a launch
@@ -277,8 +277,8 @@ def _lime_fit_launcher(
             f"{MAX_SEGMENTS} segments, got M={m}; use backend='cuda', 'cpp' or 'torch' for more"
         )
     # int(): the block sizes are compile-time constants, so a symbolic size is specialized here
-    block_m = max(16, triton.next_power_of_2(int(m)))
-    block_l = max(16, triton.next_power_of_2(int(l)))
+    block_m = max(16, next_power_of_2(int(m)))
+    block_l = max(16, next_power_of_2(int(l)))
     coef = torch.empty((b, l, m), dtype=dtype, device=device)
     intercept, score, local_pred = (torch.empty((b, l), dtype=dtype, device=device) for _ in range(3))
     # Scalars travel as a tensor of targets' dtype: Triton passes Python floats as float32.

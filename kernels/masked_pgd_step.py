@@ -24,7 +24,7 @@ from attrefine_fast.ops.masked_pgd_step import EPS_FOR_DIVISION, FLOAT16_EPS_FOR
 
 from .contracts import check_masked_pgd_step
 from .device_checks import flag_pass, flag_set, new_flag
-from .op_registration import TritonOp, scalars, wrap_triton
+from .op_registration import TritonOp, cdiv, scalars, wrap_triton
 
 # An elementwise pass: 1024 elements per program keeps 32x32x3 images at 3 programs per sample.
 # Not measured (no GPU when written), so no autotuning; an in-place kernel would also need its
@@ -175,7 +175,7 @@ def _masked_pgd_step_launcher(
     compute = torch.float64 if f64 else torch.float32
     # Scalars travel as a tensor: Triton passes Python floats as float32.
     params = scalars((step_size, eps, lo, hi), compute, x_adv.device)
-    num_blocks = triton.cdiv(c * h * w, BLOCK)
+    num_blocks = cdiv(c * h * w, BLOCK)
     has_weight = weight is not None
     wt = weight if has_weight else x_adv  # never read when HAS_WEIGHT is off
     weight_strides = wt.stride() if has_weight else (0, 0, 0)

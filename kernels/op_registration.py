@@ -112,6 +112,17 @@ def _cached_scalars(hex_values: tuple[str, ...], dtype: torch.dtype, device: tor
     return torch.tensor([float.fromhex(v) for v in hex_values], dtype=dtype, device=device)
 
 
+def cdiv(a, b):
+    """ceil(a / b) for sizes on the host (triton.cdiv is a constexpr function, several times
+    slower to call from Python; this one also takes symbolic sizes)."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1), as triton.next_power_of_2, at a Python call's cost."""
+    return 1 << (n - 1).bit_length()
+
+
 def autotune_configs(configs):
     """All configurations on a GPU; the first only under the interpreter, where timing means
     nothing and every extra configuration is a slow extra run."""

@@ -25,7 +25,7 @@ from attrefine_fast.ops.perturb import perturb_output_dtype
 
 from .contracts import check_perturb, check_perturb_into, check_segment_ids
 from .device_checks import flag_pass, flag_set, new_flag
-from .op_registration import TritonOp, autotune_configs, wrap_triton
+from .op_registration import TritonOp, autotune_configs, cdiv, wrap_triton
 
 # Not measured: no GPU was available when these were written. BLOCK counts elements of a sample
 # (C * H * W: 3,072 at 32x32, 150,528 at 224x224, RGB); 8 elements per thread give two 16-byte
@@ -113,7 +113,7 @@ def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out
         mean, std = mean.to(compute), std.to(compute)
     else:  # never read: NORMALIZE is off
         mean = std = images
-    grid = lambda meta: (b * triton.cdiv(count, meta["SAMPLES"]), triton.cdiv(c * h * w, meta["BLOCK"]))  # noqa: E731
+    grid = lambda meta: (b * cdiv(count, meta["SAMPLES"]), cdiv(c * h * w, meta["BLOCK"]))  # noqa: E731
     wrap_triton(_perturb_kernel)[grid](
         images, fudge, segments, masks, mean, std, out, flag,
         c, w, h * w, c * h * w, offset, count,

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .contracts import check_segment_ids, check_segments_layout
 from .device_checks import flag_pass, flag_set, new_flag
-from .op_registration import TritonOp, wrap_triton
+from .op_registration import TritonOp, cdiv, wrap_triton
 
 # Not measured (no GPU when written). BLOCK x BLOCK_M is the one-hot tile; with 8 warps ptxas
 # gives the kernel 130 registers per thread for sm_90 (202 with 4 warps), without spills.
@@ -67,7 +67,7 @@ def _segment_mean_launcher(images: torch.Tensor, segments: torch.Tensor, num_seg
     counts = torch.zeros((b, num_segments), dtype=torch.float64, device=images.device)
     flag = new_flag(images.device)
     flag_pass(segments, flag, within=(0, num_segments))
-    wrap_triton(_segment_sums_kernel)[(b, triton.cdiv(h * w, BLOCK))](
+    wrap_triton(_segment_sums_kernel)[(b, cdiv(h * w, BLOCK))](
         images, segments, sums, counts,
         c, w, h * w, num_segments,
         *images.stride(), *segments.stride(),
