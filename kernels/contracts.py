@@ -24,15 +24,9 @@ def concrete(*tensors) -> bool:
     return not any(isinstance(t, torch.Tensor) and is_fake(t) for t in tensors)
 
 
-def check_segment_mean(images, segments, num_segments: int) -> None:
-    """images (B, C, H, W); segments (B, H, W) integer ids in [0, num_segments)."""
-    check_segments_layout(images, segments, num_segments)
-    check_segment_ids(segments, num_segments)
-
-
 def check_segments_layout(images, segments, num_segments: int) -> None:
-    """What check_segment_mean checks without reading the ids (a launcher that checks them on
-    the device, kernels/device_checks.py, checks the rest here)."""
+    """images (B, C, H, W); segments (B, H, W) integer ids; all but the ids' range, which the
+    launchers check on the device (kernels/device_checks.py), check_segment_ids on the host."""
     check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
     check_tensor("segments", segments, ndim=3, dtypes=(torch.int64, torch.int32))
     b, _, h, w = images.shape

@@ -10,7 +10,7 @@ flag once, after its launches, to raise the op's error.
     flag = new_flag(device)                       # int32 zero
     flag_pass(segments, flag, within=(0, M))      # or flag_pass(grad, flag)  (non-finite)
     ... launch the kernels, each reading flag_ptr ...
-    if flag_set(flag): raise ...
+    raise_if_flagged(flag, host_check, "perturb")   # host_check raises the contract's error
 """
 from __future__ import annotations
 
@@ -76,3 +76,12 @@ def flag_set(flag: torch.Tensor) -> bool:
     """Whether a pass set the flag (one device-to-host copy); False while traced, where there is
     no data to read (the checks are skipped there, as the op's other checks are)."""
     return concrete(flag) and bool(flag.item())
+
+
+def raise_if_flagged(flag: torch.Tensor, host_check, op: str) -> None:
+    """After the launches: where a pass set the flag, ``host_check()`` raises the contract's error
+    (it names what is wrong, which the flag does not); should it find nothing, the two checks
+    disagree, which is a bug and raised as one."""
+    if flag_set(flag):
+        host_check()
+        raise RuntimeError(f"{op}: the check on the device flagged input that the host's check accepts")

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .contracts import check_lime_fit, check_lime_fit_values
-from .device_checks import flag_pass, flag_set, new_flag
+from .device_checks import flag_pass, new_flag, raise_if_flagged
 from .op_registration import TritonOp, autotune_configs, next_power_of_2, scalars, wrap_triton
 
 MAX_SEGMENTS = 256
@@ -290,11 +290,7 @@ def _lime_fit_launcher(
     flag = new_flag(device)
     flag_pass(num_segments, flag, within=(1, m + 1))
     flag_pass(targets, flag)
-
-    def raise_if_flagged():
-        if flag_set(flag):
-            check_lime_fit_values(targets, num_segments, m)  # raises the contract's error
-            raise RuntimeError("lime_fit's checks on the device flagged values that the host finds valid")
+    host_check = lambda: check_lime_fit_values(targets, num_segments, m)  # noqa: E731
     sw_b, sw_n = w.stride()[:2]
 
     def launch(phase, gram, rhs, beta):
@@ -310,14 +306,14 @@ def _lime_fit_launcher(
 
     if alpha > 0:
         launch(FUSED, coef, coef, coef)  # the scratch pointers are unused
-        raise_if_flagged()
+        raise_if_flagged(flag, host_check, "lime_fit")
         return coef, intercept, score, local_pred
     # zeros, not empty: the launch writes every entry, but a solve of uninitialized memory (where a
     # launch is skipped, as when the launcher is traced with stubbed kernels) can fail to converge.
     gram = torch.zeros((b, m, m), dtype=dtype, device=device)
     rhs = torch.zeros((b, m, l), dtype=dtype, device=device)
     launch(NORMAL_EQUATIONS, gram, rhs, rhs)
-    raise_if_flagged()  # before the solve, which may fail to converge on non-finite sums
+    raise_if_flagged(flag, host_check, "lime_fit")  # before the solve, which may fail to converge on non-finite sums
     # The minimum-norm solution, as the reference's lstsq gives on CPU; lstsq itself has no fake
     # implementation (its outputs' shapes depend on the data), which torch.compile needs.
     beta = (torch.linalg.pinv(gram, hermitian=True) @ rhs).contiguous()

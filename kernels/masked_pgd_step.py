@@ -20,10 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from attrefine_fast.checks import check_finite
 from attrefine_fast.ops.masked_pgd_step import EPS_FOR_DIVISION, FLOAT16_EPS_FOR_DIVISION
 
 from .contracts import check_masked_pgd_step
-from .device_checks import flag_pass, flag_set, new_flag
+from .device_checks import flag_pass, new_flag, raise_if_flagged
 from .op_registration import TritonOp, cdiv, scalars, wrap_triton
 
 # An elementwise pass: 1024 elements per program keeps 32x32x3 images at 3 programs per sample.
@@ -193,8 +194,7 @@ def _masked_pgd_step_launcher(
             *x_adv.stride(), *x.stride(), *grad.stride(), *weight_strides,
             STAGE=stage, L2=l2, HAS_WEIGHT=has_weight, F64=f64, FLAT=flat, BLOCK=BLOCK,
         )
-    if flag_set(flag):  # after the launches, which wrote nothing
-        raise ValueError("grad contains NaN or infinite values")
+    raise_if_flagged(flag, lambda: check_finite("grad", grad), "masked_pgd_step")  # nothing was written
 
 
 masked_pgd_step_triton = TritonOp(

@@ -75,18 +75,23 @@ class TritonOp:
         if kwargs or not _direct_call_allowed(args):
             return self.op(*args, **kwargs)
         self.check(*args)
+        outer = getattr(_launching, "direct", False)
         _launching.direct = True
         try:
             result = self.launch(*args)
         finally:
-            _launching.direct = False
+            _launching.direct = outer
         for i in self._mutated:  # written through pointers: tell autograd, as an in-place op does
             torch.autograd.graph.increment_version(args[i])
         return result
 
 
+# vmap / grad of torch.func wrap tensors in ways a type check does not see
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def _direct_call_allowed(args) -> bool:
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _functorch_active():
         return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if any(type(t) is not torch.Tensor for t in tensors):  # fake, functional or other subclasses

@@ -24,7 +24,7 @@ import triton.language as tl
 from attrefine_fast.ops.perturb import perturb_output_dtype
 
 from .contracts import check_perturb, check_perturb_into, check_segment_ids
-from .device_checks import flag_pass, flag_set, new_flag
+from .device_checks import flag_pass, new_flag, raise_if_flagged
 from .op_registration import TritonOp, autotune_configs, cdiv, wrap_triton
 
 # Not measured: no GPU was available when these were written. BLOCK counts elements of a sample
@@ -121,9 +121,7 @@ def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out
         CHANNELS_LAST=not out.is_contiguous(), NORMALIZE=normalized, COMPUTE_F64=compute_f64,
         HALF_OUT=out.dtype in (torch.float16, torch.bfloat16),
     )
-    if flag_set(flag):
-        check_segment_ids(segments, m)  # raises the contract's error, which names the ids
-        raise RuntimeError("perturb's id check on the device flagged ids that the host finds in range")
+    raise_if_flagged(flag, lambda: check_segment_ids(segments, m), "perturb")
 
 
 def _perturb_launcher(

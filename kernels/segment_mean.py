@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .contracts import check_segment_ids, check_segments_layout
-from .device_checks import flag_pass, flag_set, new_flag
+from .device_checks import flag_pass, new_flag, raise_if_flagged
 from .op_registration import TritonOp, cdiv, wrap_triton
 
 # Not measured (no GPU when written). BLOCK x BLOCK_M is the one-hot tile; with 8 warps ptxas
@@ -73,9 +73,7 @@ def _segment_mean_launcher(images: torch.Tensor, segments: torch.Tensor, num_seg
         *images.stride(), *segments.stride(),
         BLOCK=BLOCK, BLOCK_M=BLOCK_M, num_warps=NUM_WARPS,
     )
-    if flag_set(flag):
-        check_segment_ids(segments, num_segments)  # raises the contract's error, which names the ids
-        raise RuntimeError("segment_mean's id check on the device flagged ids that the host finds in range")
+    raise_if_flagged(flag, lambda: check_segment_ids(segments, num_segments), "segment_mean")
     return (sums / counts.clamp_min(1).unsqueeze(2)).to(out_dtype)
 
 

@@ -216,6 +216,11 @@ def test_calls_that_need_the_dispatcher_go_through_the_op(device, monkeypatch):
         assert impl(*args) == "op"
     assert impl(*args[:-1], channels_last=False) == "op"  # keyword arguments: the op binds them
     assert routed == [{}, {"channels_last": False}]
+    vmapped = []  # functorch's wrapped tensors look like plain ones to a type check
+    monkeypatch.setattr(impl, "op", lambda *a, **k: vmapped.append(1) or a[0].sum())
+    with torch.no_grad():
+        torch.vmap(lambda image: impl(image, *args[1:]))(images.detach()[None])
+    assert vmapped == [1]
 
 
 def test_kernels_compile_for_a_gpu_target():
