@@ -223,15 +223,15 @@ def emulated_segment_mean(lib, images, segments, num_segments, schedule="shuffle
     return means.transpose(1, 2).contiguous().to(images.dtype if images.is_floating_point() else torch.float64)
 
 
-def _prepared(src, mean, std, dtype, channels_last):
-    """The glue's perturb_source: normalized and cast once per image, laid out as the output."""
+def _prepared(src, mean, std, dtype):
+    """The CUDA glue's perturb_source: normalized and cast once per image, NCHW whatever the
+    output's layout."""
     v = src
     if mean is not None:
         compute = torch.float64 if src.dtype == torch.float64 else torch.float32
         c = src.shape[1]
         v = (v.to(compute) - mean.to(compute).view(1, c, 1, 1)) / std.to(compute).view(1, c, 1, 1)
-    v = v.to(dtype)
-    return v.permute(0, 2, 3, 1).contiguous() if channels_last else v.contiguous()
+    return v.to(dtype).contiguous()
 
 
 def emulated_perturb(lib, images, segments, masks, fudge, offset, count, mean, std, out_dtype, channels_last,
@@ -243,7 +243,7 @@ def emulated_perturb(lib, images, segments, masks, fudge, offset, count, mean, s
     if out is None:
         out = torch.empty((b * count, c, h, w), dtype=dtype,
                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    kept, replaced = (_prepared(t, mean, std, dtype, channels_last) for t in (images, fudge))
+    kept, replaced = (_prepared(t, mean, std, dtype) for t in (images, fudge))
     seg = (segments.int() if int32_ids else segments).contiguous()
     msk = masks.contiguous()
     flag = torch.zeros(1, dtype=torch.int32)

@@ -62,9 +62,10 @@ void write_samples(const at::Tensor& images, const at::Tensor& segments, const a
   const int64_t n = masks.size(1), m = masks.size(2);
   TORCH_CHECK_VALUE(c * pixels < (int64_t(1) << 31), "perturb on CUDA needs fewer than 2^31 elements per image");
   const c10::cuda::CUDAGuard guard(images.device());
-  // Normalization and cast commute with the choice: applied once per source (see perturb.cu).
-  const auto kept = perturb_source(images, mean, std, out.scalar_type(), channels_last);
-  const auto replaced = perturb_source(fudge, mean, std, out.scalar_type(), channels_last);
+  // Normalization and cast commute with the choice: applied once per source (see perturb.cu),
+  // which stays NCHW: the kernel gathers an NHWC output's elements from it.
+  const auto kept = perturb_source(images, mean, std, out.scalar_type(), /*channels_last=*/false);
+  const auto replaced = perturb_source(fudge, mean, std, out.scalar_type(), /*channels_last=*/false);
   const auto seg = segments.contiguous();  // int64 or int32, read as they are
   const auto msk = masks.contiguous();
   auto flag = at::zeros({1}, images.options().dtype(at::kInt));
