@@ -8,8 +8,9 @@ By default the kernel launches are stubbed out, so the figures are the Python ar
 (argument contract, allocations, dispatch) and can be taken on a machine without a GPU. With
 ``--launch`` (CUDA only) the kernels run too: the time is then the host's per call, launches
 included, with the GPU queue left to drain between timed blocks. Times are the best of K blocks
-of N calls (the least disturbed by other work on the machine), in microseconds per call; inputs are small (the host cost does not depend on the
-sizes, apart from the checks' reductions).
+of N calls (the least disturbed by other work on the machine), in microseconds per call. Inputs
+are small: the host's share does not depend on the sizes (the checks that read data run on the
+device, kernels/device_checks.py).
 """
 from __future__ import annotations
 

@@ -44,7 +44,9 @@ def check_segment_ids(segments, num_segments: int) -> None:
             raise ValueError(f"segment ids must lie in [0, {num_segments}), got ids in [{lo}, {hi}]")
 
 
-def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean, std, out_dtype, channels_last: bool = False) -> None:
+def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean, std, out_dtype,
+                  channels_last: bool = False) -> None:
+    # channels_last: the op's last argument, which any layout satisfies (TritonOp passes them all)
     check_tensor("masks", masks, ndim=3, dtypes=(torch.bool,))
     check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
     b, c = images.shape[:2]
