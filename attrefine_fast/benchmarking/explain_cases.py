@@ -7,8 +7,10 @@ non-model time (total minus the time inside the model) is reported beside it and
 lime's. Segmentation is computed once outside the timed region (the same segments for every
 provider) and timed separately in the segmentation cases.
 
-All explainers explain the most probable class of each image (``top_labels=1``): captum's Lime
-attributes one target per call, so one label keeps the providers doing the same work.
+All explainers explain the most probable class of each image (``top_labels=1``) unless a case asks
+for more labels (``labels=L``: the L most probable classes, fitted on the same samples). captum's
+Lime attributes one target per call, so for L labels it is called once per label, as its users
+would call it.
 
 Memory layout: lime hands the model (n, H, W, 3) arrays, which become channels-last tensors at no
 cost, and convolutions on the CPU run up to twice as fast on those (SmallCNN at 224x224, one
@@ -50,7 +52,7 @@ def _softmax(module: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.Sequential(module, torch.nn.Softmax(dim=1))
 
 
-def _our_explainers(images, seg, model, samples, device) -> list[Provider]:
+def _our_explainers(images, seg, model, samples, labels, device) -> list[Provider]:
     """ours[backend] for every backend that has all the explanation ops, and ours[auto] when
     ``backend="auto"`` mixes backends (so a partly compiled backend is still timed)."""
     out = []
@@ -59,7 +61,7 @@ def _our_explainers(images, seg, model, samples, device) -> list[Provider]:
         watch = Stopwatch(device)
         timed = TimedModel(model, watch)
         fn = lambda: explain(  # noqa: E731
-            timed, images, segments=seg, top_labels=1, num_samples=samples, seed=0,
+            timed, images, segments=seg, top_labels=labels, num_samples=samples, seed=0,
             batch_size=FORWARD_BATCH, channels_last=True, backend=backend,
         )
         return Provider(name, "ours", fn=fn, stopwatch=watch, detail="attrefine_fast.explain, whole batch, channels-last")
@@ -76,7 +78,7 @@ def _our_explainers(images, seg, model, samples, device) -> list[Provider]:
     return out
 
 
-def _drop_in(images_np, seg_np, model, samples, device) -> Provider:
+def _drop_in(images_np, seg_np, model, samples, labels, device) -> Provider:
     """Our lime drop-in (same API and results as lime), one image at a time like lime."""
     from ..lime import LimeImageExplainer
 
@@ -87,14 +89,14 @@ def _drop_in(images_np, seg_np, model, samples, device) -> Provider:
     def run():
         for im, s in zip(images_np, seg_np):
             explainer.explain_instance(
-                im, timed, top_labels=1, num_samples=samples, batch_size=FORWARD_BATCH,
+                im, timed, top_labels=labels, num_samples=samples, batch_size=FORWARD_BATCH,
                 segmentation_fn=lambda _, s=s: s,
             )
 
     return Provider("ours[drop-in]", "ours", fn=run, stopwatch=watch, detail="attrefine_fast.lime.LimeImageExplainer, per image")
 
 
-def _lime(images_np, seg_np, model, samples, device) -> Provider:
+def _lime(images_np, seg_np, model, samples, labels, device) -> Provider:
     import lime.lime_image
 
     watch = Stopwatch(device)
@@ -105,16 +107,17 @@ def _lime(images_np, seg_np, model, samples, device) -> Provider:
         with quiet_lime():
             for im, s in zip(images_np, seg_np):
                 explainer.explain_instance(
-                    im, classifier, top_labels=1, num_samples=samples, batch_size=FORWARD_BATCH,
+                    im, classifier, top_labels=labels, num_samples=samples, batch_size=FORWARD_BATCH,
                     segmentation_fn=lambda _, s=s: s,
                 )
 
     return Provider("lime", "peer", fn=run, stopwatch=watch, detail=f"lime.lime_image, per image, batch_size={FORWARD_BATCH}")
 
 
-def _captum(images, seg, fudge, model, samples, device) -> Provider:
+def _captum(images, seg, fudge, model, samples, labels, device) -> Provider:
     """captum's Lime set up as LIME: the hide-colour image as baseline, the superpixels as the
-    feature mask, a ridge fit (alpha=1) and an exponential cosine kernel of width 0.25."""
+    feature mask, a ridge fit (alpha=1) and an exponential cosine kernel of width 0.25; one call
+    per explained label."""
     try:
         from captum._utils.models.linear_model import SkLearnRidge
         from captum.attr import Lime
@@ -130,18 +133,21 @@ def _captum(images, seg, fudge, model, samples, device) -> Provider:
         for i in range(images.shape[0]):
             x = images[i : i + 1]
             with torch.no_grad():
-                target = int(forward(x).argmax())
-            explainer.attribute(
-                x, baselines=fudge[i : i + 1], target=target, feature_mask=seg[i].view(1, 1, *seg.shape[1:]),
-                n_samples=samples, perturbations_per_eval=FORWARD_BATCH,
-            )
+                targets = forward(x)[0].topk(labels).indices.tolist()
+            for target in targets:
+                explainer.attribute(
+                    x, baselines=fudge[i : i + 1], target=target, feature_mask=seg[i].view(1, 1, *seg.shape[1:]),
+                    n_samples=samples, perturbations_per_eval=FORWARD_BATCH,
+                )
 
     return Provider("captum", "peer", fn=run, stopwatch=watch, detail=f"captum.attr.Lime, per image, {FORWARD_BATCH} per eval")
 
 
-def setup_explain(device: torch.device, model: str, size: int, batch: int, samples: int, captum: bool = True) -> Case:
-    """Explain B images with N samples each, top label. Providers: the model's forward passes
-    alone ("model"), ours per backend, and up to B=PEER_MAX_BATCH our lime drop-in, lime and
+def setup_explain(
+    device: torch.device, model: str, size: int, batch: int, samples: int, labels: int = 1, captum: bool = True
+) -> Case:
+    """Explain B images with N samples each, their ``labels`` most probable classes. Providers:
+    the model's forward passes alone ("model"), ours per backend, and up to B=PEER_MAX_BATCH our lime drop-in, lime and
     captum (beyond it they are listed as skipped, with the reason; ``captum=False`` leaves
     captum out where it would dominate a short run)."""
     net = build_model(model, device)
@@ -156,14 +162,14 @@ def setup_explain(device: torch.device, model: str, size: int, batch: int, sampl
 
     providers = [Provider("model", "model", fn=model_forwards(net, chunk, batch * samples),
                           detail=f"the model alone over {batch * samples} channels-last inputs, {chunk.shape[0]} per pass")]
-    providers += _our_explainers(images, seg, net, samples, device)
+    providers += _our_explainers(images, seg, net, samples, labels, device)
     if batch <= PEER_MAX_BATCH:
         images_np = [im.permute(1, 2, 0).cpu().numpy().copy() for im in images]
         seg_np = seg.cpu().numpy()
-        providers.append(_drop_in(images_np, seg_np, net, samples, device))
-        providers.append(_lime(images_np, seg_np, net, samples, device))
+        providers.append(_drop_in(images_np, seg_np, net, samples, labels, device))
+        providers.append(_lime(images_np, seg_np, net, samples, labels, device))
         if captum:
-            providers.append(_captum(images, seg, fudge, net, samples, device))
+            providers.append(_captum(images, seg, fudge, net, samples, labels, device))
         else:
             providers.append(skip("captum", "peer", "left out of this case to keep the CPU run short (the other cases compare captum)"))
     else:
@@ -171,9 +177,10 @@ def setup_explain(device: torch.device, model: str, size: int, batch: int, sampl
         providers += [skip(n, r, reason) for n, r in (("ours[drop-in]", "ours"), ("lime", "peer"), ("captum", "peer"))]
     segs = counts.float()
     return Case(
-        id=f"explain/{model}/{size}px/B{batch}/N{samples}", kind="explain",
-        title=f"explain: {MODELS[model][0]}, {size}x{size}, B={batch}, N={samples}, top label",
-        params={"model": model, "size": size, "batch": batch, "samples": samples, "segmentation": seg_name,
+        id=f"explain/{model}/{size}px/B{batch}/N{samples}" + (f"/L{labels}" if labels > 1 else ""), kind="explain",
+        title=f"explain: {MODELS[model][0]}, {size}x{size}, B={batch}, N={samples}, "
+        + ("top label" if labels == 1 else f"top {labels} labels"),
+        params={"model": model, "size": size, "batch": batch, "samples": samples, "labels": labels, "segmentation": seg_name,
                 "segments_mean": round(float(segs.mean()), 1), "segments_max": m, "forward_batch": int(chunk.shape[0])},
         device=device, providers=providers,
     )

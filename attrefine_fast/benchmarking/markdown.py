@@ -12,7 +12,7 @@ from .report import seconds_text
 
 # kind -> (section title, extra columns: (header, function of a provider row -> text))
 SECTIONS = {
-    "explain": ("Explanations (top label; segmentation excluded, timed below)", [
+    "explain": ("Explanations (segmentation excluded, timed below)", [
         ("non-model", lambda r: seconds_text(r.get("nonmodel_median_s"))),
         ("overhead", lambda r: f"{r['overhead'] * 100:+.0f}%" if r.get("overhead") is not None else ""),
         ("vs model alone", lambda r: f"{r['overhead_vs_model'] * 100:+.0f}%" if "overhead_vs_model" in r else ""),
