@@ -48,8 +48,8 @@ inline at::ScalarType check_perturb_args(const at::Tensor& images, const at::Ten
                     "fudge must match images in shape and dtype: ", shape_of(images), " ", images.scalar_type(),
                     ", got ", shape_of(fudge), " ", fudge.scalar_type());
   const int64_t n = masks.size(1);
-  TORCH_CHECK_VALUE(offset >= 0 && count >= 1 && offset + count <= n, "samples [offset, offset+count) = [", offset,
-                    ", ", offset + count, ") are outside 0..", n);
+  TORCH_CHECK_VALUE(offset >= 0 && count >= 1 && offset + count <= n, "need offset >= 0, count >= 1 and offset + count <= N=",
+                    n, ", got offset=", offset, ", count=", count);
   TORCH_CHECK_VALUE(mean.has_value() == std.has_value(), "give both mean and std, or neither");
   const bool normalized = mean.has_value();
   if (normalized) {

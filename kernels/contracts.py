@@ -60,7 +60,7 @@ def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean,
     check_same_device(images=images, masks=masks, fudge=fudge, mean=mean, std=std)
     n = masks.shape[1]
     if not (offset >= 0 and count >= 1 and offset + count <= n):
-        raise ValueError(f"samples [offset, offset+count) = [{offset}, {offset + count}) are outside 0..{n}")
+        raise ValueError(f"need offset >= 0, count >= 1 and offset + count <= N={n}, got offset={offset}, count={count}")
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     for name, t in (("mean", mean), ("std", std)):

@@ -108,7 +108,7 @@ class TestOps:
         images, segments, counts = grid_batch()
         masks = torch.ones(2, 5, 4, dtype=torch.bool)
         fudge = torch.zeros_like(images)
-        with pytest.raises(ValueError, match="outside"):
+        with pytest.raises(ValueError, match="<= N=5, got offset=3, count=4"):
             ops.perturb(images, segments, masks, fudge, 3, 4)
         with pytest.raises(TypeError, match="masks must have dtype"):
             ops.perturb(images, segments, masks.float(), fudge)
@@ -135,7 +135,7 @@ class TestOps:
             ops.perturb(images, segments, masks, fudge, out_dtype=torch.float16, out=torch.empty(4, 3, 8, 8))
         with pytest.raises(ValueError, match="channels_last=True"):
             ops.perturb(images, segments, masks, fudge, channels_last=True, out=torch.empty(4, 3, 8, 8))
-        with pytest.raises(ValueError, match="outside"):
+        with pytest.raises(ValueError, match="got offset=4, count=2"):
             ops.perturb(images, segments, masks, fudge, 4, out=torch.empty(4, 3, 8, 8))
         with pytest.raises(ValueError, match="require grad"):
             ops.perturb(images, segments, masks, fudge, out=torch.empty(4, 3, 8, 8, requires_grad=True))

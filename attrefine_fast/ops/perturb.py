@@ -118,7 +118,7 @@ def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std,
     check_finite("fudge", fudge)
     n = masks.shape[1]
     if not (0 <= offset and count >= 1 and offset + count <= n):
-        raise ValueError(f"samples [offset, offset+count) = [{offset}, {offset + count}) are outside 0..{n}")
+        raise ValueError(f"need offset >= 0, count >= 1 and offset + count <= N={n}, got offset={offset}, count={count}")
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     if mean is not None:
