@@ -125,13 +125,13 @@ def _full_ops(device_type: str) -> list[Spec]:
     return specs
 
 
-def _explain_target_cases() -> list[Spec]:
+def _explain_target_cases(device_type: str) -> list[Spec]:
     """The explanation the targets are stated for: one 224x224 image, N=1000, lime's quickshift
     (~34 segments), a model cheap enough that the explainer's own time shows; the top label and
     the top 5 labels (captum, one call per label, would add a minute per round on a CPU)."""
     return [
         Spec.of("explain", model="tiny_cnn", size=224, batch=1, samples=1000),
-        Spec.of("explain", model="tiny_cnn", size=224, batch=1, samples=1000, labels=5, captum=False),
+        Spec.of("explain", model="tiny_cnn", size=224, batch=1, samples=1000, labels=5, captum=device_type != "cpu"),
     ]
 
 
@@ -140,11 +140,11 @@ def _full_end_to_end(device_type: str) -> list[Spec]:
     if device_type == "cuda":
         for model, size, batch, n in itertools.product(("small_cnn", "resnet18"), SIZES, BATCHES, SAMPLES):
             specs.append(Spec.of("explain", model=model, size=size, batch=batch, samples=n))
-        specs += _explain_target_cases()
+        specs += _explain_target_cases(device_type)
         for model, batch in itertools.product(("small_cnn", "resnet18"), BATCHES):
             specs.append(Spec.of("pgd", model=model, size=32, batch=batch, steps=10))
     else:
-        specs += _explain_target_cases() + [
+        specs += _explain_target_cases(device_type) + [
             Spec.of("explain", model="tiny_cnn", size=32, batch=1, samples=1000),
             Spec.of("explain", model="small_cnn", size=32, batch=1, samples=1000),
             Spec.of("explain", model="small_cnn", size=224, batch=1, samples=64, captum=False),
