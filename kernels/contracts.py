@@ -14,7 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from attrefine_fast.checks import FLOAT_DTYPES, IMAGE_DTYPES, check_finite, check_same_device, check_tensor
-from attrefine_fast.ops.perturb import check_perturb_out, perturb_output_dtype
+from attrefine_fast.ops.perturb import check_chunk, check_perturb_out, perturb_output_dtype
 
 
 def concrete(*tensors) -> bool:
@@ -58,9 +58,7 @@ def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean,
     if fudge.shape != images.shape or fudge.dtype != images.dtype:
         raise ValueError(f"fudge must match images in shape and dtype: {tuple(images.shape)} {images.dtype}, got {tuple(fudge.shape)} {fudge.dtype}")
     check_same_device(images=images, masks=masks, fudge=fudge, mean=mean, std=std)
-    n = masks.shape[1]
-    if not (offset >= 0 and count >= 1 and offset + count <= n):
-        raise ValueError(f"need offset >= 0, count >= 1 and offset + count <= N={n}, got offset={offset}, count={count}")
+    check_chunk(offset, count, masks.shape[1])
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     for name, t in (("mean", mean), ("std", std)):

@@ -101,6 +101,12 @@ def perturb_into_ref(
     torch.where(_keep(segments, masks, offset, count), kept, replaced, out=out.view(b, count, c, h, w))
 
 
+def check_chunk(offset: int, count: int, samples: int) -> None:
+    """A chunk is samples [offset, offset + count) of the N drawn per image, and holds at least one."""
+    if not (0 <= offset and count >= 1 and offset + count <= samples):
+        raise ValueError(f"need offset >= 0, count >= 1 and offset + count <= N={samples}, got offset={offset}, count={count}")
+
+
 def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype):
     """Validation shared by every backend's entry point."""
     check_images("images", images)
@@ -116,9 +122,7 @@ def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std,
     if fudge.shape != images.shape or fudge.dtype != images.dtype:
         raise ValueError(f"fudge must match images in shape and dtype: {tuple(images.shape)} {images.dtype}, got {tuple(fudge.shape)} {fudge.dtype}")
     check_finite("fudge", fudge)
-    n = masks.shape[1]
-    if not (0 <= offset and count >= 1 and offset + count <= n):
-        raise ValueError(f"need offset >= 0, count >= 1 and offset + count <= N={n}, got offset={offset}, count={count}")
+    check_chunk(offset, count, masks.shape[1])
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     if mean is not None:
