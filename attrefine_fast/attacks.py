@@ -11,8 +11,9 @@ Conventions, shared by every attack here:
 - The model runs in eval mode with its parameters' ``requires_grad`` off, so batch-norm statistics
   are never updated and no parameter gradient is computed; each module's mode and each
   parameter's ``requires_grad`` are restored afterwards, even when the attack raises.
-- Every update step is :func:`attrefine_fast.ops.masked_pgd_step`, so the compiled kernels run
-  where available (``backend="auto"``). PGD is masked PGD with no mask.
+- Every update step is the implementation :func:`attrefine_fast.ops.masked_pgd_step` runs, so the
+  compiled kernels run where available (``backend="auto"``); the arguments are validated once per
+  attack, the gradient (refused if not finite) at every step. PGD is masked PGD with no mask.
 - ``seed``: an int (a private generator: the same call gives the same result, the global RNG is
   untouched), a ``torch.Generator`` (advanced by the call), or None (the global RNG).
 - ``targeted=True`` reads ``labels`` as the target classes and minimizes their loss.
@@ -30,7 +31,7 @@ from torch.nn import functional as F
 
 from .checks import FLOAT_DTYPES, check_choice, check_finite, check_tensor
 from .models import Normalize, NormalizedModel
-from .ops.masked_pgd_step import NORMS, division_guard, masked_pgd_step
+from .ops.masked_pgd_step import NORMS, division_guard, resolve_step
 
 __all__ = [
     "Attack", "FGSM", "PGD", "PGDL2", "Normalize", "NormalizedModel",
@@ -125,22 +126,35 @@ def _amp_dtype(amp) -> torch.dtype | None:
     raise ValueError(f"amp must be False, True (bfloat16) or torch.bfloat16 / torch.float16, got {amp!r}")
 
 
-def _forward(model: nn.Module, x: torch.Tensor, amp_dtype) -> torch.Tensor:
-    with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-        logits = model(x)
+def _forward(model: nn.Module, x: torch.Tensor, amp_dtype, labels=None) -> torch.Tensor:
+    """(B, K) float32 logits. ``labels``: refuse labels >= K (once per attack: a host round trip)."""
+    if amp_dtype is None and not torch.is_autocast_enabled(x.device.type):
+        logits = model(x)  # entering a disabled autocast region costs tens of microseconds per call
+    else:
+        with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(x)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"the model must return logits of shape (B, num_classes), got {shape}")
+    if labels is not None and int(labels.max()) >= logits.shape[1]:
+        raise ValueError(f"labels must be < num_classes = {logits.shape[1]}, got {int(labels.max())}")
     return logits.float()
 
 
-def _evaluate(model, x, labels, targeted, amp_dtype, need_grad):
+def _gradient(model, x, labels, targeted, amp_dtype, check_labels):
+    """The gradient of the summed objective alone (the steps that keep no score)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = _forward(model, x, amp_dtype, labels if check_labels else None)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        return torch.autograd.grad(-loss if targeted else loss, x)[0]
+
+
+def _evaluate(model, x, labels, targeted, amp_dtype, need_grad, check_labels):
     """Per-sample objective (higher = stronger attack), success flags and the gradient."""
     with torch.enable_grad() if need_grad else torch.no_grad():
         x = x.detach().requires_grad_(need_grad)
-        logits = _forward(model, x, amp_dtype)
-        if int(labels.max()) >= logits.shape[1]:
-            raise ValueError(f"labels must be < num_classes = {logits.shape[1]}, got {int(labels.max())}")
+        logits = _forward(model, x, amp_dtype, labels if check_labels else None)
         loss = F.cross_entropy(logits, labels, reduction="none")
         objective = -loss if targeted else loss
         grad = torch.autograd.grad(objective.sum(), x)[0] if need_grad else None
@@ -218,6 +232,7 @@ def masked_pgd(
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     amp_dtype = _amp_dtype(amp)
     gen = _generator(seed, images.device)
+    step = resolve_step(backend, images.device)
 
     x = images.detach()
     if eps == 0:
@@ -242,17 +257,18 @@ def masked_pgd(
                 last = k == steps
                 if last and not score_last:
                     break
+                first = restart == 0 and k == 0
                 if keep_best or last:
-                    obj, success, grad = _evaluate(model, x_adv, ys, targeted, amp_dtype, need_grad=not last)
+                    obj, success, grad = _evaluate(model, x_adv, ys, targeted, amp_dtype, need_grad=not last, check_labels=first)
                     # Success first, then the higher objective; ties keep the earlier candidate.
                     old_obj = best_obj if idx is None else best_obj[idx]
                     old_success = best_success if idx is None else best_success[idx]
                     better = (success & ~old_success) | ((success == old_success) & (obj > old_obj))
                     _update(best, best_obj, best_success, idx, better, x_adv, obj, success)
                 else:
-                    grad = _evaluate(model, x_adv, ys, targeted, amp_dtype, need_grad=True)[2]
+                    grad = _gradient(model, x_adv, ys, targeted, amp_dtype, check_labels=first)
                 if not last:
-                    masked_pgd_step(x_adv, xs, grad, ws, step_size=step_size, eps=eps, norm=norm, backend=backend)
+                    step(x_adv, xs, grad, ws, step_size, eps, 0.0, 1.0, norm)
             if not score_last:  # one restart, last iterate wanted
                 return x_adv
     return best

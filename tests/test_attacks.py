@@ -3,11 +3,13 @@ model state, determinism and bad input."""
 import pytest
 import torch
 
+from attrefine_fast import backends
 from attrefine_fast.attacks import FGSM, PGD, PGDL2, fgsm, masked_pgd, pgd, predict
 from attrefine_fast.models import SmallCNN
 from robustness_helpers import digits, one_thread, trained_cnn, trained_mlp  # noqa: F401
 
 torchattacks = pytest.importorskip("torchattacks")
+BACKENDS = ["torch", "cpp", "triton"]
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +247,28 @@ class TestBadInput:
         with pytest.raises((ValueError, TypeError), match=match):
             masked_pgd(self.model, images, labels, mask, **args)
         assert images.equal(before) or images.isnan().all()
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    @pytest.mark.parametrize("norm", ["linf", "l2"])
+    def test_a_gradient_turning_non_finite_is_refused(self, backend, norm):
+        """The arguments are validated once per attack, the gradient at every step by every backend."""
+        ok, why = backends.status("masked_pgd_step", backend, "cpu")
+        if not ok:
+            pytest.skip(why)
+
+        class NaNAfterTwoCalls(torch.nn.Module):
+            def __init__(self, model):
+                super().__init__()
+                self.model, self.calls = model, 0
+
+            def forward(self, x):
+                self.calls += 1
+                return self.model(x) * (float("nan") if self.calls > 2 else 1.0)
+
+        model, before = NaNAfterTwoCalls(self.model), self.x.clone()
+        with pytest.raises(ValueError, match="grad contains NaN"):
+            masked_pgd(model, self.x, self.y, torch.rand(8, 8), norm=norm, steps=4, keep_best=False, backend=backend)
+        assert model.calls == 3 and self.x.equal(before)
 
     def test_pgd_refuses_a_mask(self):
         with pytest.raises(TypeError, match="masked_pgd"):

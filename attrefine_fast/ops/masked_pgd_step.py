@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .. import backends
@@ -87,7 +89,6 @@ def masked_pgd_step(
             raise ValueError(f"{name} must have the shape of x_adv {tuple(x_adv.shape)}, got {tuple(t.shape)}")
     check_choice("norm", norm, NORMS)
     check_same_device(x_adv=x_adv, x=x, grad=grad, weight=weight)
-    check_finite("grad", grad)
     if weight is not None:
         check_tensor("weight", weight, dtypes=FLOAT_DTYPES + (torch.bool,))
         b, _, h, w = x_adv.shape
@@ -100,6 +101,25 @@ def masked_pgd_step(
             raise ValueError("weight must lie in [0, 1]")
     if not (step_size >= 0 and eps >= 0 and lo <= hi):
         raise ValueError(f"need step_size >= 0, eps >= 0 and lo <= hi, got {step_size}, {eps}, {lo}, {hi}")
-    impl = backends.resolve("masked_pgd_step", backend, x_adv.device)
-    impl(x_adv, x, grad, weight, float(step_size), float(eps), float(lo), float(hi), norm)
+    step = resolve_step(backend, x_adv.device)
+    step(x_adv, x, grad, weight, float(step_size), float(eps), float(lo), float(hi), norm)
     return x_adv
+
+
+def resolve_step(backend: str, device: torch.device | str) -> Callable:
+    """The implementation :func:`masked_pgd_step` runs, with the schema's positional arguments,
+    for loops that validate their other arguments once and step many times (the attacks).
+
+    It refuses a non-finite ``grad`` before anything is written (a NaN would poison x_adv): the
+    compiled backends check it themselves, the CUDA and Triton ones on the device without a host
+    round trip before their launch; the reference is given the same check here.
+    """
+    impl = backends.resolve("masked_pgd_step", backend, device)
+    if impl is not masked_pgd_step_ref:
+        return impl
+
+    def checked_reference(x_adv, x, grad, *args):
+        check_finite("grad", grad)
+        return masked_pgd_step_ref(x_adv, x, grad, *args)
+
+    return checked_reference
