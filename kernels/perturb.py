@@ -110,7 +110,7 @@ def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out
     compute_f64 = images.dtype == torch.float64
     if normalized:
         compute = torch.float64 if compute_f64 else torch.float32
-        mean, std = mean.to(compute), std.to(compute)
+        mean, std = mean.to(compute).contiguous(), std.to(compute).contiguous()  # read at mean_ptr + channel
     else:  # never read: NORMALIZE is off
         mean = std = images
     grid = lambda meta: (b * cdiv(count, meta["SAMPLES"]), cdiv(c * h * w, meta["BLOCK"]))  # noqa: E731

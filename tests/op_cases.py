@@ -69,7 +69,8 @@ def perturb_cases(dtype=torch.float32, device="cpu"):
         cases.append((name, args))
     img = _images((2, 6, 9, 3), dtype, gen).permute(0, 3, 1, 2)  # non-contiguous
     masks = (torch.rand(2, 9, 5, generator=gen) > 0.5).transpose(1, 2).contiguous().transpose(1, 2)
-    cases.append(("non_contiguous", (img, labels(2, 6, 9, [5, 2], gen), masks, torch.flip(img, [3]), 4, 5, None, None, None, False)))
+    mean, std = torch.tensor([0.4, 0.0, 0.5, 0.0, 0.6, 0.0])[::2], torch.tensor([0.25]).expand(3)  # strided, stride 0
+    cases.append(("non_contiguous", (img, labels(2, 6, 9, [5, 2], gen), masks, torch.flip(img, [3]), 4, 5, mean, std, None, False)))
     return [(nm, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)) for nm, args in cases]
 
 

@@ -301,6 +301,11 @@ def check_perturb(images, segments, masks, fudge, offset, count, options, atol, 
         c = images.shape[1]
         kwargs["mean"] = torch.linspace(0.2, 0.6, c, dtype=torch.float64, device=images.device)
         kwargs["std"] = torch.linspace(0.5, 1.5, c, dtype=torch.float64, device=images.device)
+    if options.get("normalize") == "strided":  # views in the compute dtype: the kernel gets them as they are
+        compute = torch.float64 if images.dtype == torch.float64 else torch.float32
+        kwargs["mean"] = torch.linspace(0.2, 0.6, 2 * c, dtype=compute, device=images.device)[::2]
+        kwargs["std"] = torch.tensor([0.7], dtype=compute, device=images.device).expand(c)
+        assert not kwargs["mean"].is_contiguous() and not kwargs["std"].is_contiguous()
     before = [t.clone() for t in (images, segments, masks, fudge)]
     want = ops.perturb_ref(images, segments, masks, fudge, offset, count, kwargs.get("mean"), kwargs.get("std"),
                            kwargs.get("out_dtype"), kwargs.get("channels_last", False))
@@ -356,7 +361,7 @@ def test_perturb_into_matches_reference(device, dtype, atol, rtol, options, spar
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("options", PERTURB_OPTIONS)
+@pytest.mark.parametrize("options", PERTURB_OPTIONS + [pytest.param({"normalize": "strided"}, id="strided-mean-std")])
 @pytest.mark.parametrize("into", [False, True], ids=["perturb", "perturb_into"])
 def test_perturb_non_contiguous_inputs(device, options, into):
     gen = torch.Generator().manual_seed(3)
