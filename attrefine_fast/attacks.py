@@ -23,13 +23,14 @@ Conventions, shared by every attack here:
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .checks import FLOAT_DTYPES, check_choice, check_finite, check_tensor
+from .checks import FLOAT_DTYPES, check_choice, check_finite, check_int, check_tensor
 from .models import Normalize, NormalizedModel
 from .ops.masked_pgd_step import NORMS, division_guard, resolve_step
 
@@ -103,10 +104,10 @@ def _check_mask(mask, images: torch.Tensor) -> torch.Tensor | None:
 def _generator(seed, device: torch.device) -> torch.Generator | None:
     if seed is None or isinstance(seed, torch.Generator):
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, a torch.Generator or None, got {type(seed).__name__}")
     g = torch.Generator(device=device)
-    g.manual_seed(seed)
+    g.manual_seed(int(seed))
     return g
 
 
@@ -226,10 +227,8 @@ def masked_pgd(
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     if not (step_size >= 0 and step_size != float("inf")):
         raise ValueError(f"step_size must be finite and >= 0, got {step_size}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    check_int("steps", steps, 0)
+    check_int("restarts", restarts, 1)
     amp_dtype = _amp_dtype(amp)
     gen = _generator(seed, images.device)
     step = resolve_step(backend, images.device)
@@ -318,6 +317,7 @@ def fgsm(
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256, amp=False) -> torch.Tensor:
     """(B,) predicted classes, in batches, with the model frozen (eval mode, restored afterwards)."""
     check_batch(images)
+    check_int("batch_size", batch_size, 1)
     amp_dtype = _amp_dtype(amp)
     with frozen(model):
         preds = [_forward(model, images[i : i + batch_size], amp_dtype).argmax(1) for i in range(0, images.shape[0], batch_size)]

@@ -1,6 +1,9 @@
 """Input validation shared by the public API: clear errors at the boundary, nothing modified."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,6 +70,11 @@ def check_segments(segments: torch.Tensor, images: torch.Tensor) -> torch.Tensor
         raise ValueError("segments contains negative labels; labels must be 0..M-1 per image")
     num = flat.max(dim=1).values + 1
     m = int(num.max())
+    if m > h * w:  # more labels than pixels: gaps for sure (and no table of m flags to allocate)
+        raise ValueError(
+            f"segments contains label {m - 1} but an image has only {h * w} pixels: labels must be 0..M-1 with every "
+            "label present; relabel them, e.g. with attrefine_fast.segment(...) or skimage's start_label=0"
+        )
     present = torch.zeros(b, m, dtype=torch.bool, device=segments.device)
     present.scatter_(1, flat, True)
     full = present.sum(dim=1) == num
@@ -78,6 +86,31 @@ def check_segments(segments: torch.Tensor, images: torch.Tensor) -> torch.Tensor
             "relabel them, e.g. with attrefine_fast.segment(...) or skimage's start_label=0"
         )
     return num
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """An integer (a Python or NumPy one; not a bool, not a float that happens to be whole) >=
+    ``minimum``, returned as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(name: str, value, *, minimum: float | None = None, positive: bool = False, finite: bool = True) -> float:
+    """A real number (not a bool), finite unless ``finite=False`` (NaN is always refused), >=
+    ``minimum`` or > 0 with ``positive``; returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be {'finite' if finite else 'a number'}, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if minimum is not None and not value >= minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+    return value
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -26,7 +26,7 @@ from .attacks import fgsm as fgsm_attack
 from .attacks import frozen, masked_pgd, predict
 from .checks import check_choice
 from .data import ImageDataset
-from .evaluate_accuracy import _as_dataset, _bar, _check_batch_size, _device, _num_batches, accuracy
+from .evaluate_accuracy import _as_dataset, _bar, _check_batch_size, _device, _num_batches, _num_classes, accuracy
 from .evaluate_cli import add_arguments, run
 from .evaluate_corruptions import DEFAULT_CORRUPTIONS, cifar_c_accuracy, corruption_accuracy
 from .evaluate_report import eps_label, format_table, plot_report
@@ -77,12 +77,6 @@ def attack_accuracy(
             adv = masked_pgd(model, x, y, eps=eps, norm=norm, steps=steps, step_size=step_size, restarts=restarts, seed=gen)
         correct += int((predict(model, adv, batch_size=batch_size) == y).sum())
     return correct / max(len(ds), 1)
-
-
-def _num_classes(model: nn.Module, ds: ImageDataset, dev: torch.device) -> int:
-    x, _ = next(ds.batches(1, dev))
-    with frozen(model), torch.no_grad():
-        return int(model(x).shape[1])
 
 
 def build_autoattack(model: nn.Module, *, eps: float, norm: str, version: str, n_classes: int, seed: int):

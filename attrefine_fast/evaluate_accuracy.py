@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attacks import predict
+from .attacks import frozen, predict
 from .data import ImageDataset
 
 __all__ = ["accuracy"]
@@ -38,6 +38,19 @@ def _device(model: nn.Module, device) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def _num_classes(model: nn.Module, ds: ImageDataset, dev: torch.device) -> int:
+    x, _ = next(ds.batches(1, dev))
+    with frozen(model), torch.no_grad():
+        return int(model(x).shape[1])
+
+
+def _check_labels(model: nn.Module, ds: ImageDataset, dev: torch.device) -> None:
+    """The labels must name one of the model's outputs (a label beyond them counts as an error
+    for every image, silently)."""
+    if len(ds) and int(ds.labels.max()) >= (k := _num_classes(model, ds, dev)):
+        raise ValueError(f"labels must be < the model's {k} outputs, got {int(ds.labels.max())}")
+
+
 def _check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -61,6 +74,7 @@ def accuracy(model: nn.Module, dataset, *, batch_size: int = 256, device=None, p
     ds = _as_dataset(dataset)
     _check_batch_size(batch_size)
     dev = _device(model, device)
+    _check_labels(model, ds, dev)
     correct = 0
     batches = _bar(ds.batches(batch_size, dev), desc="clean", total=_num_batches(len(ds), batch_size), progress=progress)
     for x, y in batches:

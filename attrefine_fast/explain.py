@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from . import backends
-from .checks import FLOAT_DTYPES, check_choice, check_images, check_same_device, check_segments, check_tensor
+from .checks import (
+    FLOAT_DTYPES, check_choice, check_images, check_int, check_real, check_same_device, check_segments, check_tensor,
+)
 from .neighborhood import draw_masks, fudge_images, perturbed_chunks
 from .segmentation import segment
 
@@ -163,8 +165,9 @@ def explain(
     model_device = _model_device(model)
     if model_device is not None and model_device != images.device:
         raise ValueError(f"the model is on {model_device} but images are on {images.device}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_int("batch_size", batch_size, 1)
+    kernel_width = check_real("kernel_width", kernel_width, positive=True)
+    alpha = check_real("alpha", alpha, minimum=0.0)
     images = images.contiguous()
     b, c = images.shape[:2]
     device = images.device
@@ -178,8 +181,7 @@ def explain(
     m = int(counts.max())
 
     if masks is None:
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be at least 2, got {num_samples}")
+        check_int("num_samples", num_samples, 2)
         masks = draw_masks(counts, num_samples, seed, device)
     else:
         check_tensor("masks", masks, ndim=3, dtypes=(torch.bool, torch.uint8, torch.int32, torch.int64))
@@ -205,17 +207,20 @@ def explain(
 
     fixed_labels = None
     if labels is not None:
-        fixed_labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+        fixed_labels = torch.as_tensor(labels, device=device)
         if fixed_labels.dim() == 1:
             fixed_labels = fixed_labels.unsqueeze(0).expand(b, -1)
         if fixed_labels.dim() != 2 or fixed_labels.shape[0] != b or fixed_labels.shape[1] == 0:
             raise ValueError(f"labels must be (B, L) or one sequence of labels, got shape {tuple(fixed_labels.shape)}")
+        if fixed_labels.dtype.is_floating_point or fixed_labels.dtype == torch.bool or fixed_labels.is_complex():
+            raise TypeError(f"labels must be integer class indices, got dtype {fixed_labels.dtype}")
+        fixed_labels = fixed_labels.long()
         if bool((fixed_labels < 0).any()):
             raise ValueError("labels must be non-negative class indices")
     elif top_labels is None:
         top_labels = 5
-    if fixed_labels is None and top_labels < 1:
-        raise ValueError(f"top_labels must be >= 1, got {top_labels}")
+    if fixed_labels is None:
+        check_int("top_labels", top_labels, 1)
 
     fudge = fudge_images(images, segments, m, hide_color, backend)
     autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else contextlib.nullcontext()
@@ -238,7 +243,7 @@ def explain(
             targets[:, offset : offset + count] = torch.gather(out, 2, chosen.unsqueeze(1).expand(b, count, -1)).to(fit_dtype)
 
     fit = backends.resolve("lime_fit", backend, device)
-    coef, intercept, score, local_pred = fit(masks, targets, counts, None, float(kernel_width), float(alpha))
+    coef, intercept, score, local_pred = fit(masks, targets, counts, None, kernel_width, alpha)
     return Explanation(
         coef=coef, intercept=intercept, score=score, local_pred=local_pred, labels=chosen,
         segments=segments, num_segments=counts, images=images, from_top_labels=fixed_labels is None,

@@ -24,6 +24,12 @@ class ImageDataset(torch.utils.data.Dataset):
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
             raise ValueError(f"labels must be (N,) with N = {images.shape[0]}, got shape {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+            raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+        if len(labels) and int(labels.min()) < 0:
+            raise ValueError(f"labels must be >= 0, got {int(labels.min())}")
+        if classes is not None and len(labels) and int(labels.max()) >= len(classes):
+            raise ValueError(f"labels must be < the {len(classes)} classes named, got {int(labels.max())}")
         self.images = images
         self.labels = labels.long()
         k = int(self.labels.max()) + 1 if len(self.labels) else 0

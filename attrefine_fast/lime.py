@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import backends
-from .checks import check_segments
+from .checks import check_int, check_segments
 from .explain import _model_device
 from .feature_selection import forward_selection, highest_weights, lasso_path
 from .neighborhood import fudge_images, lime_masks, perturbed_chunks
@@ -117,8 +117,7 @@ class LimeImageExplainer:
     ) -> ImageExplanation:
         """Explain ``classifier_fn``'s prediction on ``image`` (H, W, 3) or (H, W) grayscale."""
         image = self._check_image(image)
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be at least 2, got {num_samples}")
+        check_int("num_samples", num_samples, 2)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if random_seed is None:  # drawn even when unused, to keep lime's random stream

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import check_int
+
 
 class SmallCNN(nn.Module):
     """A small CNN for any input size: three conv blocks, global average pooling, a linear head.
@@ -63,8 +65,8 @@ class Normalize(nn.Module):
         std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
         if mean_t.numel() != std_t.numel() or mean_t.numel() == 0:
             raise ValueError(f"mean and std must have one value per channel, got {mean_t.numel()} and {std_t.numel()}")
-        if not bool((std_t > 0).all()) or not bool(torch.isfinite(mean_t).all()):
-            raise ValueError("std must be positive and mean finite")
+        if not bool(((std_t > 0) & torch.isfinite(std_t)).all()) or not bool(torch.isfinite(mean_t).all()):
+            raise ValueError("std must be positive and finite, and mean finite")
         self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
         self.register_buffer("std", std_t.view(1, -1, 1, 1))
 
@@ -220,10 +222,12 @@ def build_model(name: str, num_classes: int, *, in_channels: int = 3, normalizat
         kwargs: extra architecture arguments (e.g. ``width`` for small_cnn).
     """
     name = canonical_arch(name)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    net = MODELS[name](num_classes, in_channels=in_channels, **kwargs)
+    check_int("num_classes", num_classes, 2)
+    check_int("in_channels", in_channels, 1)
     norm = _resolve_normalization(normalization)
+    if norm is not None and len(norm["mean"]) != in_channels:
+        raise ValueError(f"the normalization has {len(norm['mean'])} channels but in_channels={in_channels}")
+    net = MODELS[name](num_classes, in_channels=in_channels, **kwargs)
     return net if norm is None else NormalizedModel(net, norm["mean"], norm["std"])
 
 

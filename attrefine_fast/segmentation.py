@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .checks import check_int
+
 METHODS = ("quickshift", "slic", "felzenszwalb", "grid")
 # lime 0.2.0.1's default segmentation. scikit-image's quickshift ignores lime's random_seed
 # (its argument is now `rng`, default 42), so these alone reproduce lime's segments.
@@ -27,7 +29,10 @@ def _to_numpy_hwc(images) -> tuple[np.ndarray, torch.device | None]:
             images = images.unsqueeze(0)
         if images.dim() != 4:
             raise ValueError(f"image tensors must be (B, C, H, W) or (C, H, W), got shape {tuple(images.shape)}")
-        return images.detach().permute(0, 2, 3, 1).cpu().numpy(), images.device
+        hwc = images.detach().permute(0, 2, 3, 1).cpu()
+        if hwc.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16; scikit-image wants float32/64
+            hwc = hwc.float()
+        return hwc.numpy(), images.device
     arr = np.asarray(images)
     if arr.ndim == 2:
         arr = arr[None, :, :, None]
@@ -47,10 +52,13 @@ def relabel(labels: np.ndarray) -> tuple[np.ndarray, int]:
 def grid_segments(height: int, width: int, n_segments: int = 64, grid: tuple[int, int] | None = None) -> np.ndarray:
     """A regular grid of about n_segments cells (or exactly grid=(rows, cols)), labels 0..M-1."""
     if grid is None:
+        n_segments = check_int("n_segments", n_segments, 1)
         rows = max(1, int(round(np.sqrt(n_segments * height / width))))
         cols = max(1, int(round(n_segments / rows)))
     else:
-        rows, cols = grid
+        if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+            raise ValueError(f"grid must be (rows, cols), got {grid!r}")
+        rows, cols = (check_int(f"grid[{i}]", v, 1) for i, v in enumerate(grid))
     rows, cols = min(rows, height), min(cols, width)
     r = (np.arange(height) * rows) // height
     c = (np.arange(width) * cols) // width
@@ -95,6 +103,8 @@ def segment(images, method: str = "quickshift", *, n_jobs: int | None = None, **
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method in ("slic", "grid") and "n_segments" in params:
+        check_int("n_segments", params["n_segments"], 1)
     arr, device = _to_numpy_hwc(images)
     if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
         raise ValueError(f"cannot segment an empty batch or image, got (B, H, W, C) = {arr.shape}")

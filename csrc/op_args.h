@@ -8,6 +8,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/string_view.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -163,8 +164,9 @@ inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targe
     const int64_t fewest = std::get<0>(extremes).item<int64_t>(), most = std::get<1>(extremes).item<int64_t>();
     if (fewest < 1 || most > m) fail_lime_fit_counts(m);
   }
-  TORCH_CHECK_VALUE(kernel_width > 0, "kernel_width must be positive, got ", kernel_width);
-  TORCH_CHECK_VALUE(alpha >= 0, "alpha must be non-negative, got ", alpha);
+  TORCH_CHECK_VALUE(kernel_width > 0 && std::isfinite(kernel_width), "kernel_width must be positive and finite, got ",
+                    kernel_width);
+  TORCH_CHECK_VALUE(alpha >= 0 && std::isfinite(alpha), "alpha must be non-negative and finite, got ", alpha);
   TORCH_CHECK_VALUE(!check_targets || all_finite(targets), "targets contains NaN or infinite values");
   if (weights.has_value()) {
     check_dim(*weights, "weights", 2, "(B, N)");

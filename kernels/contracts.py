@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from attrefine_fast.checks import FLOAT_DTYPES, IMAGE_DTYPES, check_finite, check_same_device, check_tensor
+from attrefine_fast.checks import FLOAT_DTYPES, IMAGE_DTYPES, check_finite, check_real, check_same_device, check_tensor
 from attrefine_fast.ops.perturb import check_chunk, check_perturb_out, perturb_output_dtype
 
 
@@ -91,10 +91,8 @@ def check_lime_fit(masks, targets, num_segments, weights, kernel_width: float, a
         raise ValueError(f"targets must have shape (B, N, L) = ({b}, {n}, L) to match masks, got {tuple(targets.shape)}")
     if num_segments.shape[0] != b:
         raise ValueError(f"num_segments must hold B={b} counts in 1..{m}")
-    if not kernel_width > 0:
-        raise ValueError(f"kernel_width must be positive, got {kernel_width}")
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be non-negative, got {alpha}")
+    check_real("kernel_width", kernel_width, positive=True)
+    check_real("alpha", alpha, minimum=0.0)
     # the counts and the targets' values: checked on the device by the launcher (check_lime_fit_values)
     if weights is not None:
         check_tensor("weights", weights, ndim=2, dtypes=(targets.dtype,))

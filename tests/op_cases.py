@@ -195,6 +195,8 @@ BAD_CALLS = {
     "lime_fit weights dtype": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), torch.ones(1, 4, dtype=torch.float64), 0.25, 1.0), TypeError, "weights"),
     "lime_fit kernel width": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.0, 1.0), ValueError, "kernel_width"),
     "lime_fit alpha": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.25, -1.0), ValueError, "alpha"),
+    "lime_fit alpha inf": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.25, float("inf")), ValueError, "alpha"),
+    "lime_fit kernel width nan": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, float("nan"), 1.0), ValueError, "kernel_width"),
     "pgd norm": ("masked_pgd_step", lambda: (_img(), _img(), _img(), None, 0.1, 0.1, 0.0, 1.0, "l3"), ValueError, "norm"),
     "pgd shape": ("masked_pgd_step", lambda: (_img(), _img(h=6), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "shape of x_adv"),
     "pgd dtype": ("masked_pgd_step", lambda: (_img(), _img(dtype=torch.float64), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), TypeError, "dtype"),

@@ -65,8 +65,10 @@ def test_build_model_names_aliases_and_normalization():
         (("small_cnn", True), {}, "num_classes"),
         (("small_cnn", 10), {"normalization": "imagenet"}, "unknown normalization"),
         (("small_cnn", 10), {"normalization": {"mean": [0.5]}}, "mean"),
+        (("small_cnn", 10), {"in_channels": 0}, "in_channels"),
+        (("small_cnn", 10), {"in_channels": 1, "normalization": "cifar10"}, "3 channels but in_channels=1"),
     ]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises((ValueError, TypeError), match=match):
             build_model(*args, **kwargs)
     with pytest.raises(TypeError, match="string"):
         build_model(3, 10)

@@ -60,6 +60,26 @@ class TestExplain:
         with pytest.raises(ValueError, match="hide_color"):
             af.explain(self.model, images, segments=segments, num_samples=4, hide_color=[1.0, 2.0])
 
+    @pytest.mark.parametrize("backend", ["torch", "cpp"])
+    @pytest.mark.parametrize("kwargs,error,match", [
+        ({"alpha": -1.0}, ValueError, "alpha"),
+        ({"alpha": float("inf")}, ValueError, "alpha must be finite"),
+        ({"alpha": float("nan")}, ValueError, "alpha"),
+        ({"kernel_width": 0.0}, ValueError, "kernel_width must be positive"),
+        ({"kernel_width": float("nan")}, ValueError, "kernel_width"),
+        ({"labels": [1.7]}, TypeError, "integer class indices"),
+        ({"labels": [True]}, TypeError, "integer class indices"),
+        ({"num_samples": 2.5}, TypeError, "num_samples must be an integer"),
+        ({"top_labels": 2.5}, TypeError, "top_labels must be an integer"),
+        ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
+    ])
+    def test_bad_numbers_are_refused_by_every_backend(self, backend, kwargs, error, match):
+        if not backends.status("lime_fit", backend, "cpu")[0]:
+            pytest.skip(f"no {backend} backend here")
+        images, segments, _ = grid_batch()
+        with pytest.raises(error, match=match):
+            af.explain(self.model, images, segments=segments, **{"num_samples": 4, **kwargs}, backend=backend)
+
     def test_bad_model_output(self):
         images, segments, _ = grid_batch()
         with pytest.raises(ValueError, match=r"\(batch, classes\)"):
@@ -161,6 +181,13 @@ class TestOps:
             ops.lime_fit(masks, targets * float("nan"))
         with pytest.raises(ValueError, match="non-negative"):
             ops.lime_fit(masks, targets, weights=-torch.ones(2, 6, dtype=torch.float64))
+        with pytest.raises(ValueError, match="alpha must be finite"):
+            ops.lime_fit(masks, targets, alpha=float("inf"))
+        with pytest.raises(ValueError, match="binary"):
+            ops.lime_fit(masks.double() * 0.5, targets)
+        with pytest.raises(ValueError, match="binary"):
+            ops.lime_fit(torch.full((2, 6, 3), float("nan")), targets)
+        assert torch.equal(ops.lime_fit(masks.double(), targets)[0], ops.lime_fit(masks, targets)[0])
 
     def test_segment_mean_and_pgd(self):
         images, segments, _ = grid_batch()
@@ -173,6 +200,44 @@ class TestOps:
             ops.masked_pgd_step(x.clone(), x, x, 2 * torch.ones(2, 8, 8), step_size=0.1, eps=0.1)
         with pytest.raises(TypeError, match="dtype"):
             ops.masked_pgd_step(x.clone(), x.double(), x, step_size=0.1, eps=0.1)
+        with pytest.raises(TypeError, match="num_segments must be an integer"):
+            ops.segment_mean(images, segments, 20.5)
+
+    @pytest.mark.parametrize("backend", ["torch", "cpp"])
+    def test_masked_pgd_step_refuses_what_it_would_write_wrong(self, backend):
+        if not backends.status("masked_pgd_step", backend, "cpu")[0]:
+            pytest.skip(f"no {backend} backend here")
+        x, g = torch.rand(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+        nan_weight, nan_x = torch.ones(2, 8, 8), x.clone()
+        nan_weight[0, 1, 2] = nan_x[1, 0, 3, 3] = float("nan")
+        x_adv = x.clone()
+        for args, kwargs, error, match in [
+            ((x_adv, x, g, nan_weight), {}, ValueError, "weight must lie in"),
+            ((x_adv, nan_x, g), {}, ValueError, "x contains NaN"),
+            ((x_adv, x, g), {"step_size": float("inf"), "norm": "l2"}, ValueError, "step_size must be finite"),
+            ((x.clone().requires_grad_(), x, g), {}, ValueError, "requires grad"),
+            ((x[:1].expand(2, -1, -1, -1), x, g), {}, ValueError, "overlapping"),
+        ]:
+            before = args[0].detach().clone()
+            with pytest.raises(error, match=match):
+                ops.masked_pgd_step(*args, **{"step_size": 0.1, "eps": 0.1, **kwargs}, backend=backend)
+            assert torch.equal(args[0].detach(), before), match
+
+    def test_integer_arguments_are_not_truncated(self):
+        images, segments, _ = grid_batch()
+        masks, fudge = torch.ones(2, 5, 4, dtype=torch.bool), torch.zeros_like(images)
+        with pytest.raises(TypeError, match="offset must be an integer"):
+            ops.perturb(images, segments, masks, fudge, 1.5, 2)
+        with pytest.raises(TypeError, match="count must be an integer"):
+            ops.perturb(images, segments, masks, fudge, 1, 2.7)
+        with pytest.raises(TypeError, match="offset must be an integer"):
+            ops.perturb(images, segments, masks, fudge, True, 2)
+
+    def test_a_stray_huge_segment_id_is_refused_without_allocating_for_it(self):
+        images, segments, _ = grid_batch()
+        segments[0, 0, 0] = 10**12
+        with pytest.raises(ValueError, match="only 64 pixels"):
+            ops.segment_mean(images, segments)
 
 
 def test_unavailable_backend_names_reason_and_fix():
@@ -204,3 +269,34 @@ def test_finite_check_is_exact_when_the_sum_overflows():
         big[1, 1] = 1.0
     assert all_finite(torch.zeros(0)) and all_finite(torch.arange(3))
 
+
+
+def test_datasets_segmentation_models_and_predict_refuse_bad_arguments():
+    from attrefine_fast.attacks import predict
+    from attrefine_fast.data import ImageDataset
+    from attrefine_fast.evaluate import accuracy
+    from attrefine_fast.models import Normalize
+
+    x = torch.rand(4, 3, 8, 8)
+    with pytest.raises(TypeError, match="labels must have an integer dtype"):
+        ImageDataset(x, torch.tensor([0.5, 1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        ImageDataset(x, torch.tensor([0, -1, 2, 3]))
+    with pytest.raises(ValueError, match="2 classes named"):
+        ImageDataset(x, torch.tensor([0, 1, 2, 1]), classes=["a", "b"])
+    model = SmallCNN(num_classes=4, width=4)
+    with pytest.raises(ValueError, match="model's 4 outputs"):
+        accuracy(model, (x, torch.tensor([0, 1, 2, 9])))
+    with pytest.raises(ValueError, match="batch_size"):
+        predict(model, x, batch_size=0)
+    with pytest.raises(ValueError, match="std must be positive and finite"):
+        Normalize([0.5] * 3, [1.0, float("inf"), 1.0])
+    for kwargs, match in [({"grid": (-2, 3)}, "grid"), ({"n_segments": -4}, "n_segments"), ({"grid": (2,)}, "grid")]:
+        with pytest.raises(ValueError, match=match):
+            af.segment(x, "grid", **kwargs)
+    with pytest.raises(ValueError, match="n_segments"):
+        af.segment(x, "slic", n_segments=0)
+    # half-precision images segment as their float32 values do
+    for half in (torch.float16, torch.bfloat16):
+        y = x.to(half)
+        assert torch.equal(af.segment(y, "slic", n_segments=6)[0], af.segment(y.float(), "slic", n_segments=6)[0])

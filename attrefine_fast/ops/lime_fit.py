@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ..checks import check_finite, check_same_device, check_tensor
+from ..checks import check_finite, check_real, check_same_device, check_tensor
 
 
 def lime_kernel_weights(masks: torch.Tensor, num_segments: torch.Tensor, kernel_width: float, dtype: torch.dtype) -> torch.Tensor:
@@ -124,13 +124,13 @@ def lime_fit(
         check_finite("weights", weights)
         if bool((weights < 0).any()) or bool((weights.sum(dim=1) <= 0).any()):
             raise ValueError("weights must be non-negative with a positive sum per image")
-    if not kernel_width > 0:
-        raise ValueError(f"kernel_width must be positive, got {kernel_width}")
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be non-negative, got {alpha}")
+    kernel_width = check_real("kernel_width", kernel_width, positive=True)
+    alpha = check_real("alpha", alpha, minimum=0.0)
     if masks.dtype != torch.bool:
+        if bool(((masks != 0) & (masks != 1)).any()):
+            raise ValueError("masks must be binary: 0 or 1 (or bool)")
         masks = masks != 0
     if weights is not None:
         weights = weights.to(targets.dtype)
     impl = backends.resolve("lime_fit", backend, masks.device)
-    return impl(masks, targets, num_segments.long(), weights, float(kernel_width), float(alpha))
+    return impl(masks, targets, num_segments.long(), weights, kernel_width, alpha)

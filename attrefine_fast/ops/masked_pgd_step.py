@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .. import backends
-from ..checks import FLOAT_DTYPES, check_choice, check_finite, check_same_device, check_tensor
+from ..checks import FLOAT_DTYPES, check_choice, check_finite, check_real, check_same_device, check_tensor
 
 NORMS = ("linf", "l2")
 # The same guard torchattacks uses against a zero gradient or a zero perturbation.
@@ -81,7 +81,11 @@ def masked_pgd_step(
     norm: str = "linf",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One masked PGD step, in place on ``x_adv`` (returned): see :func:`masked_pgd_step_ref`."""
+    """One masked PGD step, in place on ``x_adv`` (returned): see :func:`masked_pgd_step_ref`.
+
+    ``x_adv``, ``x`` and ``grad`` must be finite and ``weight`` in [0, 1]; nothing is written when
+    they are not. A loop that steps many times can validate once and call :func:`resolve_step`'s
+    implementation instead (as the attacks do)."""
     check_tensor("x_adv", x_adv, ndim=4, dtypes=FLOAT_DTYPES)
     for name, t in (("x", x), ("grad", grad)):
         check_tensor(name, t, ndim=4, dtypes=(x_adv.dtype,))
@@ -89,6 +93,12 @@ def masked_pgd_step(
             raise ValueError(f"{name} must have the shape of x_adv {tuple(x_adv.shape)}, got {tuple(t.shape)}")
     check_choice("norm", norm, NORMS)
     check_same_device(x_adv=x_adv, x=x, grad=grad, weight=weight)
+    if x_adv.requires_grad:
+        raise ValueError("x_adv requires grad: the step writes it in place and is not differentiable; pass x_adv.detach()")
+    if any(st == 0 and n > 1 for st, n in zip(x_adv.stride(), x_adv.shape)):
+        raise ValueError(f"x_adv has overlapping elements (strides {x_adv.stride()}): the step writes it in place; pass x_adv.clone()")
+    check_finite("x_adv", x_adv)
+    check_finite("x", x)
     if weight is not None:
         check_tensor("weight", weight, dtypes=FLOAT_DTYPES + (torch.bool,))
         b, _, h, w = x_adv.shape
@@ -97,10 +107,11 @@ def masked_pgd_step(
         if tuple(weight.shape) != (b, h, w):
             raise ValueError(f"weight must have shape (B, H, W) or (B, 1, H, W) = {(b, h, w)}, got {tuple(weight.shape)}")
         weight = weight.to(x_adv.dtype).contiguous()
-        if bool(((weight < 0) | (weight > 1)).any()):
-            raise ValueError("weight must lie in [0, 1]")
-    if not (step_size >= 0 and eps >= 0 and lo <= hi):
-        raise ValueError(f"need step_size >= 0, eps >= 0 and lo <= hi, got {step_size}, {eps}, {lo}, {hi}")
+        if not bool(((weight >= 0) & (weight <= 1)).all()):  # NaN fails both comparisons
+            raise ValueError("weight must lie in [0, 1] (and not be NaN)")
+    step_size = check_real("step_size", step_size, minimum=0.0)
+    if not (eps >= 0 and lo <= hi):
+        raise ValueError(f"need eps >= 0 and lo <= hi, got eps={eps}, lo={lo}, hi={hi}")
     step = resolve_step(backend, x_adv.device)
     step(x_adv, x, grad, weight, float(step_size), float(eps), float(lo), float(hi), norm)
     return x_adv

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ..checks import FLOAT_DTYPES, check_finite, check_images, check_same_device, check_segments, check_tensor
+from ..checks import FLOAT_DTYPES, check_finite, check_images, check_int, check_same_device, check_segments, check_tensor
 
 
 def perturb_output_dtype(images_dtype: torch.dtype, normalized: bool, out_dtype: torch.dtype | None) -> torch.dtype:
@@ -103,6 +103,8 @@ def perturb_into_ref(
 
 def check_chunk(offset: int, count: int, samples: int) -> None:
     """A chunk is samples [offset, offset + count) of the N drawn per image, and holds at least one."""
+    check_int("offset", offset)
+    check_int("count", count)
     if not (0 <= offset and count >= 1 and offset + count <= samples):
         raise ValueError(f"need offset >= 0, count >= 1 and offset + count <= N={samples}, got offset={offset}, count={count}")
 
@@ -113,6 +115,9 @@ def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std,
     seg_counts = check_segments(segments, images)
     check_tensor("masks", masks, ndim=3, dtypes=(torch.bool,))
     check_tensor("fudge", fudge, ndim=4)
+    for name, t in (("mean", mean), ("std", std)):
+        if t is not None:
+            check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES)
     check_same_device(images=images, segments=segments, masks=masks, fudge=fudge, mean=mean, std=std)
     b, c = images.shape[:2]
     if masks.shape[0] != b or masks.shape[2] < int(seg_counts.max()):
@@ -127,7 +132,6 @@ def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std,
         raise ValueError("give both mean and std, or neither")
     if mean is not None:
         for name, t in (("mean", mean), ("std", std)):
-            check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES)
             if t.shape[0] != c:
                 raise ValueError(f"{name} must have one value per channel ({c}), got shape {tuple(t.shape)}")
             check_finite(name, t)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ..checks import check_images, check_segments
+from ..checks import check_images, check_int, check_segments
 
 
 def segment_mean_ref(images: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ def segment_mean(images: torch.Tensor, segments: torch.Tensor, num_segments: int
     m = int(counts.max())
     if num_segments is None:
         num_segments = m
-    elif num_segments < m:
+    elif check_int("num_segments", num_segments) < m:
         raise ValueError(f"num_segments={num_segments} is smaller than the largest segment count {m}")
     impl = backends.resolve("segment_mean", backend, images.device)
     return impl(images, segments.long(), int(num_segments))
