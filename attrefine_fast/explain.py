@@ -221,6 +221,9 @@ def explain(
         top_labels = 5
     if fixed_labels is None:
         check_int("top_labels", top_labels, 1)
+        if not bool(masks[:, 0].all()):
+            raise ValueError("masks[:, 0] must be all ones (the image itself, as lime draws it): the top labels are "
+                             "read from that sample; or pass labels=")
 
     fudge = fudge_images(images, segments, m, hide_color, backend)
     autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else contextlib.nullcontext()

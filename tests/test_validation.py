@@ -51,6 +51,11 @@ class TestExplain:
             af.explain(self.model, images, segments=segments, labels=[7], num_samples=4)
         with pytest.raises(ValueError, match="masks must have shape"):
             af.explain(self.model, images, segments=segments, masks=torch.ones(2, 5, 3, dtype=torch.bool))
+        masks = torch.ones(2, 5, 4, dtype=torch.bool)
+        masks[1, 0, 2] = False
+        with pytest.raises(ValueError, match=r"masks\[:, 0\] must be all ones"):
+            af.explain(self.model, images, segments=segments, masks=masks)
+        af.explain(self.model, images, segments=segments, masks=masks, labels=[1])  # labels given: row 0 is free
         with pytest.raises(ValueError, match="mean and std"):
             af.explain(self.model, images, segments=segments, num_samples=4, mean=[0.5] * 3)
         with pytest.raises(ValueError, match="std contains zeros"):
@@ -183,6 +188,9 @@ class TestOps:
             ops.lime_fit(masks, targets, weights=-torch.ones(2, 6, dtype=torch.float64))
         with pytest.raises(ValueError, match="alpha must be finite"):
             ops.lime_fit(masks, targets, alpha=float("inf"))
+        for empty in ((masks[:0], targets[:0]), (masks[:, :, :0], targets), (masks, targets[:, :, :0])):
+            with pytest.raises(ValueError, match="non-empty"):
+                ops.lime_fit(*empty, backend="torch")
         with pytest.raises(ValueError, match="binary"):
             ops.lime_fit(masks.double() * 0.5, targets)
         with pytest.raises(ValueError, match="binary"):
