@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 import torch
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> None:
         except ImportError:
             pass
     path = args.json or f"bench-{profile}-{device.type}.json"
+    for out in (path, args.markdown):  # before the suite runs: a bad path fails at once
+        if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise SystemExit(f"bench: the folder of {out} does not exist")
 
     def show(summary: dict) -> None:
         print(case_text(summary), flush=True)

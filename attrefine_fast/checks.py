@@ -113,6 +113,20 @@ def check_real(name: str, value, *, minimum: float | None = None, positive: bool
     return value
 
 
+def check_device(name: str, device) -> torch.device:
+    """A device this machine has, as a torch.device; ValueError saying what is missing otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={device!r} but no CUDA device is available (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={device!r} but this machine has {torch.cuda.device_count()} CUDA devices")
+    return dev
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -1,9 +1,22 @@
 """``attrefine-fast``: the command line. Each subcommand lives in its own module with
-``add_arguments(parser)`` and ``run(args)``; register it in COMMANDS."""
+``add_arguments(parser)`` and ``run(args)``; register it in COMMANDS.
+
+A user's mistake (a bad value, a missing file, an unwritable folder) ends the command with one
+line naming it and exit status 2, as argparse's own errors do; ``ATTREFINE_FAST_TRACEBACK=1``
+shows the traceback instead. Ctrl-C ends it with status 130.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
+
+DESCRIPTION = "fast LIME explanations, attacks and attribution-aware refinement of image classifiers"
+# What a user's mistake raises: the argument checks (ValueError, TypeError for a value of the
+# wrong type), the file system (OSError: missing or unwritable paths) and torch on values it
+# cannot take (RuntimeError, also BackendUnavailable's base).
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -17,7 +30,7 @@ COMMANDS = {
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="attrefine-fast", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="attrefine-fast", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -26,7 +39,18 @@ def main(argv=None) -> None:
             mod.add_arguments(p)
     args = parser.parse_args(argv)
     mod = importlib.import_module(COMMANDS[args.command][0])
-    mod.run(args) if hasattr(mod, "run") else mod.main()
+    try:
+        mod.run(args) if hasattr(mod, "run") else mod.main()
+    except KeyboardInterrupt:
+        hint = " (continue it with the same command and --resume)" if args.command == "refine" else ""
+        print(f"\nattrefine-fast {args.command}: interrupted{hint}", file=sys.stderr)
+        sys.exit(130)
+    except USER_ERRORS as e:
+        if os.environ.get("ATTREFINE_FAST_TRACEBACK") == "1":
+            raise
+        print(f"attrefine-fast {args.command}: error: {e} ({type(e).__name__}; ATTREFINE_FAST_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ def run(args) -> None:
     from . import lime as ours
     from .explain import explain
 
+    if args.size < 8 or args.num_samples < 2:
+        raise ValueError(f"need --size >= 8 and --num-samples >= 2, got {args.size} and {args.num_samples}")
     os.makedirs(args.out, exist_ok=True)
     photos = load_photos(size=args.size)
     module, classifier_fn = make_classifier(args.seed)

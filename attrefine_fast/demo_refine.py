@@ -20,7 +20,7 @@ NAMES = {"erm": "ERM", "pgd_at": "PGD-AT", "refine": "Refined", "no_flags": "NoF
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="folder of report.json, the PNGs and the runs")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per model (default 10; --quick: 2)")
-    parser.add_argument("--cycles", type=int, default=None, help="refinement cycles the epochs are split into (default 5)")
+    parser.add_argument("--cycles", type=int, default=None, help="refinement cycles the epochs are split into; must divide --epochs (default: the most up to 5, --quick 2, that do)")
     parser.add_argument("--eps", type=float, default=0.05, help="L-inf training attack radius shared by PGD-AT and refinement")
     parser.add_argument("--eval-samples", type=int, default=None, help="test images evaluated (default 450: all; --quick: 32)")
     parser.add_argument("--bound-samples", type=int, default=None, help="test images for the bound (default 64; --quick: 8)")
@@ -34,14 +34,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "faster on a busy machine, where threads wait for each other)")
 
 
+def _given(args, name: str, default: int) -> int:
+    value = getattr(args, name)
+    if value is not None and value < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return default if value is None else value
+
+
+def _cycles(epochs: int, given: int | None, default: int) -> int:
+    """The cycles the epochs are split into: as given (which must divide them), else the most
+    cycles up to the default that divide them."""
+    if given is None:
+        return max(c for c in range(1, min(default, epochs) + 1) if epochs % c == 0)
+    if epochs % given:
+        raise ValueError(f"--epochs {epochs} must be a multiple of --cycles {given} (every cycle has the same epochs)")
+    return given
+
+
 def _settings(args) -> dict:
     quick = args.quick
+    epochs = _given(args, "epochs", 2 if quick else 10)
     return {
-        "epochs": args.epochs or (2 if quick else 10),
-        "cycles": args.cycles or (2 if quick else 5),
+        "epochs": epochs,
+        "cycles": _cycles(epochs, None if args.cycles is None else _given(args, "cycles", 0), 2 if quick else 5),
         "train_subset": 128 if quick else None,
-        "eval_samples": args.eval_samples or (32 if quick else 450),
-        "bound_samples": args.bound_samples or (8 if quick else 64),
+        "eval_samples": _given(args, "eval_samples", 32 if quick else 450),
+        "bound_samples": _given(args, "bound_samples", 8 if quick else 64),
         "eval_eps": [0.03, 0.1] if quick else [0.02, 0.05, 0.1, 0.15],
         "corruptions": ["gaussian_noise"] if quick else ["gaussian_noise", "impulse_noise", "defocus_blur", "contrast", "pixelate"],
         "severities": [3] if quick else [1, 3, 5],
@@ -54,11 +72,11 @@ def _settings(args) -> dict:
 def _config(name: str, s: dict, args):
     from .refine import RefineConfig
 
-    cycles = max(1, min(s["cycles"], s["epochs"]))
+    cycles = s["cycles"]
     mode = "refine" if name == "no_flags" else name
     never = {"explain_from_cycle": cycles} if name == "no_flags" else {}
     return RefineConfig(
-        mode=mode, cycles=cycles, **never, epochs_per_cycle=max(1, s["epochs"] // cycles), train_subset=s["train_subset"],
+        mode=mode, cycles=cycles, **never, epochs_per_cycle=s["epochs"] // cycles, train_subset=s["train_subset"],
         width=16, batch_size=64, lr=0.1, eps=args.eps, attack_steps=3, lime_samples=s["lime_samples"], refresh_fraction=s["refresh_fraction"],
         seed=args.seed, out=os.path.join(args.out, "runs", name), progress=not args.no_progress, device=args.device,
     )

@@ -13,6 +13,8 @@ import json
 import os
 from fractions import Fraction
 
+from .checks import check_device
+
 
 def parse_eps(text: str) -> float:
     """'8/255', '0.5' or '8' with a '/255' suffix elsewhere: a radius as a float."""
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> dict:
 
     if (args.checkpoint is None) == (args.arch is None):
         raise SystemExit("evaluate: give exactly one of --checkpoint PATH or --arch NAME")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device("--device", args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(args.out, exist_ok=True)  # before the work: a bad --out fails at once
     extra = {}
     if args.cifar_md5 is not None:
         with open(args.cifar_md5) as f:
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> dict:
         source = os.fspath(args.checkpoint)
     else:
         normalization = None if args.normalization in (None, "none") else args.normalization
-        model = build_model(args.arch, args.num_classes or dataset.num_classes, normalization=normalization).to(device)
+        num_classes = dataset.num_classes if args.num_classes is None else args.num_classes
+        model = build_model(args.arch, num_classes, normalization=normalization).to(device)
         source = f"{args.arch} (random initialization)"
         print(f"note: {source}: the numbers below describe an untrained model")
     cifar_c = None
@@ -102,7 +106,6 @@ def run(args: argparse.Namespace) -> dict:
         seed=args.seed, progress=not args.no_progress, device=device, cifar_c=cifar_c,
     )
     report["model"] = source
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "report.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)

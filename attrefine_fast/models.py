@@ -18,13 +18,14 @@ Checkpoint format (a ``torch.save``'d dict, loaded with ``weights_only=True``)::
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .checks import check_int
+from .checks import check_device, check_int
 
 
 class SmallCNN(nn.Module):
@@ -253,7 +254,9 @@ def save_checkpoint(path, model: nn.Module, arch: str, num_classes: int, *, norm
         "model_kwargs": dict(model_kwargs or {}),
         **extra,
     }
-    torch.save(ckpt, os.fspath(path))
+    path = os.fspath(path)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)  # an interruption never leaves half a checkpoint
 
 
 def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
@@ -266,7 +269,12 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    device = check_device("device", device)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # not a torch.save file, or cut short
+        raise ValueError(f"{path} cannot be read as a checkpoint: not a torch.save file, cut short, or holding more "
+                         f"than tensors and plain data ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or not {"model", "arch", "num_classes"} <= set(ckpt):
         raise ValueError(
             f"{path} is not an attrefine_fast checkpoint: expected a dict with keys 'model' (state_dict), "

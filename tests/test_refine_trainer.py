@@ -67,6 +67,87 @@ def test_resume_refuses_a_different_config_and_a_fresh_run_starts_a_fresh_log(tm
     assert [r["epoch"] for r in lines] == [1, 2]
 
 
+def _epochs_logged(folder) -> list:
+    return [json.loads(line)["epoch"] for line in open(folder / METRICS)]
+
+
+def test_interruptions_between_the_log_and_the_checkpoint_lose_nothing(tmp_path, monkeypatch):
+    """Killed after an epoch's log line but before its checkpoint, or with the last log line cut
+    short, a resumed run writes the same log as an uninterrupted one."""
+    train = digits_subset(32)
+    cfg = dict(mode="erm", cycles=1, epochs_per_cycle=3, **TINY)
+    Refiner(RefineConfig(out=str(tmp_path / "full"), **cfg), train=train).fit()
+
+    save = Refiner.save
+
+    def save_then_die_at_epoch_2(self):
+        if self.epoch == 2:
+            raise KeyboardInterrupt  # the log line of epoch 2 is written, its checkpoint is not
+        save(self)
+
+    monkeypatch.setattr(Refiner, "save", save_then_die_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        Refiner(RefineConfig(out=str(tmp_path / "cut"), **cfg), train=train).fit()
+    monkeypatch.setattr(Refiner, "save", save)
+    assert _epochs_logged(tmp_path / "cut") == [1, 2]
+    with open(tmp_path / "cut" / METRICS, "a") as f:
+        f.write('{"event": "epo')  # and a line cut short after it
+    Refiner(RefineConfig(out=str(tmp_path / "cut"), **cfg), train=train).fit(resume=True)
+    assert _epochs_logged(tmp_path / "cut") == _epochs_logged(tmp_path / "full") == [1, 2, 3]
+    assert not any(p.suffix == ".tmp" for p in (tmp_path / "cut").iterdir())
+
+
+def test_a_fresh_run_in_a_used_folder_leaves_no_checkpoint_of_the_previous_run(tmp_path, monkeypatch):
+    train = digits_subset(32)
+    cfg = dict(mode="erm", cycles=1, epochs_per_cycle=2, out=str(tmp_path), **TINY)
+    Refiner(RefineConfig(**cfg), train=train).fit()
+    assert (tmp_path / CHECKPOINT).exists() and (tmp_path / FINAL).exists()
+
+    def die(self, epoch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Refiner, "train_epoch", die)
+    with pytest.raises(KeyboardInterrupt):
+        Refiner(RefineConfig(**cfg), train=train).fit()  # a fresh run, interrupted in its first epoch
+    assert not (tmp_path / CHECKPOINT).exists() and not (tmp_path / FINAL).exists()
+    assert open(tmp_path / METRICS).read() == ""
+    monkeypatch.undo()
+    resumed = Refiner(RefineConfig(**cfg), train=train)
+    resumed.fit(resume=True)  # nothing to resume: starts over, with a consistent log
+    assert resumed.epoch == 2 and _epochs_logged(tmp_path) == [1, 2]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["refine", "--train-subset", "-5"], "train_subset must be an integer >= 1"),
+    (["refine", "--stop-after", "0"], "--stop-after must be >= 1"),
+    (["refine", "--segmentation-params", "[1, 2]"], "segmentation_params must be a mapping"),
+    (["evaluate", "--arch", "small_cnn", "--device", "foo"], "--device must be a device"),
+    (["demo", "--epochs", "3", "--cycles", "2"], "must be a multiple of --cycles"),
+    (["demo", "--quick", "--eval-samples", "0"], "--eval-samples must be >= 1"),
+])
+def test_the_command_line_names_a_bad_value_in_one_line(argv, match, capsys, tmp_path):
+    from attrefine_fast.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and match in err and "Traceback" not in err
+    assert err.startswith(f"attrefine-fast {argv[0]}: error: ")
+
+
+def test_demo_splits_its_epochs_into_equal_cycles():
+    import argparse
+
+    from attrefine_fast.demo_refine import _settings
+
+    def settings(**given):
+        return _settings(argparse.Namespace(**{"quick": False, "epochs": None, "cycles": None, "eval_samples": None,
+                                               "bound_samples": None, **given}))
+
+    assert (settings()["epochs"], settings()["cycles"]) == (10, 5)
+    assert (settings(epochs=12)["cycles"], settings(epochs=7)["cycles"], settings(epochs=6, cycles=3)["cycles"]) == (4, 1, 3)
+
+
 @pytest.mark.parametrize("mode", ["erm", "pgd_at"])
 def test_baselines_train_and_log(tmp_path, mode):
     train = digits_subset(32)

@@ -10,7 +10,9 @@ from .config import add_config_arguments, config_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt when it exists")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue exactly from OUT/checkpoint.pt when it exists (give the same settings as the "
+                             "interrupted run: a different one is refused); without it a run in a used OUT starts afresh")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's choice)")
     parser.add_argument("--stop-after", type=int, default=None, help="stop once this many epochs are complete (resume later)")
 
@@ -19,6 +21,8 @@ def run(args: argparse.Namespace) -> None:
     from .trainer import Refiner
 
     cfg = config_from_args(args)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -11,6 +11,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..checks import check_int, check_real
+
 MODES = ("erm", "pgd_at", "refine")
 FILLS = ("mean", "zero", "blur", "noise")
 ADV_REGIONS = ("full", "flagged")
@@ -90,7 +92,8 @@ class RefineConfig:
         return self.attack_step_size if self.attack_step_size is not None else 2.5 * self.eps / max(1, self.attack_steps)
 
     def validate(self) -> "RefineConfig":
-        """Raise ValueError on any inconsistent setting; returns self."""
+        """Raise ValueError on any inconsistent setting (TypeError on a value of the wrong type,
+        such as YAML's string for ``1e-1``); returns self."""
         for name, value, choices in (
             ("mode", self.mode, MODES), ("fill", self.fill, FILLS), ("adv_region", self.adv_region, ADV_REGIONS),
             ("instability", self.instability, INSTABILITIES), ("explain_label", self.explain_label, EXPLAIN_LABELS),
@@ -98,25 +101,27 @@ class RefineConfig:
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        for name in ("cycles", "epochs_per_cycle", "batch_size", "lime_samples", "detect_batch_size", "instability_runs", "width", "penalty_samples"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if self.lime_samples < 2:
-            raise ValueError(f"lime_samples must be at least 2, got {self.lime_samples}")
-        if isinstance(self.attack_steps, bool) or not isinstance(self.attack_steps, int) or self.attack_steps < 0:
-            raise ValueError(f"attack_steps must be an integer >= 0, got {self.attack_steps!r}")
-        if isinstance(self.explain_from_cycle, bool) or not isinstance(self.explain_from_cycle, int) or self.explain_from_cycle < 0:
-            raise ValueError(f"explain_from_cycle must be an integer >= 0, got {self.explain_from_cycle!r}")
-        if not 0.0 < self.refresh_fraction <= 1.0:
+        for name in ("cycles", "epochs_per_cycle", "batch_size", "detect_batch_size", "instability_runs", "width", "penalty_samples",
+                     "image_size"):
+            check_int(name, getattr(self, name), 1)
+        check_int("lime_samples", self.lime_samples, 2)
+        check_int("attack_steps", self.attack_steps, 0)
+        check_int("explain_from_cycle", self.explain_from_cycle, 0)
+        check_int("seed", self.seed)
+        if self.train_subset is not None:
+            check_int("train_subset", self.train_subset, 1)
+        for name in ("lr", "eps", "alpha", "lam", "weight_decay", "momentum", "tau", "eps_s", "delta"):
+            check_real(name, getattr(self, name), minimum=0.0)
+        if not 0.0 < check_real("refresh_fraction", self.refresh_fraction) <= 1.0:
             raise ValueError(f"refresh_fraction must be in (0, 1], got {self.refresh_fraction}")
-        if not 0.0 <= self.max_flagged_fraction <= 1.0:
+        if not 0.0 <= check_real("max_flagged_fraction", self.max_flagged_fraction) <= 1.0:
             raise ValueError(f"max_flagged_fraction must be in [0, 1], got {self.max_flagged_fraction}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip}")
-        for name in ("lr", "eps", "alpha", "lam", "weight_decay", "momentum"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip is not None:
+            check_real("grad_clip", self.grad_clip, positive=True)
+        if self.attack_step_size is not None:
+            check_real("attack_step_size", self.attack_step_size, minimum=0.0)
+        if not isinstance(self.segmentation_params, dict):
+            raise TypeError(f"segmentation_params must be a mapping, e.g. {{\"n_segments\": 25}}, got {self.segmentation_params!r}")
         return self
 
     # ------------------------------------------------------------------ (de)serialization

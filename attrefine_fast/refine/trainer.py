@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from ..checks import check_device
 from ..data import ImageDataset, load_dataset
 from ..models import build_model, save_checkpoint
 from .config import RefineConfig
@@ -56,11 +57,17 @@ def _distributed_context(device_name: str):
         rank, world = 0, 1
     if device_name == "auto":
         device_name = "cuda" if use_cuda else "cpu"
-    device = torch.device(device_name)
+    device = check_device("device", device_name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+def _write_atomically(path: str, lines: list[str]) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 class Refiner:
@@ -159,6 +166,10 @@ class Refiner:
         self.load_state_dict(state)
         if self.rank == 0:
             self._truncate_metrics()
+            if self.cfg.progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"{self.cfg.mode}: resuming from {path} after epoch {self.epoch}/{self.cfg.epochs}")
         return True
 
     def _truncate_metrics(self) -> None:
@@ -171,9 +182,18 @@ class Refiner:
             return record["epoch"] < self.epoch or (record["epoch"] == self.epoch and record["event"] == "epoch")
 
         with open(path) as f:
-            lines = [ln for ln in f if ln.strip() and before_checkpoint(json.loads(ln))]
-        with open(path, "w") as f:
-            f.writelines(lines)
+            lines = [ln for ln in f if ln.strip()]
+        kept = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # the line an interruption cut short: its epoch runs again
+                    break
+                raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+            if before_checkpoint(record):
+                kept.append(line if line.endswith("\n") else line + "\n")
+        _write_atomically(path, kept)
 
     def log(self, record: dict) -> None:
         if self.rank == 0:
@@ -190,8 +210,13 @@ class Refiner:
         cfg = self.cfg
         resumed = self.resume() if resume else False
         if not resumed and self.epoch == 0 and self.rank == 0:
-            # a fresh run in a used folder starts a fresh log rather than appending to the old one
-            open(os.path.join(self.out, METRICS), "w").close()
+            # A fresh run in a used folder replaces the previous run's files at once: a fresh log,
+            # and no checkpoint or final model of the previous run beside it (which a later
+            # resume would continue, or a reader take for this run's).
+            _write_atomically(os.path.join(self.out, METRICS), [])
+            for name in (CHECKPOINT, FINAL):
+                if os.path.isfile(os.path.join(self.out, name)):
+                    os.remove(os.path.join(self.out, name))
         end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         while self.epoch < end:
             cycle = self.epoch // cfg.epochs_per_cycle
@@ -202,8 +227,10 @@ class Refiner:
             self.epoch += 1
             if self.store is not None and self.epoch % cfg.epochs_per_cycle == 0 and (self.store.refreshed >= 0).any():
                 record.update({k + "_end": v for k, v in self._flagged_mass().items()})
-            self.save()
+            # The log line first: a resume drops the lines after its checkpoint, so an interruption
+            # between the two loses nothing.
             self.log(record)
+            self.save()
             self._announce(record)
         if self.epoch == cfg.epochs and self.rank == 0:
             norm = self.cfg.normalization
