@@ -44,6 +44,9 @@ __all__ = [
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and ``requires_grad=False`` for the parameters inside the block; each module's
     ``training`` flag and each parameter's ``requires_grad`` are restored on exit."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (it is switched to eval mode and its parameters frozen), "
+                        f"got {type(model).__name__}")
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()

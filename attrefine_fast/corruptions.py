@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -221,8 +222,8 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int | torch
     """
     if name not in _FUNCTIONS:
         raise ValueError(f"unknown corruption {name!r}; available: {CORRUPTIONS}")
-    if isinstance(severity, bool) or severity not in SEVERITIES:
-        raise ValueError(f"severity must be 1..5, got {severity!r}")
+    if isinstance(severity, bool) or not isinstance(severity, numbers.Integral) or severity not in SEVERITIES:
+        raise ValueError(f"severity must be an integer 1..5, got {severity!r}")
     check_images("images", images)
     x = to_float(images)
     if not x.is_floating_point() or bool((x < 0).any()) or bool((x > 1).any()):

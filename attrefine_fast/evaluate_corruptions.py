@@ -11,6 +11,8 @@ under the report's ``corruptions`` key.
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 from torch import nn
@@ -39,8 +41,10 @@ def _corruption_seed(seed: int, name: str, severity: int) -> int:
 
 
 def _check_severities(severities) -> tuple[int, ...]:
+    if isinstance(severities, (int, str)) or not hasattr(severities, "__iter__"):
+        raise TypeError(f"severities must be a sequence of severities, e.g. (1, 3, 5), got {severities!r}")
     sev = tuple(severities)
-    if not sev or any(isinstance(s, bool) or s not in SEVERITIES for s in sev):
+    if not sev or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s not in SEVERITIES for s in sev):
         raise ValueError(f"severities must be a non-empty subset of {SEVERITIES}, got {severities!r}")
     return sev
 
@@ -80,6 +84,8 @@ def corruption_accuracy(
     """
     ds = _as_dataset(dataset)
     _check_batch_size(batch_size)
+    if isinstance(corruptions, str):
+        raise TypeError(f"corruptions must be a sequence of names, e.g. ({corruptions!r},), got the string {corruptions!r}")
     names = DEFAULT_CORRUPTIONS if corruptions is None else tuple(corruptions)
     for name in names:
         check_choice("corruption", name, CORRUPTIONS)

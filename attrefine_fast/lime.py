@@ -118,8 +118,16 @@ class LimeImageExplainer:
         """Explain ``classifier_fn``'s prediction on ``image`` (H, W, 3) or (H, W) grayscale."""
         image = self._check_image(image)
         check_int("num_samples", num_samples, 2)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_int("batch_size", batch_size, 1)
+        check_int("num_features", num_features, 1)
+        if top_labels:
+            check_int("top_labels", top_labels, 1)
+        else:  # the labels asked for, checked before the classifier runs
+            labels = list(labels) if not isinstance(labels, (str, bytes)) and hasattr(labels, "__iter__") else labels
+            if not isinstance(labels, list) or not labels:
+                raise ValueError(f"labels must be a non-empty sequence of class indices when top_labels is not set, got {labels!r}")
+            for label in labels:
+                check_int("each label", label, 0)
         if random_seed is None:  # drawn even when unused, to keep lime's random stream
             random_seed = self.random_state.randint(0, high=1000)
         segments = self._segments(image, segmentation_fn)

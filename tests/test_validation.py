@@ -119,6 +119,12 @@ class TestDropIn:
             explainer.explain_instance(image, self.clf, segmentation_fn=lambda im: np.ones(im.shape[:2], int), num_samples=10)
         with pytest.raises(ValueError, match="feature_selection"):
             ours.LimeImageExplainer(feature_selection="best")
+        for kwargs, error, match in [({"labels": (1.5,), "top_labels": None}, TypeError, "each label must be an integer"),
+                                     ({"labels": [], "top_labels": None}, ValueError, "non-empty sequence"),
+                                     ({"num_features": 0}, ValueError, "num_features"),
+                                     ({"top_labels": 2.5}, TypeError, "top_labels")]:
+            with pytest.raises(error, match=match):
+                explainer.explain_instance(image, self.clf, num_samples=10, **kwargs)
 
     def test_callers_image_untouched(self):
         image = photo("astronaut", 32).copy()
@@ -308,3 +314,20 @@ def test_datasets_segmentation_models_and_predict_refuse_bad_arguments():
     for half in (torch.float16, torch.bfloat16):
         y = x.to(half)
         assert torch.equal(af.segment(y, "slic", n_segments=6)[0], af.segment(y.float(), "slic", n_segments=6)[0])
+
+
+def test_attacks_and_corruptions_refuse_arguments_of_the_wrong_kind():
+    from attrefine_fast.attacks import pgd
+    from attrefine_fast.corruptions import corrupt
+    from attrefine_fast.evaluate import corruption_accuracy
+
+    x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        pgd(lambda images: images.mean(dim=(2, 3)), x, y)
+    with pytest.raises(ValueError, match="severity must be an integer"):
+        corrupt(x, "contrast", 3.0)
+    model = SmallCNN(num_classes=4, width=4)
+    with pytest.raises(TypeError, match="sequence of names"):
+        corruption_accuracy(model, (x, y), corruptions="contrast")
+    with pytest.raises(TypeError, match="sequence of severities"):
+        corruption_accuracy(model, (x, y), corruptions=["contrast"], severities=1)
