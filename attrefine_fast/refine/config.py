@@ -164,18 +164,33 @@ class RefineConfig:
         return cls.from_dict(values)
 
 
+CHOICES = {"mode": MODES, "fill": FILLS, "adv_region": ADV_REGIONS, "instability": INSTABILITIES,
+           "explain_label": EXPLAIN_LABELS, "norm": ("linf", "l2")}
+
+
+def _json_mapping(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e.msg}); write e.g. '{{\"n_segments\": 25}}'") from None
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per config field (default None: the config file or the dataclass decides)."""
+    """One ``--flag`` per config field (default None: the config file or the dataclass decides);
+    the help of each shows the dataclass default (RefineConfig's docstring says what they do)."""
     parser.add_argument("--config", help="JSON or YAML file of config keys; flags override it")
+    defaults = RefineConfig()
     for f in dataclasses.fields(RefineConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = f"default: {getattr(defaults, f.name)!r}"
         if f.type in ("bool",):
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction)
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=default)
         elif f.name == "segmentation_params":
-            parser.add_argument(flag, dest=f.name, default=None, type=json.loads, help="JSON mapping, e.g. '{\"n_segments\": 25}'")
+            parser.add_argument(flag, dest=f.name, default=None, type=_json_mapping,
+                                help=f"JSON mapping, e.g. '{{\"n_segments\": 25}}' ({default})")
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
-            parser.add_argument(flag, dest=f.name, default=None, type=kind)
+            parser.add_argument(flag, dest=f.name, default=None, type=kind, choices=CHOICES.get(f.name), help=default)
 
 
 def config_from_args(args: argparse.Namespace) -> RefineConfig:
