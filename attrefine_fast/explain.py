@@ -13,6 +13,7 @@ from .checks import (
     FLOAT_DTYPES, check_choice, check_images, check_int, check_real, check_same_device, check_segments, check_tensor,
 )
 from .neighborhood import draw_masks, fudge_images, perturbed_chunks
+from .ops.lime_fit import exact_constant_fits
 from .segmentation import segment
 
 OUTPUTS = ("softmax", "identity")
@@ -246,7 +247,7 @@ def explain(
             targets[:, offset : offset + count] = torch.gather(out, 2, chosen.unsqueeze(1).expand(b, count, -1)).to(fit_dtype)
 
     fit = backends.resolve("lime_fit", backend, device)
-    coef, intercept, score, local_pred = fit(masks, targets, counts, None, kernel_width, alpha)
+    coef, intercept, score, local_pred = exact_constant_fits(targets, *fit(masks, targets, counts, None, kernel_width, alpha))
     return Explanation(
         coef=coef, intercept=intercept, score=score, local_pred=local_pred, labels=chosen,
         segments=segments, num_segments=counts, images=images, from_top_labels=fixed_labels is None,

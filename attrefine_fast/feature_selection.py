@@ -12,6 +12,10 @@ import torch
 from .ops.lime_fit import r2_from_sums
 
 
+# R² values closer than this are one score to forward selection (see forward_selection).
+SCORE_TIE = 1e-12
+
+
 def _weighted_centered(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
     sw = w.sum()
     zc = z - (w @ z) / sw
@@ -47,18 +51,23 @@ def forward_selection(z, y, w, num_features: int) -> list[list[int]]:
     rhs = zc.T @ (w[:, None] * yc)  # (M, L)
     tss = w @ (yc**2)  # (L,)
     m = z.shape[1]
+    constant = y.amax(dim=0) == y.amin(dim=0)  # scikit-learn scores every candidate 1: lime takes them in order
     selected = []
     for label in range(y.shape[1]):
         used: list[int] = []
-        for _ in range(min(num_features, m)):
+        for _ in range(0 if constant[label] else min(num_features, m)):
             cand = torch.tensor([j for j in range(m) if j not in used], dtype=torch.long, device=z.device)
             idx = torch.cat([torch.tensor(used, dtype=torch.long, device=z.device).expand(len(cand), len(used)), cand[:, None]], dim=1)
             g = gram[idx[:, :, None], idx[:, None, :]]
             r = rhs[idx, label]
             explained = (r * (torch.linalg.pinv(g, hermitian=True) @ r.unsqueeze(2)).squeeze(2)).sum(dim=1)
             score = r2_from_sums((tss[label] - explained).clamp_min(0), tss[label].expand_as(explained))
-            used.append(int(cand[int(torch.argmax(score))]))  # argmax: the first best, as lime's `>`
-        selected.append(used)
+            # The first best, as lime's `>`. Scores within SCORE_TIE of the best count as ties: an
+            # exact fit scores exactly 1 in scikit-learn for every candidate that reaches it, and
+            # its rounding noise here would pick among them.
+            best = (score >= score.max() - SCORE_TIE).nonzero()[0, 0]
+            used.append(int(cand[best]))
+        selected.append(used if not constant[label] else list(range(min(num_features, m))))
     return selected
 
 

@@ -21,9 +21,30 @@ from .checks import check_int, check_segments
 from .explain import _model_device
 from .feature_selection import forward_selection, highest_weights, lasso_path
 from .neighborhood import fudge_images, lime_masks, perturbed_chunks
+from .ops.lime_fit import exact_constant_fits
 from .segmentation import LIME_QUICKSHIFT
 
 FEATURE_SELECTION = ("auto", "none", "highest_weights", "forward_selection", "lasso_path")
+
+
+# Image dtypes the engine's ops take as they are; the others go through float64.
+ENGINE_DTYPES = (np.uint8, np.float16, np.float32, np.float64)
+# Where the fudge_images op's segment means round exactly as lime's numpy means do (float32 means
+# accumulate in float32 in numpy, integer ones are cast back to the image's own dtype).
+EXACT_MEAN_DTYPES = (np.uint8, np.float16, np.float64)
+
+
+def hidden_image(image: np.ndarray, segments: np.ndarray, hide_color) -> np.ndarray:
+    """lime's ``fudged_image``, computed as lime computes it: every superpixel's mean colour
+    (``hide_color=None``) or ``hide_color`` assigned into a copy of the image, in its dtype."""
+    fudged = image.copy()
+    if hide_color is None:
+        for x in np.unique(segments):
+            inside = image[segments == x]
+            fudged[segments == x] = (np.mean(inside[:, 0]), np.mean(inside[:, 1]), np.mean(inside[:, 2]))
+    else:
+        fudged[:] = hide_color
+    return fudged
 
 
 def lime_kernel(d, kernel_width):
@@ -134,19 +155,21 @@ class LimeImageExplainer:
         model_device = _model_device(classifier_fn) if isinstance(classifier_fn, torch.nn.Module) else None
         device = model_device if model_device is not None else torch.device("cpu")
 
-        image_t = torch.from_numpy(image.copy()).permute(2, 0, 1).unsqueeze(0).contiguous().to(device)
+        # The engine's ops take uint8 and float images; other integer images go through float64,
+        # which holds their values exactly, and reach lime's function in their own dtype again.
+        engine = image if image.dtype in ENGINE_DTYPES else image.astype(np.float64)
+        image_t = torch.from_numpy(engine.copy()).permute(2, 0, 1).unsqueeze(0).contiguous().to(device)
         segments_t = torch.from_numpy(segments.astype(np.int64)).unsqueeze(0).to(device)
         m = int(segments.max()) + 1
-        if hide_color is None:
+        if hide_color is None and image.dtype in EXACT_MEAN_DTYPES:
             fudge = fudge_images(image_t, segments_t, m, "mean", backend)
-        else:  # lime's own assignment semantics (casting, broadcasting)
-            fudged = image.copy()
-            fudged[:] = hide_color
+        else:  # lime's own computation (numpy's float32 mean, casting and broadcasting rules)
+            fudged = hidden_image(image, segments, hide_color).astype(engine.dtype, copy=False)
             fudge = torch.from_numpy(fudged).permute(2, 0, 1).unsqueeze(0).contiguous().to(device)
         data = lime_masks(self.random_state, num_samples, m)
         masks = torch.from_numpy(data.astype(bool)).unsqueeze(0).to(device)
 
-        outputs = self._predict(classifier_fn, image_t, segments_t, masks, fudge, batch_size, backend)
+        outputs = self._predict(classifier_fn, image_t, segments_t, masks, fudge, batch_size, backend, image.dtype)
         first = outputs[0].detach().cpu().numpy() if isinstance(outputs, torch.Tensor) else outputs[0]
 
         from sklearn.metrics import pairwise_distances
@@ -182,8 +205,6 @@ class LimeImageExplainer:
             raise TypeError(f"image must hold integers or floats, got {image.dtype}")
         if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
             raise ValueError("image contains NaN or infinite values")
-        if image.dtype not in (np.uint8, np.float16, np.float32, np.float64):
-            image = image.astype(np.float64)
         return image
 
     @staticmethod
@@ -201,7 +222,7 @@ class LimeImageExplainer:
         return segments
 
     @staticmethod
-    def _predict(classifier_fn, image_t, segments_t, masks, fudge, batch_size, backend):
+    def _predict(classifier_fn, image_t, segments_t, masks, fudge, batch_size, backend, image_dtype):
         """The classifier's outputs for all samples: a tensor on the module's device, or a
         numpy array from lime's function, called with batches of batch_size like lime. A module
         is fed every batch from one buffer, as by explain(); lime's function gets a fresh array
@@ -221,7 +242,7 @@ class LimeImageExplainer:
             return torch.cat(chunks)
         preds = []
         for _, count, inputs in perturbed_chunks(image_t, segments_t, masks, fudge, batch_size, backend, channels_last=True):
-            out = np.asarray(classifier_fn(inputs.permute(0, 2, 3, 1).numpy()))
+            out = np.asarray(classifier_fn(inputs.permute(0, 2, 3, 1).numpy().astype(image_dtype, copy=False)))
             _check_output(out, count)
             preds.extend(out)
         preds = np.array(preds)
@@ -244,7 +265,8 @@ class LimeImageExplainer:
         def ridge(columns, label_idx, alpha):
             idx = torch.as_tensor(columns, dtype=torch.long, device=device)
             counts = torch.tensor([len(columns)], device=device)
-            return fit(masks[:, :, idx], y[:, label_idx].unsqueeze(0), counts, w.unsqueeze(0), self.kernel_width, alpha)
+            targets = y[:, label_idx].unsqueeze(0)
+            return exact_constant_fits(targets, *fit(masks[:, :, idx], targets, counts, w.unsqueeze(0), self.kernel_width, alpha))
 
         method = self.feature_selection
         if method == "auto":

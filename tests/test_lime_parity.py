@@ -129,3 +129,62 @@ def test_get_image_and_mask_matches_lime(positive_only, negative_only, hide_rest
     np.testing.assert_array_equal(mask_a, mask_b)
     np.testing.assert_array_equal(img_a, img_b)
     assert img_a.dtype == img_b.dtype and mask_a.dtype == mask_b.dtype
+
+
+def _grid(image):
+    """16 square superpixels on a 32x32 image, 0..15."""
+    return (np.arange(image.shape[0])[:, None] // 8) * 4 + np.arange(image.shape[1])[None] // 8
+
+
+def _linear_logits(scale: float):
+    """Raw linear outputs of the flattened pixels: a classifier on which every rounding difference
+    of the perturbed images shows in the coefficients."""
+    weight = np.random.RandomState(1).randn(32 * 32 * 3, 4) / 3000 * scale
+    return lambda batch: np.asarray(batch, dtype=np.float64).reshape(len(batch), -1) @ weight
+
+
+def test_images_of_other_dtypes_reach_the_classifier_and_the_explanation_in_their_own():
+    """int16 / int32 images stay integers (hide colours truncated as lime's assignment does) and
+    float32 segment means round as numpy's do: the same perturbed images, so the same answer."""
+    base = np.random.RandomState(0).randint(0, 256, (32, 32, 3))
+    for image, scale in [(base.astype(np.int16), 1.0), (base.astype(np.int32), 1.0), ((base / 255).astype(np.float32), 255.0)]:
+        seen = set()
+        linear = _linear_logits(scale)
+
+        def classifier(batch, linear=linear, seen=seen):
+            seen.add(batch.dtype)
+            return linear(batch)
+
+        mine, ref = both(image, classifier, {"random_state": 0}, segmentation_fn=_grid, num_samples=100)
+        assert seen == {image.dtype} and mine.image.dtype == image.dtype
+        assert_same_explanation(mine, ref, atol=1e-9)
+        for kwargs in ({}, {"positive_only": False, "hide_rest": True}):
+            for a, b in zip(mine.get_image_and_mask(mine.top_labels[0], **kwargs), ref.get_image_and_mask(ref.top_labels[0], **kwargs)):
+                assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_a_constant_classifier_output_is_fitted_exactly_as_lime_fits_it():
+    image = np.random.RandomState(0).randint(0, 256, (32, 32, 3)).astype(np.uint8)
+    constant = lambda batch: np.tile([0.1, 0.7, 0.2], (len(batch), 1))  # noqa: E731
+    for explainer_kwargs, kwargs in [({}, {}), ({"feature_selection": "highest_weights"}, {"num_features": 3}),
+                                     ({"feature_selection": "forward_selection"}, {"num_features": 3})]:
+        mine, ref = both(image, constant, {"random_state": 0, **explainer_kwargs}, segmentation_fn=_grid, num_samples=100,
+                         top_labels=1, **kwargs)
+        assert mine.score == ref.score == 1.0 and all(w == 0 for _, w in mine.local_exp[1])
+        assert [f for f, _ in mine.local_exp[1]] == [f for f, _ in ref.local_exp[1]]
+        assert np.array_equal(mine.get_image_and_mask(1, positive_only=False)[1], ref.get_image_and_mask(1, positive_only=False)[1])
+
+
+def test_forward_selection_breaks_exact_fit_ties_as_lime():
+    """Once a fit is exact every remaining candidate scores 1 in scikit-learn and lime takes the
+    first; rounding must not pick another."""
+    image = np.random.RandomState(0).randint(0, 256, (32, 32, 3)).astype(np.uint8)
+
+    def two_segments(batch):  # depends on superpixels 0 and 1 only, linearly
+        mean = np.asarray(batch, dtype=np.float64)[:, :8, :16].mean(axis=(1, 2, 3)) / 255
+        return np.stack([mean, mean], axis=1)
+
+    mine, ref = both(image, two_segments, {"random_state": 0}, segmentation_fn=_grid, num_samples=300, num_features=3,
+                     labels=(1,), top_labels=None)
+    assert [f for f, _ in mine.local_exp[1]] == [f for f, _ in ref.local_exp[1]]
+    assert_same_explanation(mine, ref)

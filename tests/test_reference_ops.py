@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import Ridge
 
+from attrefine_fast import ops
 from attrefine_fast.ops import (
     lime_fit_ref,
     lime_kernel_weights,
@@ -206,3 +207,26 @@ def test_masked_pgd_step_zero_weight_keeps_pixels():
     out = masked_pgd_step_ref(x_adv, x, torch.randn_like(x), weight, 0.1, 0.2, 0.0, 1.0, "linf")
     assert torch.equal(out[:, :, 2:], x[:, :, 2:])
     assert not torch.equal(out[:, :, :2], x[:, :, :2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_lime_fit_fits_constant_targets_exactly(backend):
+    """A label whose outputs never change (a saturated classifier) gets zero coefficients, its
+    value as intercept and local prediction, and R² = 1, as scikit-learn gives; the other labels
+    are untouched."""
+    from attrefine_fast import backends
+
+    if not backends.status("lime_fit", backend, "cpu")[0]:
+        pytest.skip(f"no {backend} backend here")
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(2, 50, 7, generator=gen) > 0.5
+    targets = torch.rand(2, 50, 3, generator=gen, dtype=torch.float64)
+    targets[0, :, 1] = 0.7
+    coef, intercept, score, local_pred = ops.lime_fit(masks, targets, backend=backend)
+    assert torch.equal(coef[0, 1], torch.zeros(7, dtype=torch.float64))
+    assert intercept[0, 1] == local_pred[0, 1] == 0.7 and score[0, 1] == 1.0
+    ref = ops.lime_fit_ref(masks, targets, torch.tensor([7, 7]))
+    others = torch.ones(2, 3, dtype=torch.bool)
+    others[0, 1] = False
+    torch.testing.assert_close(score[others], ref[2][others])
+    torch.testing.assert_close(coef[others], ref[0][others])

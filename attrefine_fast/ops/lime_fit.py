@@ -37,6 +37,25 @@ def r2_from_sums(rss: torch.Tensor, tss: torch.Tensor) -> torch.Tensor:
     return torch.where(constant, torch.where(rss == 0, torch.ones_like(score), torch.zeros_like(score)), score)
 
 
+def exact_constant_fits(targets: torch.Tensor, coef, intercept, score, local_pred):
+    """The fits of labels whose targets are the same for every sample of an image (a saturated
+    classifier) made exact, as scikit-learn's are: zero coefficients, the constant as intercept
+    and local prediction, R² = 1. A weighted mean of a constant is not always that constant in
+    floating point, and its rounding error would otherwise come back as noise coefficients
+    (about 1e-32) whose order decides which superpixels an explanation shows.
+
+    Args and returns: ``targets`` (B, N, L) and :func:`lime_fit`'s four outputs.
+    """
+    constant = targets.amax(dim=1) == targets.amin(dim=1)  # (B, L)
+    value = targets[:, 0].to(intercept.dtype)
+    return (
+        coef.masked_fill(constant.unsqueeze(2), 0),
+        torch.where(constant, value, intercept),
+        score.masked_fill(constant, 1),
+        torch.where(constant, value, local_pred),
+    )
+
+
 def lime_fit_ref(
     masks: torch.Tensor,
     targets: torch.Tensor,
@@ -102,7 +121,8 @@ def lime_fit(
     alpha: float = 1.0,
     backend: str = "auto",
 ):
-    """Weighted ridge fits for every image and label at once: see :func:`lime_fit_ref`."""
+    """Weighted ridge fits for every image and label at once: see :func:`lime_fit_ref`; a label
+    whose targets are constant over an image's samples is fitted exactly (:func:`exact_constant_fits`)."""
     check_tensor("masks", masks, ndim=3, dtypes=(torch.bool, torch.uint8, torch.float32, torch.float64))
     check_tensor("targets", targets, ndim=3, dtypes=(torch.float32, torch.float64))
     b, n, m = masks.shape
@@ -135,4 +155,4 @@ def lime_fit(
     if weights is not None:
         weights = weights.to(targets.dtype)
     impl = backends.resolve("lime_fit", backend, masks.device)
-    return impl(masks, targets, num_segments.long(), weights, kernel_width, alpha)
+    return exact_constant_fits(targets, *impl(masks, targets, num_segments.long(), weights, kernel_width, alpha))
