@@ -117,6 +117,19 @@ def test_bad_inputs_raise_clear_errors(batch):
         detect_spurious(model, x, y, seg[:, :5], counts)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         detect_spurious(model, x * 3, y, seg, counts)
+    with pytest.raises(ValueError, match="counts must hold each image's number of segments"):
+        detect_spurious(model, x, y, seg, counts + 1)
+
+    def never(images):
+        raise AssertionError("the options are checked before the model runs")
+
+    for kwargs, error, match in [({"instability": "dropout"}, ValueError, "instability"),
+                                 ({"instability": "runs", "instability_runs": 1}, ValueError, "instability_runs"),
+                                 ({"attack_steps": 1.5}, TypeError, "attack_steps"),
+                                 ({"tau": float("nan")}, ValueError, "tau"),
+                                 ({"max_flagged_fraction": 2.0}, ValueError, "max_flagged_fraction")]:
+        with pytest.raises(error, match=match):
+            detect_spurious(never, x, y, seg, counts, **kwargs)
     with pytest.raises(ValueError, match="fill"):
         mask_images(x, torch.zeros(len(x), 32, 32), "sponge")
     with pytest.raises(ValueError, match="pixel_mask"):

@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from ..attacks import check_batch, fgsm, frozen, pgd
+from ..checks import check_choice, check_int, check_real, check_segments
 from ..explain import explain
 
 
@@ -145,8 +146,18 @@ def detect_spurious(
     b, _, h, w = images.shape
     if tuple(segments.shape) != (b, h, w) or tuple(counts.shape) != (b,):
         raise ValueError(f"segments must be (B, H, W) = {(b, h, w)} and counts (B,), got {tuple(segments.shape)} and {tuple(counts.shape)}")
-    if explain_label not in ("true", "predicted"):
-        raise ValueError(f"explain_label must be 'true' or 'predicted', got {explain_label!r}")
+    check_choice("explain_label", explain_label, ("true", "predicted"))
+    check_choice("instability", instability, ("adversarial", "runs", "none"))
+    check_int("attack_steps", attack_steps, 0)
+    if instability == "runs":
+        check_int("instability_runs", instability_runs, 2)
+    for name, value in (("tau", tau), ("eps_s", eps_s), ("delta", delta), ("eps", eps)):
+        check_real(name, value)
+    if not 0.0 <= check_real("max_flagged_fraction", max_flagged_fraction) <= 1.0:
+        raise ValueError(f"max_flagged_fraction must be in [0, 1], got {max_flagged_fraction}")
+    found = check_segments(segments.to(images.device), images)
+    if not torch.equal(found, counts.to(found.device, found.dtype)):
+        raise ValueError(f"counts must hold each image's number of segments, {found.tolist()}, got {counts.tolist()}")
     counts = counts.to(images.device)
     segments = segments.to(images.device).long()
     with torch.no_grad():
@@ -172,10 +183,8 @@ def detect_spurious(
             for r in range(instability_runs - 1)
         ]
         unstable = torch.stack(runs).std(dim=0, unbiased=False)
-    elif instability == "none":
+    else:  # "none"
         unstable = torch.zeros_like(relevance)
-    else:
-        raise ValueError(f"instability must be 'adversarial', 'runs' or 'none', got {instability!r}")
     flags = flag_superpixels(
         relevance, sensitivity, unstable, counts, tau=tau, eps_s=eps_s, delta=delta, max_flagged_fraction=max_flagged_fraction
     )
