@@ -126,7 +126,7 @@ def run(args) -> None:
             times["lime"] = time.perf_counter() - t
         t = time.perf_counter()
         exps["attrefine_fast"] = ours.LimeImageExplainer(random_state=args.seed).explain_instance(
-            image, module, num_samples=args.num_samples, top_labels=5)
+            image, module, num_samples=args.num_samples, top_labels=5, channels_last=True)
         times["ours"] = time.perf_counter() - t
         totals["ours"] += times["ours"]
         segs = int(exps["attrefine_fast"].segments.max()) + 1
@@ -145,7 +145,7 @@ def run(args) -> None:
     t_seg = time.perf_counter() - t
     t = time.perf_counter()
     batched = explain(lambda x: module(x).float(), images, segments=segments, num_samples=args.num_samples,
-                      top_labels=5, seed=args.seed, output="identity")
+                      top_labels=5, seed=args.seed, output="identity", channels_last=True)
     t_batch = time.perf_counter() - t
     print(f"\nbatched API: all {len(photos)} photos in one call: {t_batch:.2f} s (+ {t_seg:.2f} s segmentation), "
           f"mean weighted R^2 {float(batched.score.mean()):.3f}")

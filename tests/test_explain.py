@@ -142,3 +142,22 @@ def test_the_models_batches_share_one_buffer(backend):
     for k, seen in enumerate(batches):
         count = seen.shape[0] // 2
         torch.testing.assert_close(seen, af.ops.perturb_ref(images, segments, masks, fudge, 5 * k, count), atol=0, rtol=0)
+
+
+def test_the_default_forward_batch_is_small_on_the_cpu():
+    """32 model inputs per forward pass on the CPU unless told (small batches stay in cache)."""
+    from attrefine_fast.explain import DEFAULT_BATCH_SIZE
+
+    rows = []
+
+    def model(x):
+        rows.append(x.shape[0])
+        return x.mean(dim=(2, 3))
+
+    images = torch.rand(2, 3, 8, 8)
+    segments, _ = af.segment(images, "grid", n_segments=4)
+    af.explain(model, images, segments=segments, num_samples=100, labels=[0])
+    assert DEFAULT_BATCH_SIZE["cpu"] == 32 and max(rows) == 32 and sum(rows) == 200
+    rows.clear()
+    af.explain(model, images, segments=segments, num_samples=100, labels=[0], batch_size=100)
+    assert max(rows) == 100

@@ -188,3 +188,19 @@ def test_forward_selection_breaks_exact_fit_ties_as_lime():
                      labels=(1,), top_labels=None)
     assert [f for f, _ in mine.local_exp[1]] == [f for f, _ in ref.local_exp[1]]
     assert_same_explanation(mine, ref)
+
+
+def test_a_module_fed_channels_last_gives_the_same_explanation():
+    module = PooledLinear(seed=3)
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return module(x)
+
+    image = photo("astronaut", 48)
+    plain = ours.LimeImageExplainer(random_state=4).explain_instance(image, module, num_samples=200)
+    fast = ours.LimeImageExplainer(random_state=4).explain_instance(image, Recording(), num_samples=200, channels_last=True)
+    assert seen and all(seen)
+    assert_same_explanation(fast, plain, atol=1e-12)
