@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import io
+import numbers
 import os
 import pickle
 import tarfile
@@ -293,7 +294,7 @@ def load_cifar_c(name: str, root, corruption: str, severity: int, *, num_samples
     Returns:
         ImageDataset with uint8 images (n, 3, 32, 32); only the requested rows are read.
     """
-    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in (1, 2, 3, 4, 5):
+    if isinstance(severity, bool) or not isinstance(severity, numbers.Integral) or severity not in (1, 2, 3, 4, 5):
         raise ValueError(f"severity must be 1..5, got {severity!r}")
     folder = cifar_c_folder(name, root)
     path = os.path.join(folder, f"{corruption}.npy")

@@ -24,7 +24,7 @@ from torch import nn
 
 from .attacks import fgsm as fgsm_attack
 from .attacks import frozen, masked_pgd, predict
-from .checks import check_choice
+from .checks import check_choice, check_int
 from .data import ImageDataset
 from .evaluate_accuracy import _as_dataset, _bar, _check_batch_size, _device, _num_batches, _num_classes, accuracy
 from .evaluate_cli import add_arguments, run
@@ -88,8 +88,7 @@ def build_autoattack(model: nn.Module, *, eps: float, norm: str, version: str, n
         raise ImportError("AutoAttack needs torchattacks: pip install --no-deps 'torchattacks>=3.5'") from e
     check_choice("norm", norm, ("linf", "l2"))
     check_choice("version", version, ("standard", "plus", "rand"))
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    check_int("n_classes", n_classes, 2)
     return torchattacks.AutoAttack(
         model, norm="Linf" if norm == "linf" else "L2", eps=float(eps), version=version, n_classes=n_classes, seed=int(seed)
     )
@@ -167,8 +166,7 @@ def evaluate(
     """
     ds = _as_dataset(dataset)
     if max_samples is not None:
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-            raise ValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
+        check_int("max_samples", max_samples, 1)
         ds = ds.subset(max_samples)
     eps = [float(e) for e in (eps if isinstance(eps, (tuple, list)) else (eps,))]
     if any(not (0 <= e < float("inf")) for e in eps):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .attacks import frozen, predict
+from .checks import check_int
 from .data import ImageDataset
 
 __all__ = ["accuracy"]
@@ -52,8 +53,7 @@ def _check_labels(model: nn.Module, ds: ImageDataset, dev: torch.device) -> None
 
 
 def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
 
 
 def _bar(iterable, *, desc: str, total: int | None, progress: bool):

@@ -18,6 +18,7 @@ from scipy.stats import rankdata
 import torch
 
 from ..attacks import check_batch, frozen, pgd, predict
+from ..checks import check_int
 
 
 def margin_and_gradient(model, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +70,7 @@ def empirical_min_eps(model, images: torch.Tensor, labels: torch.Tensor, *, eps_
     """
     if not eps_max > 0:
         raise ValueError(f"eps_max must be > 0, got {eps_max}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+    check_int("iterations", iterations, 0)
     labels = check_batch(images, labels)
     b = images.shape[0]
     result = torch.zeros(b, dtype=torch.float64)
