@@ -70,8 +70,8 @@ class Explanation:
 
 # Model inputs per forward pass when explain() is not told. On the CPU small batches are faster:
 # their activations stay in cache (benchmarks/RESULTS.md, "Forward batch size on the CPU": a tiny
-# CNN's 224x224 explanation 4x faster in batches of 32 than of 256, explain-demo's four photos
-# 13%). A GPU wants large batches.
+# CNN's 224x224 explanation 3.7x faster in batches of 32 than of 256, explain-demo's four photos
+# 13-20%). A GPU wants large batches.
 DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 
 
