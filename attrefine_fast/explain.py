@@ -191,7 +191,8 @@ def explain(
     counts = counts.to(device)
     m = int(counts.max())
 
-    if masks is None:
+    masks_given = masks is not None
+    if not masks_given:
         check_int("num_samples", num_samples, 2)
         masks = draw_masks(counts, num_samples, seed, device)
     else:
@@ -232,7 +233,7 @@ def explain(
         top_labels = 5
     if fixed_labels is None:
         check_int("top_labels", top_labels, 1)
-        if not bool(masks[:, 0].all()):
+        if masks_given and not bool(masks[:, 0].all()):  # drawn masks start with the image itself
             raise ValueError("masks[:, 0] must be all ones (the image itself, as lime draws it): the top labels are "
                              "read from that sample; or pass labels=")
 

@@ -40,8 +40,9 @@ def hidden_image(image: np.ndarray, segments: np.ndarray, hide_color) -> np.ndar
     fudged = image.copy()
     if hide_color is None:
         for x in np.unique(segments):
-            inside = image[segments == x]
-            fudged[segments == x] = (np.mean(inside[:, 0]), np.mean(inside[:, 1]), np.mean(inside[:, 2]))
+            where = segments == x
+            inside = image[where]
+            fudged[where] = (np.mean(inside[:, 0]), np.mean(inside[:, 1]), np.mean(inside[:, 2]))
     else:
         fudged[:] = hide_color
     return fudged

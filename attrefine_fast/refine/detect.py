@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from ..attacks import check_batch, fgsm, frozen, pgd
 from ..checks import check_choice, check_int, check_real, check_segments
 from ..explain import explain
+from .config import EXPLAIN_LABELS, INSTABILITIES
 
 
 @dataclass
@@ -146,8 +147,8 @@ def detect_spurious(
     b, _, h, w = images.shape
     if tuple(segments.shape) != (b, h, w) or tuple(counts.shape) != (b,):
         raise ValueError(f"segments must be (B, H, W) = {(b, h, w)} and counts (B,), got {tuple(segments.shape)} and {tuple(counts.shape)}")
-    check_choice("explain_label", explain_label, ("true", "predicted"))
-    check_choice("instability", instability, ("adversarial", "runs", "none"))
+    check_choice("explain_label", explain_label, EXPLAIN_LABELS)
+    check_choice("instability", instability, INSTABILITIES)
     check_int("attack_steps", attack_steps, 0)
     if instability == "runs":
         check_int("instability_runs", instability_runs, 2)
@@ -155,11 +156,11 @@ def detect_spurious(
         check_real(name, value)
     if not 0.0 <= check_real("max_flagged_fraction", max_flagged_fraction) <= 1.0:
         raise ValueError(f"max_flagged_fraction must be in [0, 1], got {max_flagged_fraction}")
-    found = check_segments(segments.to(images.device), images)
+    segments = segments.to(images.device).long()
+    found = check_segments(segments, images)
     if not torch.equal(found, counts.to(found.device, found.dtype)):
         raise ValueError(f"counts must hold each image's number of segments, {found.tolist()}, got {counts.tolist()}")
     counts = counts.to(images.device)
-    segments = segments.to(images.device).long()
     with torch.no_grad():
         if explain_label == "predicted":
             with frozen(model):

@@ -214,9 +214,9 @@ class Refiner:
             # and no checkpoint or final model of the previous run beside it (which a later
             # resume would continue, or a reader take for this run's).
             _write_atomically(os.path.join(self.out, METRICS), [])
-            for name in (CHECKPOINT, FINAL):
-                if os.path.isfile(os.path.join(self.out, name)):
-                    os.remove(os.path.join(self.out, name))
+            for stale in (os.path.join(self.out, CHECKPOINT), os.path.join(self.out, FINAL)):
+                if os.path.isfile(stale):
+                    os.remove(stale)
         end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         while self.epoch < end:
             cycle = self.epoch // cfg.epochs_per_cycle
