@@ -331,3 +331,25 @@ def test_attacks_and_corruptions_refuse_arguments_of_the_wrong_kind():
         corruption_accuracy(model, (x, y), corruptions="contrast")
     with pytest.raises(TypeError, match="sequence of severities"):
         corruption_accuracy(model, (x, y), corruptions=["contrast"], severities=1)
+
+
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_public_ops_give_outputs_without_grad_on_every_backend(backend):
+    """The ops are not differentiable: inputs that require grad give outputs that do not, on the
+    reference as on the compiled and Triton kernels (which the dispatcher keeps out of autograd)."""
+    if not backends.status("lime_fit", backend, "cpu")[0]:
+        pytest.skip(f"no {backend} backend on the CPU here")
+    images, segments, counts = grid_batch()
+    images.requires_grad_()
+    masks = torch.rand(2, 6, 4) > 0.5
+    masks[:, 0] = True
+    targets = torch.rand(2, 6, 3, requires_grad=True)
+    fudge = ops.segment_mean(images, segments, backend=backend)
+    means = ops.segment_mean(images, segments, backend="torch")
+    fudge_images = torch.gather(means.transpose(1, 2), 2, segments.flatten(1).unsqueeze(1).expand(-1, 3, -1)).view_as(images)
+    outputs = [fudge, *ops.lime_fit(masks, targets, counts, backend=backend),
+               ops.perturb(images, segments, masks, fudge_images, 0, 3, backend=backend)]
+    x_adv = images.detach().clone()
+    outputs.append(ops.masked_pgd_step(x_adv, images, torch.randn(2, 3, 8, 8, requires_grad=True), step_size=0.1, eps=0.1,
+                                       backend=backend))
+    assert [t.requires_grad for t in outputs] == [False] * len(outputs)

@@ -111,6 +111,7 @@ def lime_fit_ref(
     return beta.transpose(1, 2).contiguous(), intercept, score, local_pred
 
 
+@torch.no_grad()
 def lime_fit(
     masks: torch.Tensor,
     targets: torch.Tensor,

@@ -68,6 +68,7 @@ def masked_pgd_step_ref(
     return x_adv
 
 
+@torch.no_grad()
 def masked_pgd_step(
     x_adv: torch.Tensor,
     x: torch.Tensor,

@@ -158,6 +158,7 @@ def check_perturb_out(out, images, segments, masks, fudge) -> int:
     return out.shape[0] // b
 
 
+@torch.no_grad()
 def perturb(
     images: torch.Tensor,
     segments: torch.Tensor,

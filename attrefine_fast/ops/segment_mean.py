@@ -30,6 +30,7 @@ def segment_mean_ref(images: torch.Tensor, segments: torch.Tensor, num_segments:
     return means.transpose(1, 2).contiguous().to(out_dtype)
 
 
+@torch.no_grad()
 def segment_mean(images: torch.Tensor, segments: torch.Tensor, num_segments: int | None = None, *, backend: str = "auto") -> torch.Tensor:
     """Per-image, per-segment, per-channel mean: (B, C, H, W), (B, H, W) -> (B, M, C).
 
