@@ -42,7 +42,7 @@ def hidden_image(image: np.ndarray, segments: np.ndarray, hide_color) -> np.ndar
         for x in np.unique(segments):
             where = segments == x
             inside = image[where]
-            fudged[where] = (np.mean(inside[:, 0]), np.mean(inside[:, 1]), np.mean(inside[:, 2]))
+            fudged[where] = tuple(np.mean(inside[:, k]) for k in range(image.shape[2]))
     else:
         fudged[:] = hide_color
     return fudged
@@ -138,15 +138,20 @@ class LimeImageExplainer:
         backend="auto",
         channels_last=False,
     ) -> ImageExplanation:
-        """Explain ``classifier_fn``'s prediction on ``image`` (H, W, 3) or (H, W) grayscale.
+        """Explain ``classifier_fn``'s prediction on ``image`` (H, W, 3) or (H, W) grayscale;
+        with a ``segmentation_fn``, (H, W, C) for any number of channels (RGBA, multispectral).
 
-        Beyond lime's arguments: ``backend`` for the engine's ops, and ``channels_last`` to feed
-        a torch module channels-last batches (often faster on the CPU; lime's numpy function
-        gets (n, H, W, C) arrays in any case)."""
-        image = self._check_image(image)
+        As in lime, ``top_labels=True`` means one label, and 'none' and 'lasso_path' feature
+        selection take ``num_features=0``. Beyond lime's arguments: ``backend`` for the engine's
+        ops, and ``channels_last`` to feed a torch module channels-last batches (often faster on
+        the CPU; lime's numpy function gets (n, H, W, C) arrays in any case)."""
+        image = self._check_image(image, any_channels=segmentation_fn is not None)
         check_int("num_samples", num_samples, 2)
         check_int("batch_size", batch_size, 1)
-        check_int("num_features", num_features, 1)
+        # lime's 'none' ignores num_features and its lasso path takes 0; the others fail on it
+        check_int("num_features", num_features, 0 if self.feature_selection in ("none", "lasso_path") else 1)
+        if top_labels is True:  # lime slices argsort(...)[-top_labels:]: True counts as 1
+            top_labels = 1
         if top_labels:
             check_int("top_labels", top_labels, 1)
         else:  # the labels asked for, checked before the classifier runs
@@ -197,14 +202,19 @@ class LimeImageExplainer:
         return exp
 
     @staticmethod
-    def _check_image(image) -> np.ndarray:
+    def _check_image(image, any_channels: bool) -> np.ndarray:
         image = np.asarray(image)
         if image.ndim == 2:
             from skimage.color import gray2rgb
 
             image = gray2rgb(image)
-        if image.ndim != 3 or image.shape[2] != 3:
+        if image.ndim != 3 or image.shape[2] < 1:
             raise ValueError(f"image must be (H, W, 3) RGB or (H, W) grayscale, got shape {image.shape}")
+        if image.shape[2] != 3 and not any_channels:
+            raise ValueError(
+                f"image must be (H, W, 3) RGB or (H, W) grayscale for the default segmentation (quickshift), got shape "
+                f"{image.shape}; pass a segmentation_fn for images with {image.shape[2]} channels"
+            )
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise ValueError(f"image is empty: shape {image.shape}")
         if image.dtype == bool or not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):

@@ -204,3 +204,50 @@ def test_a_module_fed_channels_last_gives_the_same_explanation():
     fast = ours.LimeImageExplainer(random_state=4).explain_instance(image, Recording(), num_samples=200, channels_last=True)
     assert seen and all(seen)
     assert_same_explanation(fast, plain, atol=1e-12)
+
+
+def quadrants(image):
+    """16 square superpixels for any image of 4k x 4k pixels."""
+    h, w = image.shape[:2]
+    return (np.arange(h)[:, None] * 4 // h) * 4 + np.arange(w)[None, :] * 4 // w
+
+
+@pytest.mark.parametrize("channels,hide_color", [(4, 0), (4, None), (1, 0.5), (5, 0.25)])
+def test_images_with_other_channel_counts_match_lime_or_extend_it(channels, hide_color):
+    """With a segmentation_fn lime explains any number of channels when given hide_color; its
+    mean colour takes exactly 3, where ours takes each channel's mean."""
+    image = np.random.RandomState(channels).rand(16, 16, channels)
+
+    def classifier(batch):
+        s = np.asarray(batch).reshape(len(batch), -1, channels)[:, :64].mean(axis=(1, 2))
+        return np.stack([s, 1 - s, s * s], axis=1)
+
+    kwargs = dict(segmentation_fn=quadrants, num_samples=60, hide_color=hide_color, top_labels=2)
+    mine = ours.LimeImageExplainer(random_state=3).explain_instance(image, classifier, **kwargs)
+    if hide_color is not None:
+        assert_same_explanation(mine, lime_image.LimeImageExplainer(random_state=3).explain_instance(image, classifier, **kwargs))
+        return
+    means = np.stack([image[quadrants(image) == j].mean(axis=0) for j in range(16)])
+    fudged = means[quadrants(image)]
+    data = lime_samples(3, 60, 16)
+    batch = np.where(data[:, quadrants(image), None].astype(bool), image, fudged)
+    y = classifier(batch)
+    assert mine.top_labels == list(np.argsort(y[0])[-2:][::-1])
+    from sklearn.linear_model import Ridge
+
+    d = 1 - np.sqrt(data.sum(axis=1) / 16)
+    for label in mine.top_labels:  # lime's fit, by scikit-learn, on the samples made by hand
+        ridge = Ridge(alpha=1).fit(data, y[:, label], sample_weight=np.sqrt(np.exp(-(d**2) / 0.25**2)))
+        np.testing.assert_allclose([dict(mine.local_exp[label])[j] for j in range(16)], ridge.coef_, atol=1e-9)
+    with pytest.raises(ValueError, match="segmentation_fn"):
+        ours.LimeImageExplainer(random_state=3).explain_instance(image, classifier, num_samples=60)
+
+
+@pytest.mark.parametrize("feature_selection", ["none", "lasso_path"])
+def test_top_labels_true_and_num_features_zero_match_lime(feature_selection):
+    """lime reads top_labels=True as 1, and its 'none' and lasso path take num_features=0."""
+    clf = numpy_classifier(PooledLinear(seed=6))
+    mine, ref = both(photo("coffee", 48), clf, {"random_state": 2, "feature_selection": feature_selection},
+                     num_samples=300, num_features=0, top_labels=True)
+    assert mine.top_labels is not None and len(mine.top_labels) == 1
+    assert_same_explanation(mine, ref)
