@@ -59,6 +59,49 @@ def load_digits(split: str = "test", *, size: int = 32, test_fraction: float = 0
     return ImageDataset(x[idx], y[idx], classes, f"digits/{split}")
 
 
+# ----------------------------------------------------------------------------- a spurious feature
+
+
+def patch_colours(num_classes: int) -> torch.Tensor:
+    """(K, 3) float32 in [0, 1]: K hues evenly spaced around the colour wheel, at full saturation
+    and value (red, then towards yellow, green, cyan, blue, magenta)."""
+    hue = torch.arange(num_classes, dtype=torch.float32) * 6 / num_classes
+    rgb = torch.stack([(hue - 3).abs() - 1, 2 - (hue - 2).abs(), 2 - (hue - 4).abs()], dim=1)
+    return rgb.clamp_(0.0, 1.0)
+
+
+def add_spurious_patch(dataset: ImageDataset, correlation: float, *, size: int = 6, seed: int = 0) -> ImageDataset:
+    """A copy of ``dataset`` with a spurious feature: a ``size`` x ``size`` square in the top-left
+    corner, in the colour of the image's class (:func:`patch_colours`) with probability
+    ``correlation``, otherwise in the colour of a class drawn uniformly (which may be its own).
+
+    Trained at a high correlation, a model can read the class off the patch instead of the
+    digit; the same images with ``correlation=0`` (the colour says nothing about the class)
+    measure how much it does. The draws depend on ``seed`` only; the caller's tensors are not
+    modified.
+    """
+    from .checks import check_int, check_real
+
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"dataset must be an ImageDataset, got {type(dataset).__name__}")
+    correlation = check_real("correlation", correlation, minimum=0.0)
+    if correlation > 1:
+        raise ValueError(f"correlation must be in [0, 1], got {correlation}")
+    n, c, h, w = dataset.images.shape
+    size = check_int("size", size, 1)
+    if size > min(h, w) or c != 3:
+        raise ValueError(f"the patch needs RGB images of at least {size}x{size} pixels, got {c} channels of {h}x{w}")
+    gen = torch.Generator().manual_seed(check_int("seed", seed))
+    agree = torch.rand(n, generator=gen) < correlation
+    other = torch.randint(0, dataset.num_classes, (n,), generator=gen)
+    colours = patch_colours(dataset.num_classes)[torch.where(agree, dataset.labels, other)]  # (N, 3)
+    if dataset.images.dtype == torch.uint8:
+        colours = (colours * 255).round().to(torch.uint8)
+    images = dataset.images.clone()
+    images[:, :, :size, :size] = colours.to(images.dtype).view(n, 3, 1, 1)
+    return ImageDataset(images, dataset.labels, dataset.classes, f"{dataset.name}+patch@{correlation:g}")
+
+
 # ----------------------------------------------------------------------------- by name
 
 
@@ -75,7 +118,7 @@ def load_dataset(name: str, split: str = "test", data_dir=None, **kwargs) -> Ima
 
 
 __all__ = [
-    "CIFAR_C_CORRUPTIONS", "CIFAR_C_EXTRA", "CIFAR_MD5", "DATASETS", "ImageDataset", "available_cifar_c",
+    "CIFAR_C_CORRUPTIONS", "CIFAR_C_EXTRA", "CIFAR_MD5", "DATASETS", "ImageDataset", "add_spurious_patch", "available_cifar_c",
     "cifar_c_folder", "expected_layout", "load_cifar", "load_cifar10", "load_cifar100", "load_cifar_c",
-    "load_dataset", "load_digits", "to_float",
+    "load_dataset", "load_digits", "patch_colours", "to_float",
 ]

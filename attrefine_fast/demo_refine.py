@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bound-samples", type=int, default=None, help="test images for the bound (default 64; --quick: 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true", help="also train the refinement loop without flags (NoFlags)")
+    parser.add_argument("--spurious-patch", type=float, default=None, metavar="CORRELATION",
+                        help="give the digits a spurious feature: a corner square coloured after the class with this "
+                             "probability (train and test alike), and report accuracy when its colour is random ('shuffled')")
     parser.add_argument("--quick", action="store_true", help="a tiny run for smoke tests (well under a minute)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--device", default="cpu", help="where to train and evaluate (default cpu: the main job is a CPU run)")
@@ -69,6 +72,15 @@ def _settings(args) -> dict:
     }
 
 
+def _patched(train, test, correlation):
+    """The train and test digits with the spurious patch at ``correlation``, and the test digits
+    with its colour random (correlation 0); each drawn from its own fixed seed."""
+    from .data import add_spurious_patch
+
+    return (add_spurious_patch(train, correlation, seed=0), add_spurious_patch(test, correlation, seed=1),
+            add_spurious_patch(test, 0.0, seed=2))
+
+
 def _config(name: str, s: dict, args):
     from .refine import RefineConfig
 
@@ -79,6 +91,7 @@ def _config(name: str, s: dict, args):
         mode=mode, cycles=cycles, **never, epochs_per_cycle=s["epochs"] // cycles, train_subset=s["train_subset"],
         width=16, batch_size=64, lr=0.1, eps=args.eps, attack_steps=3, lime_samples=s["lime_samples"], refresh_fraction=s["refresh_fraction"],
         seed=args.seed, out=os.path.join(args.out, "runs", name), progress=not args.no_progress, device=args.device,
+        spurious_patch=args.spurious_patch,
     )
 
 
@@ -119,17 +132,22 @@ def _table(results: dict, eps: list) -> str:
     def num(v, fmt="{:7.3f}"):
         return "    -  " if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
-    cols = ["clean"] + [f"FGSM {e:g}" for e in eps] + [f"PGD10 {e:g}" for e in eps] + ["corrupt", "est.eps", "emp.eps", "spear", "rho", "train s"]
+    shuffled = any("shuffled_patch_accuracy" in r for r in results.values())
+    cols = ["clean"] + (["shuffled"] if shuffled else []) + [f"FGSM {e:g}" for e in eps] + [f"PGD10 {e:g}" for e in eps]
+    cols += ["corrupt", "est.eps", "emp.eps", "spear", "rho", "train s"]
     lines = [f"{'model':<9}" + "".join(f"{c:>11}" for c in cols)]
     for mode, r in results.items():
         ev, bd = r["evaluation"], r["bound"]
-        cells = [pct(ev["clean_accuracy"])] + [pct(a) for a in ev["fgsm"]] + [pct(a) for a in ev["pgd"]["PGD-10"]]
+        cells = [pct(ev["clean_accuracy"])] + ([pct(r.get("shuffled_patch_accuracy"))] if shuffled else [])
+        cells += [pct(a) for a in ev["fgsm"]] + [pct(a) for a in ev["pgd"]["PGD-10"]]
         cells += [pct((ev["corruptions"] or {}).get("mean")), num(bd["mean_estimate"]), num(bd["mean_empirical_eps"]),
                   num(bd["spearman"], "{:7.2f}"), num(bd["mean_rho"], "{:7.2f}"), f"{r['train_seconds']:7.0f}"]
         lines.append(f"{NAMES[mode]:<9}" + "".join(f"{c:>11}" for c in cells))
     lines.append("accuracy in % (L-inf eps on [0, 1] pixels); corrupt: mean corruption accuracy; est.eps: mean margin/(L_R+L_S)")
     lines.append("(first-order estimate, not a certificate); emp.eps: mean smallest PGD eps that flips (bisection); spear: their")
     lines.append("Spearman correlation over samples; rho: mean alignment L_R/(L_R+L_S) on the model's own flags.")
+    if shuffled:
+        lines.append("shuffled: clean accuracy on the test digits with the spurious patch in a random colour.")
     return "\n".join(lines)
 
 
@@ -179,7 +197,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from .data import load_digits
-    from .evaluate import evaluate
+    from .evaluate import accuracy, evaluate
     from .refine import Refiner
 
     start = time.perf_counter()
@@ -188,10 +206,13 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     s = _settings(args)
     os.makedirs(args.out, exist_ok=True)
-    train, test = load_digits("train", size=32), load_digits("test", size=32)
-    test = test.subset(s["eval_samples"])
+    train, test = load_digits("train", size=32), load_digits("test", size=32).subset(s["eval_samples"])
+    shuffled = None
+    if args.spurious_patch is not None:
+        train, test, shuffled = _patched(train, test, args.spurious_patch)
     print(f"digits 32x32x3: {len(train) if s['train_subset'] is None else s['train_subset']} training images, {len(test)} test images; "
-          f"{s['epochs']} epochs per model, training attack: PGD-3 at L-inf eps={args.eps}", flush=True)
+          f"{s['epochs']} epochs per model, training attack: PGD-3 at L-inf eps={args.eps}"
+          + ("" if shuffled is None else f"; a spurious patch agreeing with the class at p={args.spurious_patch:g}"), flush=True)
     results: dict = {}
     models: dict = {}
     for mode in MODES + (("no_flags",) if args.ablation else ()):
@@ -213,6 +234,8 @@ def run(args: argparse.Namespace) -> None:
             batch_size=256, seed=args.seed, progress=not args.no_progress,
         )
         results[mode]["bound"] = _bound(model, cfg, bx, by, args.seed)
+        if shuffled is not None:
+            results[mode]["shuffled_patch_accuracy"] = accuracy(model, shuffled, device=device)
 
     # Explanations before (the ERM model) and after refinement, on the same test images.
     hx, hy = bx[: s["heatmap_images"]], by[: s["heatmap_images"]]
@@ -227,7 +250,7 @@ def run(args: argparse.Namespace) -> None:
 
     table = _table(results, s["eval_eps"])
     total = time.perf_counter() - start
-    report = {"settings": s, "eps_train": args.eps, "seed": args.seed, "seconds": total, "table": table,
+    report = {"settings": s, "eps_train": args.eps, "seed": args.seed, "spurious_patch": args.spurious_patch, "seconds": total, "table": table,
               "torch_threads": torch.get_num_threads(), "models": results}
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=float)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from attrefine_fast.data import (
-    CIFAR_C_CORRUPTIONS, ImageDataset, available_cifar_c, load_cifar, load_cifar10, load_cifar100, load_cifar_c,
-    load_dataset, load_digits,
+    CIFAR_C_CORRUPTIONS, ImageDataset, add_spurious_patch, available_cifar_c, load_cifar, load_cifar10, load_cifar100, load_cifar_c,
+    load_dataset, load_digits, patch_colours,
 )
 from cifar_files import md5_hex, write_cifar, write_cifar_c
 
@@ -34,6 +34,37 @@ def test_digits_split_shapes_and_range():
     assert not any(tuple(r) in flat_train for r in test.images[:, 0].flatten(1).mul(1e4).round().int().tolist()[:100])
     small = load_digits("all", size=8)
     assert small.images.shape == (1797, 3, 8, 8)
+
+
+def test_spurious_patch_colours_the_corner_after_the_class_as_often_as_asked():
+    digits = load_digits("test")
+    before = digits.images.clone()
+    colours = patch_colours(10)
+    assert len({tuple(c) for c in colours.tolist()}) == 10 and float(colours.max(dim=1).values.min()) == 1.0
+    patched = add_spurious_patch(digits, 1.0, size=5)
+    assert torch.equal(digits.images, before) and torch.equal(patched.labels, digits.labels)
+    assert torch.equal(patched.images[:, :, :5, :5], colours[digits.labels].view(-1, 3, 1, 1).expand(-1, -1, 5, 5))
+    assert torch.equal(patched.images[:, :, 5:], digits.images[:, :, 5:]) and torch.equal(patched.images[:, :, :, 5:], digits.images[:, :, :, 5:])
+
+    def agreement(ds):
+        corner = ds.images[:, :, 0, 0]  # (N, 3)
+        return float((torch.cdist(corner, colours).argmin(dim=1) == ds.labels).float().mean())
+
+    # 0.9 agree by design, and a tenth of the others by chance: 0.91 expected
+    assert abs(agreement(add_spurious_patch(digits, 0.9, seed=3)) - 0.91) < 0.04
+    assert abs(agreement(add_spurious_patch(digits, 0.0, seed=3)) - 0.1) < 0.04
+    assert torch.equal(add_spurious_patch(digits, 0.5, seed=4).images, add_spurious_patch(digits, 0.5, seed=4).images)
+    as_bytes = ImageDataset((digits.images[:20] * 255).round().to(torch.uint8), digits.labels[:20], digits.classes)
+    patched = add_spurious_patch(as_bytes, 1.0)
+    assert patched.images.dtype == torch.uint8
+    assert torch.equal(patched.images[:, :, 0, 0], (colours[as_bytes.labels] * 255).round().to(torch.uint8))
+    for kwargs, error, match in [({"correlation": 1.5}, ValueError, r"\[0, 1\]"), ({"correlation": float("nan")}, ValueError, "correlation"),
+                                 ({"correlation": 0.5, "size": 33}, ValueError, "at least 33x33"),
+                                 ({"correlation": 0.5, "size": 2.5}, TypeError, "size must be an integer")]:
+        with pytest.raises(error, match=match):
+            add_spurious_patch(digits, **kwargs)
+    with pytest.raises(ValueError, match="RGB"):
+        add_spurious_patch(ImageDataset(torch.rand(4, 1, 8, 8), torch.arange(4)), 0.5)
 
 
 def test_image_dataset_api():

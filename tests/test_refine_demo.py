@@ -1,14 +1,22 @@
 """The main job's smoke run: three models trained, evaluated and reported."""
 import json
 
+import pytest
+
 from attrefine_fast.cli import main
 
 from refine_helpers import one_thread  # noqa: F401
 
 
-def test_demo_quick(tmp_path, capsys):
-    main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)])
+@pytest.mark.parametrize("patch", [None, 0.9])
+def test_demo_quick(tmp_path, capsys, patch):
+    main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)] + ([] if patch is None else ["--spurious-patch", str(patch)]))
     report = json.loads((tmp_path / "report.json").read_text())
+    assert report["spurious_patch"] == patch
+    for result in report["models"].values():  # the patched run also scores the patch in random colours
+        assert (patch is None) == ("shuffled_patch_accuracy" not in result)
+        assert patch is None or 0 <= result["shuffled_patch_accuracy"] <= 1
+        assert (patch is None) == (result["config"]["spurious_patch"] is None)
     assert set(report["models"]) == {"erm", "pgd_at", "refine"}
     for result in report["models"].values():
         ev = result["evaluation"]

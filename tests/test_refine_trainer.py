@@ -124,6 +124,7 @@ def test_a_fresh_run_in_a_used_folder_leaves_no_checkpoint_of_the_previous_run(t
     (["evaluate", "--arch", "small_cnn", "--device", "foo"], "--device must be a device"),
     (["demo", "--epochs", "3", "--cycles", "2"], "must be a multiple of --cycles"),
     (["demo", "--quick", "--eval-samples", "0"], "--eval-samples must be >= 1"),
+    (["refine", "--spurious-patch", "1.5"], "spurious_patch must be a correlation in [0, 1]"),
 ])
 def test_the_command_line_names_a_bad_value_in_one_line(argv, match, capsys, tmp_path):
     from attrefine_fast.cli import main
@@ -160,6 +161,16 @@ def test_baselines_train_and_log(tmp_path, mode):
 
     model, ckpt = load_checkpoint(tmp_path / FINAL)
     assert ckpt["mode"] == mode and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_run_loads_its_digits_with_the_spurious_patch_it_is_told(tmp_path):
+    from attrefine_fast.data import patch_colours
+
+    refiner = Refiner(RefineConfig(mode="erm", train_subset=16, spurious_patch=1.0, out=str(tmp_path), **TINY))
+    expected = patch_colours(10)[refiner.labels].view(-1, 3, 1, 1).expand(-1, -1, 6, 6)
+    assert torch.equal(refiner.images[:, :, :6, :6], expected)
+    plain = Refiner(RefineConfig(mode="erm", train_subset=16, out=str(tmp_path), **TINY))
+    assert torch.equal(plain.images[:, :, 6:], refiner.images[:, :, 6:]) and not torch.equal(plain.images, refiner.images)
 
 
 def test_final_model_reloads_by_name_with_its_channels_and_a_custom_model_says_it_cannot(tmp_path):

@@ -24,6 +24,9 @@ EXPLAIN_LABELS = ("true", "predicted")
 class RefineConfig:
     """Settings of one training run (``mode`` picks ERM, PGD-AT or attribution-aware refinement).
 
+    Data: ``dataset`` ("digits" embedded, "cifar10"/"cifar100" from ``data_dir``), optionally
+    with a spurious feature (``spurious_patch``: the correlation of
+    :func:`~attrefine_fast.data.add_spurious_patch`'s class-coloured corner square with the label).
     Training: ``cycles`` x ``epochs_per_cycle`` epochs of SGD (momentum, weight decay) with a
     cosine schedule over all steps, gradients clipped to norm ``grad_clip`` (every mode alike). Attack budget (PGD-AT and refine alike): ``eps``,
     ``attack_steps``, ``attack_step_size`` (default 2.5 * eps / steps), L-inf or L2 ``norm``.
@@ -41,6 +44,7 @@ class RefineConfig:
     data_dir: str | None = None
     image_size: int = 32
     train_subset: int | None = None
+    spurious_patch: float | None = None
     arch: str = "small_cnn"
     width: int = 16
     normalization: str | None = None
@@ -112,6 +116,8 @@ class RefineConfig:
             check_int("train_subset", self.train_subset, 1)
         for name in ("lr", "eps", "alpha", "lam", "weight_decay", "momentum", "tau", "eps_s", "delta"):
             check_real(name, getattr(self, name), minimum=0.0)
+        if self.spurious_patch is not None and not 0.0 <= check_real("spurious_patch", self.spurious_patch) <= 1.0:
+            raise ValueError(f"spurious_patch must be a correlation in [0, 1], got {self.spurious_patch}")
         if not 0.0 < check_real("refresh_fraction", self.refresh_fraction) <= 1.0:
             raise ValueError(f"refresh_fraction must be in (0, 1], got {self.refresh_fraction}")
         if not 0.0 <= check_real("max_flagged_fraction", self.max_flagged_fraction) <= 1.0:

@@ -20,7 +20,7 @@ import time
 import torch
 
 from ..checks import check_device
-from ..data import ImageDataset, load_dataset
+from ..data import ImageDataset, add_spurious_patch, load_dataset
 from ..models import build_model, save_checkpoint
 from .config import RefineConfig
 from .flags import FlagStore
@@ -75,7 +75,8 @@ class Refiner:
 
     Args:
         cfg: the settings (``cfg.out`` is the run folder: checkpoint.pt, metrics.jsonl, model.pt).
-        train: the training set (default: ``cfg.dataset``'s train split, ``cfg.train_subset`` rows).
+        train: the training set, used as it is (default: ``cfg.dataset``'s train split, with
+            ``cfg.spurious_patch`` applied); ``cfg.train_subset`` rows of it.
         model: a model taking [0, 1] images (default: ``build_model(cfg.arch, ...)``, seeded by
             ``cfg.seed``).
     """
@@ -86,6 +87,8 @@ class Refiner:
         if train is None:
             kwargs = {"size": cfg.image_size} if cfg.dataset == "digits" else {}
             train = load_dataset(cfg.dataset, "train", cfg.data_dir, **kwargs)
+            if cfg.spurious_patch is not None:
+                train = add_spurious_patch(train, cfg.spurious_patch)
         if cfg.train_subset is not None:
             train = train.subset(cfg.train_subset)
         if len(train) < self.world_size:
