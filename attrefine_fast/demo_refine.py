@@ -11,6 +11,8 @@ import math
 import os
 import time
 
+from .refine.config import FILLS
+
 MODES = ("erm", "pgd_at", "refine")
 # The ablation: the refinement loop with no flags ever (clean CE + alpha * PGD CE), to tell
 # what the LIME-guided terms add to the clean term refinement has and PGD-AT has not.
@@ -29,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spurious-patch", type=float, default=None, metavar="CORRELATION",
                         help="give the digits a spurious feature: a corner square coloured after the class with this "
                              "probability (train and test alike), and report accuracy when its colour is random ('shuffled')")
+    parser.add_argument("--fill", default="mean", choices=FILLS,
+                        help="what replaces flagged superpixels in refinement's masked term (default mean: each one's mean colour)")
     parser.add_argument("--quick", action="store_true", help="a tiny run for smoke tests (well under a minute)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--device", default="cpu", help="where to train and evaluate (default cpu: the main job is a CPU run)")
@@ -91,7 +95,7 @@ def _config(name: str, s: dict, args):
         mode=mode, cycles=cycles, **never, epochs_per_cycle=s["epochs"] // cycles, train_subset=s["train_subset"],
         width=16, batch_size=64, lr=0.1, eps=args.eps, attack_steps=3, lime_samples=s["lime_samples"], refresh_fraction=s["refresh_fraction"],
         seed=args.seed, out=os.path.join(args.out, "runs", name), progress=not args.no_progress, device=args.device,
-        spurious_patch=args.spurious_patch,
+        spurious_patch=args.spurious_patch, fill=args.fill,
     )
 
 

@@ -10,13 +10,14 @@ from refine_helpers import one_thread  # noqa: F401
 
 @pytest.mark.parametrize("patch", [None, 0.9])
 def test_demo_quick(tmp_path, capsys, patch):
-    main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)] + ([] if patch is None else ["--spurious-patch", str(patch)]))
+    main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)] + ([] if patch is None else ["--spurious-patch", str(patch), "--fill", "zero"]))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["spurious_patch"] == patch
     for result in report["models"].values():  # the patched run also scores the patch in random colours
         assert (patch is None) == ("shuffled_patch_accuracy" not in result)
         assert patch is None or 0 <= result["shuffled_patch_accuracy"] <= 1
         assert (patch is None) == (result["config"]["spurious_patch"] is None)
+        assert result["config"]["fill"] == ("mean" if patch is None else "zero")
     assert set(report["models"]) == {"erm", "pgd_at", "refine"}
     for result in report["models"].values():
         ev = result["evaluation"]
