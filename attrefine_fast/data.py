@@ -70,7 +70,10 @@ def patch_colours(num_classes: int) -> torch.Tensor:
     return rgb.clamp_(0.0, 1.0)
 
 
-def add_spurious_patch(dataset: ImageDataset, correlation: float, *, size: int = 6, seed: int = 0) -> ImageDataset:
+SPURIOUS_PATCH_SIZE = 6
+
+
+def add_spurious_patch(dataset: ImageDataset, correlation: float, *, size: int = SPURIOUS_PATCH_SIZE, seed: int = 0) -> ImageDataset:
     """A copy of ``dataset`` with a spurious feature: a ``size`` x ``size`` square in the top-left
     corner, in the colour of the image's class (:func:`patch_colours`) with probability
     ``correlation``, otherwise in the colour of a class drawn uniformly (which may be its own).
@@ -118,7 +121,8 @@ def load_dataset(name: str, split: str = "test", data_dir=None, **kwargs) -> Ima
 
 
 __all__ = [
-    "CIFAR_C_CORRUPTIONS", "CIFAR_C_EXTRA", "CIFAR_MD5", "DATASETS", "ImageDataset", "add_spurious_patch", "available_cifar_c",
+    "CIFAR_C_CORRUPTIONS", "CIFAR_C_EXTRA", "CIFAR_MD5", "DATASETS", "ImageDataset", "SPURIOUS_PATCH_SIZE", "add_spurious_patch",
+    "available_cifar_c",
     "cifar_c_folder", "expected_layout", "load_cifar", "load_cifar10", "load_cifar100", "load_cifar_c",
     "load_dataset", "load_digits", "patch_colours", "to_float",
 ]

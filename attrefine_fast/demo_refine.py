@@ -108,10 +108,23 @@ def _detect(model, cfg, images, labels, seed):
     return detect_spurious(model, images, labels, segments, counts, seed=seed, **cfg.detect_kwargs())
 
 
-def _bound(model, cfg, images, labels, seed) -> dict:
+def _patch_detection(det) -> dict:
+    """What the detection and LIME see of the spurious patch: the share of images with a flagged
+    superpixel on it, and LIME's mean share of |weight| on the superpixels it covers."""
+    import torch
+
+    from .data import SPURIOUS_PATCH_SIZE as size
+
+    b = det.segments.shape[0]
+    on_patch = torch.zeros_like(det.flags).scatter_(1, det.segments[:, :size, :size].reshape(b, -1).long(), True)
+    return {"flagged": float((det.flags & on_patch).any(dim=1).float().mean()),
+            "relevance_share": float((det.relevance.abs() * on_patch).sum(dim=1).mean())}
+
+
+def _bound(model, cfg, det, images, labels, seed) -> dict:
+    """The bound on ``images`` with the model's own flags ``det``, beside the empirical flipping eps."""
     from .refine import attribution_bound, correlation, empirical_min_eps
 
-    det = _detect(model, cfg, images, labels, seed)
     b = attribution_bound(model, images, labels, det.pixel_mask(), norm=cfg.norm)
     emp, flipped = empirical_min_eps(model, images, labels, eps_max=0.3, iterations=5, steps=10, norm=cfg.norm, seed=seed)
     keep = (b["margin"] > 0).cpu() & flipped
@@ -137,12 +150,14 @@ def _table(results: dict, eps: list) -> str:
         return "    -  " if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
     shuffled = any("shuffled_patch_accuracy" in r for r in results.values())
-    cols = ["clean"] + (["shuffled"] if shuffled else []) + [f"FGSM {e:g}" for e in eps] + [f"PGD10 {e:g}" for e in eps]
+    cols = ["clean"] + (["shuffled", "patch flg"] if shuffled else []) + [f"FGSM {e:g}" for e in eps] + [f"PGD10 {e:g}" for e in eps]
     cols += ["corrupt", "est.eps", "emp.eps", "spear", "rho", "train s"]
     lines = [f"{'model':<9}" + "".join(f"{c:>11}" for c in cols)]
     for mode, r in results.items():
         ev, bd = r["evaluation"], r["bound"]
-        cells = [pct(ev["clean_accuracy"])] + ([pct(r.get("shuffled_patch_accuracy"))] if shuffled else [])
+        cells = [pct(ev["clean_accuracy"])]
+        if shuffled:
+            cells += [pct(r.get("shuffled_patch_accuracy")), pct(r.get("patch_detection", {}).get("flagged"))]
         cells += [pct(a) for a in ev["fgsm"]] + [pct(a) for a in ev["pgd"]["PGD-10"]]
         cells += [pct((ev["corruptions"] or {}).get("mean")), num(bd["mean_estimate"]), num(bd["mean_empirical_eps"]),
                   num(bd["spearman"], "{:7.2f}"), num(bd["mean_rho"], "{:7.2f}"), f"{r['train_seconds']:7.0f}"]
@@ -151,7 +166,8 @@ def _table(results: dict, eps: list) -> str:
     lines.append("(first-order estimate, not a certificate); emp.eps: mean smallest PGD eps that flips (bisection); spear: their")
     lines.append("Spearman correlation over samples; rho: mean alignment L_R/(L_R+L_S) on the model's own flags.")
     if shuffled:
-        lines.append("shuffled: clean accuracy on the test digits with the spurious patch in a random colour.")
+        lines.append("shuffled: clean accuracy on the test digits with the spurious patch in a random colour; patch flg: share of the")
+        lines.append("bound's images whose flags (the model's own detection) cover part of the patch.")
     return "\n".join(lines)
 
 
@@ -237,9 +253,11 @@ def run(args: argparse.Namespace) -> None:
             model, test, eps=s["eval_eps"], device=device, pgd_steps=(10,), fgsm=True, corruptions=s["corruptions"], severities=s["severities"],
             batch_size=256, seed=args.seed, progress=not args.no_progress,
         )
-        results[mode]["bound"] = _bound(model, cfg, bx, by, args.seed)
+        det = _detect(model, cfg, bx, by, args.seed)
+        results[mode]["bound"] = _bound(model, cfg, det, bx, by, args.seed)
         if shuffled is not None:
             results[mode]["shuffled_patch_accuracy"] = accuracy(model, shuffled, device=device)
+            results[mode]["patch_detection"] = _patch_detection(det)
 
     # Explanations before (the ERM model) and after refinement, on the same test images.
     hx, hy = bx[: s["heatmap_images"]], by[: s["heatmap_images"]]

@@ -16,6 +16,8 @@ def test_demo_quick(tmp_path, capsys, patch):
     for result in report["models"].values():  # the patched run also scores the patch in random colours
         assert (patch is None) == ("shuffled_patch_accuracy" not in result)
         assert patch is None or 0 <= result["shuffled_patch_accuracy"] <= 1
+        assert patch is None or set(result["patch_detection"]) == {"flagged", "relevance_share"}
+        assert patch is None or all(0 <= v <= 1 for v in result["patch_detection"].values())
         assert (patch is None) == (result["config"]["spurious_patch"] is None)
         assert result["config"]["fill"] == ("mean" if patch is None else "zero")
     assert set(report["models"]) == {"erm", "pgd_at", "refine"}
