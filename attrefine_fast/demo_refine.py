@@ -2,6 +2,8 @@
 attribution-aware refinement of the same small CNN on the embedded digits (32x32x3), at equal
 epochs and attack budget, on the CPU; then clean, FGSM and PGD accuracy over epsilon, corruption
 accuracy and the attribution-aware bound of each model, as one table, report.json and PNGs.
+``--spurious-patch P`` gives the digits a class-coloured corner square that agrees with the label
+with probability P, and scores each model on the same digits with the square in a random colour.
 """
 from __future__ import annotations
 
