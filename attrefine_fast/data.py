@@ -16,6 +16,7 @@ from .cifar import (
     CIFAR_C_CORRUPTIONS, CIFAR_C_EXTRA, CIFAR_MD5, available_cifar_c, cifar_c_folder, expected_layout, load_cifar,
     load_cifar10, load_cifar100, load_cifar_c,
 )
+from .checks import check_int, check_real
 from .image_dataset import ImageDataset, to_float
 
 DATASETS = ("digits", "cifar10", "cifar100")
@@ -83,8 +84,6 @@ def add_spurious_patch(dataset: ImageDataset, correlation: float, *, size: int =
     measure how much it does. The draws depend on ``seed`` only; the caller's tensors are not
     modified.
     """
-    from .checks import check_int, check_real
-
     if not isinstance(dataset, ImageDataset):
         raise TypeError(f"dataset must be an ImageDataset, got {type(dataset).__name__}")
     correlation = check_real("correlation", correlation, minimum=0.0)

@@ -161,7 +161,7 @@ def _table(results: dict, eps: list) -> str:
         ev, bd = r["evaluation"], r["bound"]
         cells = [pct(ev["clean_accuracy"])]
         if shuffled:
-            cells += [pct(r.get("shuffled_patch_accuracy")), pct(r.get("patch_detection", {}).get("flagged"))]
+            cells += [pct(r["shuffled_patch_accuracy"]), pct(r["patch_detection"]["flagged"])]
         cells += [pct(a) for a in ev["fgsm"]] + [pct(a) for a in ev["pgd"]["PGD-10"]]
         cells += [pct((ev["corruptions"] or {}).get("mean")), num(bd["mean_estimate"]), num(bd["mean_empirical_eps"]),
                   num(bd["spearman"], "{:7.2f}"), num(bd["mean_rho"], "{:7.2f}"), f"{r['train_seconds']:7.0f}"]
@@ -227,6 +227,8 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.spurious_patch is not None and not 0.0 <= args.spurious_patch <= 1.0:
+        raise ValueError(f"--spurious-patch must be a correlation in [0, 1], got {args.spurious_patch}")
     torch.set_num_threads(args.threads)
     s = _settings(args)
     os.makedirs(args.out, exist_ok=True)

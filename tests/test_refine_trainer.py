@@ -125,6 +125,7 @@ def test_a_fresh_run_in_a_used_folder_leaves_no_checkpoint_of_the_previous_run(t
     (["demo", "--epochs", "3", "--cycles", "2"], "must be a multiple of --cycles"),
     (["demo", "--quick", "--eval-samples", "0"], "--eval-samples must be >= 1"),
     (["refine", "--spurious-patch", "1.5"], "spurious_patch must be a correlation in [0, 1]"),
+    (["demo", "--quick", "--spurious-patch", "nan"], "--spurious-patch must be a correlation in [0, 1]"),
 ])
 def test_the_command_line_names_a_bad_value_in_one_line(argv, match, capsys, tmp_path):
     from attrefine_fast.cli import main
