@@ -102,6 +102,11 @@ class Refiner:
             if cfg.arch == "small_cnn":
                 self.model_kwargs["width"] = cfg.width
             model = build_model(cfg.arch, train.num_classes, normalization=cfg.normalization, **self.model_kwargs)
+            if self.device.type == "cpu":
+                # Channels-last weights make every convolution's output channels-last, where the
+                # CPU kernels are faster (SmallCNN width 16, 32x32, one thread: max_pool2d 8x,
+                # a training step 1.5x, an eval forward of 256 images 3x).
+                model = model.to(memory_format=torch.channels_last)
             self.arch = cfg.arch
         else:  # a caller's model: model.pt holds its weights, not an architecture to rebuild
             self.model_kwargs, self.arch = {}, None
