@@ -174,6 +174,14 @@ def test_the_run_loads_its_digits_with_the_spurious_patch_it_is_told(tmp_path):
     assert torch.equal(plain.images[:, :, 6:], refiner.images[:, :, 6:]) and not torch.equal(plain.images, refiner.images)
 
 
+def test_on_the_cpu_only_the_measured_architecture_trains_channels_last(tmp_path):
+    small = Refiner(RefineConfig(mode="erm", train_subset=8, out=str(tmp_path / "a"), **TINY))
+    conv = small.module.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    resnet = Refiner(RefineConfig(mode="erm", arch="preact_resnet18", train_subset=8, out=str(tmp_path / "b"), **TINY))
+    assert all(p.is_contiguous() for p in resnet.module.parameters())
+
+
 def test_final_model_reloads_by_name_with_its_channels_and_a_custom_model_says_it_cannot(tmp_path):
     from attrefine_fast.data import ImageDataset
     from attrefine_fast.models import load_checkpoint
