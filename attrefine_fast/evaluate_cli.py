@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from .data import load_dataset
     from .evaluate import evaluate, format_table, plot_report
-    from .models import build_model, load_checkpoint
+    from .models import build_model, load_checkpoint, move_to_device
 
     if (args.checkpoint is None) == (args.arch is None):
         raise SystemExit("evaluate: give exactly one of --checkpoint PATH or --arch NAME")
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         normalization = None if args.normalization in (None, "none") else args.normalization
         num_classes = dataset.num_classes if args.num_classes is None else args.num_classes
-        model = build_model(args.arch, num_classes, normalization=normalization).to(device)
+        model = move_to_device(build_model(args.arch, num_classes, normalization=normalization), args.arch, device)
         source = f"{args.arch} (random initialization)"
         print(f"note: {source}: the numbers below describe an untrained model")
     cifar_c = None

@@ -21,7 +21,7 @@ import torch
 
 from ..checks import check_device
 from ..data import ImageDataset, add_spurious_patch, load_dataset
-from ..models import build_model, canonical_arch, save_checkpoint
+from ..models import build_model, move_to_device, save_checkpoint
 from .config import RefineConfig
 from .flags import FlagStore
 from .loss import batch_loss, segment_mean_images
@@ -70,14 +70,6 @@ def _write_atomically(path: str, lines: list[str]) -> None:
     os.replace(path + ".tmp", path)
 
 
-# Architectures the trainer runs with channels-last weights on the CPU (every convolution's output
-# is then channels-last). benchmarks/cpu_memory_format.py, one thread, 2026-12-05: SmallCNN (width
-# 16, 32x32) trains 1.40x and evaluates 2.08x faster so, its penalty's double backward runs 0.80x,
-# and `make demo` took 88 s instead of 116 s; PreAct ResNet-18 gains 4-9% on the plain passes and
-# loses 37% on the double backward, so it stays NCHW (WRN-34-10 was not measured).
-CPU_CHANNELS_LAST = ("small_cnn",)
-
-
 class Refiner:
     """Train a classifier with one of the three modes of :class:`RefineConfig`.
 
@@ -109,11 +101,10 @@ class Refiner:
             self.model_kwargs = {"in_channels": int(self.images.shape[1])}
             if cfg.arch == "small_cnn":
                 self.model_kwargs["width"] = cfg.width
-            model = build_model(cfg.arch, train.num_classes, normalization=cfg.normalization, **self.model_kwargs)
-            if self.device.type == "cpu" and canonical_arch(cfg.arch) in CPU_CHANNELS_LAST:
-                model = model.to(memory_format=torch.channels_last)
+            model = move_to_device(build_model(cfg.arch, train.num_classes, normalization=cfg.normalization, **self.model_kwargs),
+                                   cfg.arch, self.device)
             self.arch = cfg.arch
-        else:  # a caller's model: model.pt holds its weights, not an architecture to rebuild
+        else:  # a caller's model, run as it is: model.pt holds its weights, not an architecture to rebuild
             self.model_kwargs, self.arch = {}, None
         self.module = model.to(self.device)
         self.forward = self.module
