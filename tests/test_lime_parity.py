@@ -227,10 +227,10 @@ def test_images_with_other_channel_counts_match_lime_or_extend_it(channels, hide
     if hide_color is not None:
         assert_same_explanation(mine, lime_image.LimeImageExplainer(random_state=3).explain_instance(image, classifier, **kwargs))
         return
-    means = np.stack([image[quadrants(image) == j].mean(axis=0) for j in range(16)])
-    fudged = means[quadrants(image)]
+    segments = quadrants(image)
+    fudged = np.stack([image[segments == j].mean(axis=0) for j in range(16)])[segments]
     data = lime_samples(3, 60, 16)
-    batch = np.where(data[:, quadrants(image), None].astype(bool), image, fudged)
+    batch = np.where(data[:, segments, None].astype(bool), image, fudged)
     y = classifier(batch)
     assert mine.top_labels == list(np.argsort(y[0])[-2:][::-1])
     from sklearn.linear_model import Ridge
