@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -42,17 +43,18 @@ def _check_op(op: str) -> None:
         raise ValueError(f"unknown op {op!r}; ops are {OPS}")
 
 
+def _module(name: str):
+    # sys.modules first: torch.compile traces a dictionary lookup, not importlib (the module is
+    # imported by then: the public function's own, or the Triton package by status()).
+    return sys.modules.get(name) or importlib.import_module(name)
+
+
 def _reference(op: str) -> Callable:
-    module = importlib.import_module(f"attrefine_fast.ops.{op.removesuffix('_into')}")
-    return getattr(module, f"{op}_ref")
+    return getattr(_module(f"attrefine_fast.ops.{op.removesuffix('_into')}"), f"{op}_ref")
 
 
-def _compiled(op: str, dispatch_key: str) -> Callable | None:
-    if not _extension.loaded():
-        return None
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"attrefine_fast::{op}", dispatch_key):
-        return None
-    return getattr(torch.ops.attrefine_fast, op).default
+def _has_compiled(op: str, dispatch_key: str) -> bool:
+    return _extension.loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"attrefine_fast::{op}", dispatch_key)
 
 
 def _triton_interpreter() -> bool:
@@ -61,7 +63,7 @@ def _triton_interpreter() -> bool:
 
 def _triton(op: str) -> tuple[Callable | None, str]:
     try:
-        kernels = importlib.import_module("attrefine_fast.kernels")
+        kernels = _module("attrefine_fast.kernels")
     except ImportError as e:  # triton itself is not installed
         return None, f"triton is not importable ({e}); install it with `pip install triton`"
     impl = kernels.get(op) if hasattr(kernels, "get") else None
@@ -80,7 +82,7 @@ def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
             return False, "the cpp backend runs on CPU tensors"
         if not _extension.loaded():
             return False, _extension.load_error()
-        if _compiled(op, "CPU") is None:
+        if not _has_compiled(op, "CPU"):
             return False, f"the compiled extension has no CPU kernel for {op}"
         return True, "C++/OpenMP kernel"
     if backend == "cuda":
@@ -90,7 +92,7 @@ def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
             return False, "no CUDA device is available"
         if not _extension.loaded():
             return False, _extension.load_error()
-        if _compiled(op, "CUDA") is None:
+        if not _has_compiled(op, "CUDA"):
             return False, (
                 f"the compiled extension has no CUDA kernel for {op}: rebuild on a machine with a CUDA-enabled "
                 "torch and a CUDA toolkit (`pip install --no-build-isolation -e .`)"
@@ -109,21 +111,29 @@ def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
 
 
 def resolve(op: str, backend: str, device: torch.device | str) -> Callable:
-    """The implementation of ``op`` for ``backend`` on ``device``, with the schema's signature."""
-    device_type = torch.device(device).type
+    """The implementation of ``op`` for ``backend`` on ``device``, with the schema's signature.
+
+    Under torch.compile the choice is made once, while tracing, and the graph calls what it names.
+    """
+    return _implementation(op, _choice(op, backend, torch.device(device).type))
+
+
+@torch.compiler.assume_constant_result  # traced as the name it returns (its lookups are not traceable)
+def _choice(op: str, backend: str, device_type: str) -> str:
     if backend == "auto":
-        return _implementation(op, selected(op, backend, device))
+        return selected(op, backend, device_type)
     ok, why = status(op, backend, device_type)
     if not ok:
         raise BackendUnavailable(f"backend {backend!r} cannot run {op} on {device_type}: {why}")
-    return _implementation(op, backend)
+    return backend
 
 
 def _implementation(op: str, backend: str) -> Callable:
+    """The implementation of an available backend."""
     if backend == "torch":
         return _reference(op)
     if backend in ("cpp", "cuda"):
-        return _compiled(op, "CPU" if backend == "cpp" else "CUDA")
+        return getattr(torch.ops.attrefine_fast, op).default
     return _triton(op)[0]
 
 

@@ -1,4 +1,11 @@
-"""Input validation shared by the public API: clear errors at the boundary, nothing modified."""
+"""Input validation shared by the public API: clear errors at the boundary, nothing modified.
+
+Under torch.compile the checks of shapes, dtypes, devices and Python arguments run while the
+function is traced, and the checks that read tensor values (finiteness, segment labels, ranges)
+become assertions in the graph (``torch._assert_async``), so that the public functions trace
+into one graph without a host round trip: a failing assertion raises a RuntimeError with the
+same message on the CPU, and is a device-side assertion on CUDA.
+"""
 from __future__ import annotations
 
 import math
@@ -29,9 +36,22 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def require(condition: torch.Tensor, message: str) -> None:
+    """ValueError(message) unless the one-element bool tensor ``condition`` holds; an assertion
+    in the graph under torch.compile (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition, message)
+    elif not bool(condition):
+        raise ValueError(message)
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if not all_finite(t):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    message = f"{name} contains NaN or infinite values"
+    if torch.compiler.is_compiling():
+        if t.is_floating_point() and t.numel() > 0:
+            torch._assert_async(torch.isfinite(t).all(), message)
+    elif not all_finite(t):
+        raise ValueError(message)
 
 
 def check_same_device(**tensors) -> None:
@@ -51,11 +71,14 @@ def check_images(name: str, images: torch.Tensor, *, channels: int | None = None
     check_finite(name, images)
 
 
-def check_segments(segments: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+def check_segments(segments: torch.Tensor, images: torch.Tensor, max_segments: int | None = None) -> torch.Tensor:
     """segments: (B, H, W) integer labels 0..M_b-1 per image. Returns the per-image counts M_b.
 
     Every label in 0..M_b-1 must be present: LIME's feature j is segment j, so a gap (for
     example scikit-image's slic numbering from 1) would silently describe a missing segment.
+    Under torch.compile the caller gives ``max_segments``, the M its outputs are sized by (the
+    graph cannot size a table by a label's value), and labels >= M fail an assertion; eager
+    callers check the counts against their M themselves, with their own message.
     """
     check_tensor("segments", segments, ndim=3)
     if segments.dtype.is_floating_point or segments.dtype == torch.bool or segments.is_complex():
@@ -65,6 +88,8 @@ def check_segments(segments: torch.Tensor, images: torch.Tensor) -> torch.Tensor
         raise ValueError(f"segments must have shape (B, H, W) = {(b, h, w)} to match images, got {tuple(segments.shape)}")
     check_same_device(images=images, segments=segments)
     flat = segments.reshape(b, -1).long()
+    if torch.compiler.is_compiling():
+        return _traced_segment_counts(flat, max_segments)
     lo = flat.min(dim=1).values
     if bool((lo < 0).any()):
         raise ValueError("segments contains negative labels; labels must be 0..M-1 per image")
@@ -88,6 +113,21 @@ def check_segments(segments: torch.Tensor, images: torch.Tensor) -> torch.Tensor
     return num
 
 
+def _traced_segment_counts(flat: torch.Tensor, max_segments: int | None) -> torch.Tensor:
+    """check_segments' value checks as graph assertions, with a table of max_segments flags."""
+    if max_segments is None:
+        raise ValueError("under torch.compile give num_segments: the output's size cannot depend on the labels' values")
+    if max_segments < 1:
+        raise ValueError(f"need at least one segment, got M={max_segments}")
+    num = flat.amax(dim=1) + 1
+    require((flat.amin(dim=1) >= 0).all(), "segments contains negative labels; labels must be 0..M-1 per image")
+    require((num <= max_segments).all(), f"segments contains a label >= M={max_segments}, the number of segments given")
+    present = torch.zeros(flat.shape[0], max_segments, dtype=torch.bool, device=flat.device)
+    present.scatter_(1, flat.clamp(0, max_segments - 1), True)
+    require((present.sum(dim=1) == num).all(), "segments are not numbered 0..M-1 (a label is missing in some image)")
+    return num
+
+
 def check_int(name: str, value, minimum: int | None = None) -> int:
     """An integer (a Python or NumPy one; not a bool, not a float that happens to be whole) >=
     ``minimum``, returned as an int."""
@@ -104,7 +144,7 @@ def check_real(name: str, value, *, minimum: float | None = None, positive: bool
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
-    if math.isnan(value) or (finite and math.isinf(value)):
+    if value != value or (finite and abs(value) == math.inf):  # (not math.isnan: traceable with symbolic floats)
         raise ValueError(f"{name} must be {'finite' if finite else 'a number'}, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")

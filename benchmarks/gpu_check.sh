@@ -60,7 +60,7 @@ run targets targets.log python benchmarks/gpu_targets.py --json "$out/targets.js
 # pytest-xdist, where installed, spreads the Triton tests' compilations over the cores
 workers=$(python -c "import xdist" 2> /dev/null && echo "-n 8")
 run triton-cuda triton_tests.log python -m pytest -q -rfE -p no:cacheprovider $workers \
-  tests/test_triton_ops.py tests/test_triton_fit_pgd.py -k cuda
+  tests/test_triton_ops.py tests/test_triton_fit_pgd.py tests/test_compile.py -k cuda
 run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 \
   python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k cuda
 run lime-fit-phases lime_fit_phases.log bash -c "nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch=native \

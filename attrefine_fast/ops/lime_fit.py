@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ..checks import check_finite, check_real, check_same_device, check_tensor
+from ..checks import check_finite, check_real, check_same_device, check_tensor, require
 
 
 def lime_kernel_weights(masks: torch.Tensor, num_segments: torch.Tensor, kernel_width: float, dtype: torch.dtype) -> torch.Tensor:
@@ -95,9 +95,12 @@ def lime_fit_ref(
     gram = gram + torch.diag_embed(alpha * valid + (1 - valid))
     rhs = wzc.transpose(1, 2) @ yc  # (B, M, L)
     chol, info = torch.linalg.cholesky_ex(gram)
-    if bool((info != 0).any()):
-        # Singular (alpha = 0 with a constant column): the minimum-norm least-squares solution.
-        # pinv works on every device; lstsq's default CPU driver (gelsy) can misjudge the rank.
+    # Singular (alpha = 0 with a constant column): the minimum-norm least-squares solution.
+    # pinv works on every device; lstsq's default CPU driver (gelsy) can misjudge the rank.
+    if torch.compiler.is_compiling():  # a graph cannot branch on info: both, and a choice per image
+        singular = (info != 0).view(b, 1, 1)
+        beta = torch.where(singular, torch.linalg.pinv(gram, hermitian=True) @ rhs, torch.cholesky_solve(rhs, chol))
+    elif bool((info != 0).any()):
         beta = torch.linalg.pinv(gram, hermitian=True) @ rhs
     else:
         beta = torch.cholesky_solve(rhs, chol)
@@ -136,8 +139,10 @@ def lime_fit(
     if num_segments is None:
         num_segments = torch.full((b,), m, dtype=torch.long, device=masks.device)
     check_tensor("num_segments", num_segments, ndim=1, dtypes=(torch.int32, torch.int64))
-    if num_segments.shape[0] != b or bool(((num_segments < 1) | (num_segments > m)).any()):
-        raise ValueError(f"num_segments must hold B={b} counts in 1..{m}")
+    message = f"num_segments must hold B={b} counts in 1..{m}"
+    if num_segments.shape[0] != b:
+        raise ValueError(message)
+    require(((num_segments >= 1) & (num_segments <= m)).all(), message)
     check_same_device(masks=masks, targets=targets, num_segments=num_segments, weights=weights)
     check_finite("targets", targets)
     if weights is not None:
@@ -145,13 +150,11 @@ def lime_fit(
         if tuple(weights.shape) != (b, n):
             raise ValueError(f"weights must have shape (B, N) = ({b}, {n}), got {tuple(weights.shape)}")
         check_finite("weights", weights)
-        if bool((weights < 0).any()) or bool((weights.sum(dim=1) <= 0).any()):
-            raise ValueError("weights must be non-negative with a positive sum per image")
+        require((weights >= 0).all() & (weights.sum(dim=1) > 0).all(), "weights must be non-negative with a positive sum per image")
     kernel_width = check_real("kernel_width", kernel_width, positive=True)
     alpha = check_real("alpha", alpha, minimum=0.0)
     if masks.dtype != torch.bool:
-        if bool(((masks != 0) & (masks != 1)).any()):
-            raise ValueError("masks must be binary: 0 or 1 (or bool)")
+        require(((masks == 0) | (masks == 1)).all(), "masks must be binary: 0 or 1 (or bool)")
         masks = masks != 0
     if weights is not None:
         weights = weights.to(targets.dtype)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .. import backends
-from ..checks import FLOAT_DTYPES, check_choice, check_finite, check_real, check_same_device, check_tensor
+from ..checks import FLOAT_DTYPES, check_choice, check_finite, check_real, check_same_device, check_tensor, require
 
 NORMS = ("linf", "l2")
 # The same guard torchattacks uses against a zero gradient or a zero perturbation.
@@ -108,8 +108,7 @@ def masked_pgd_step(
         if tuple(weight.shape) != (b, h, w):
             raise ValueError(f"weight must have shape (B, H, W) or (B, 1, H, W) = {(b, h, w)}, got {tuple(weight.shape)}")
         weight = weight.to(x_adv.dtype).contiguous()
-        if not bool(((weight >= 0) & (weight <= 1)).all()):  # NaN fails both comparisons
-            raise ValueError("weight must lie in [0, 1] (and not be NaN)")
+        require(((weight >= 0) & (weight <= 1)).all(), "weight must lie in [0, 1] (and not be NaN)")  # NaN fails both
     step_size = check_real("step_size", step_size, minimum=0.0)
     if not (eps >= 0 and lo <= hi):
         raise ValueError(f"need eps >= 0 and lo <= hi, got eps={eps}, lo={lo}, hi={hi}")

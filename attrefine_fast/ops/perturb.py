@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ..checks import FLOAT_DTYPES, check_finite, check_images, check_int, check_same_device, check_segments, check_tensor
+from ..checks import FLOAT_DTYPES, check_finite, check_images, check_int, check_same_device, check_segments, check_tensor, require
 
 
 def perturb_output_dtype(images_dtype: torch.dtype, normalized: bool, out_dtype: torch.dtype | None) -> torch.dtype:
@@ -98,7 +98,11 @@ def perturb_into_ref(
     # Normalization and cast act on each pixel alone, so they commute with the choice: applied
     # to the two sources once, then one select writes the chunk in place.
     kept, replaced = (_normalize_cast(x, images.dtype, mean, std, out.dtype).unsqueeze(1) for x in (images, fudge))
-    torch.where(_keep(segments, masks, offset, count), kept, replaced, out=out.view(b, count, c, h, w))
+    keep, target = _keep(segments, masks, offset, count), out.view(b, count, c, h, w)
+    if torch.compiler.is_compiling():  # Dynamo takes out= of contiguous tensors only; Inductor fuses the copy
+        target.copy_(torch.where(keep, kept, replaced))
+    else:
+        torch.where(keep, kept, replaced, out=target)
 
 
 def check_chunk(offset: int, count: int, samples: int) -> None:
@@ -112,18 +116,19 @@ def check_chunk(offset: int, count: int, samples: int) -> None:
 def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out_dtype):
     """Validation shared by every backend's entry point."""
     check_images("images", images)
-    seg_counts = check_segments(segments, images)
     check_tensor("masks", masks, ndim=3, dtypes=(torch.bool,))
+    seg_counts = check_segments(segments, images, masks.shape[2])
     check_tensor("fudge", fudge, ndim=4)
     for name, t in (("mean", mean), ("std", std)):
         if t is not None:
             check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES)
     check_same_device(images=images, segments=segments, masks=masks, fudge=fudge, mean=mean, std=std)
     b, c = images.shape[:2]
-    if masks.shape[0] != b or masks.shape[2] < int(seg_counts.max()):
-        raise ValueError(
-            f"masks must have shape (B, N, M) with B={b} and M >= {int(seg_counts.max())} segments, got {tuple(masks.shape)}"
-        )
+    if masks.shape[0] != b:
+        raise ValueError(f"masks must have shape (B, N, M) with B={b}, got {tuple(masks.shape)}")
+    # (traced, check_segments asserted the labels < M instead)
+    if not torch.compiler.is_compiling() and masks.shape[2] < int(seg_counts.max()):
+        raise ValueError(f"masks must have shape (B, N, M) with B={b} and M >= {int(seg_counts.max())} segments, got {tuple(masks.shape)}")
     if fudge.shape != images.shape or fudge.dtype != images.dtype:
         raise ValueError(f"fudge must match images in shape and dtype: {tuple(images.shape)} {images.dtype}, got {tuple(fudge.shape)} {fudge.dtype}")
     check_finite("fudge", fudge)
@@ -135,8 +140,7 @@ def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std,
             if t.shape[0] != c:
                 raise ValueError(f"{name} must have one value per channel ({c}), got shape {tuple(t.shape)}")
             check_finite(name, t)
-        if bool((std == 0).any()):
-            raise ValueError("std contains zeros")
+        require((std != 0).all(), "std contains zeros")
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES + (torch.uint8,):
         raise TypeError(f"out_dtype must be a float dtype or uint8, got {out_dtype}")
 
@@ -152,6 +156,8 @@ def check_perturb_out(out, images, segments, masks, fudge) -> int:
         raise ValueError(f"out must be contiguous or channels-last, got strides {out.stride()}")
     if out.requires_grad:
         raise ValueError("out must not require grad: perturb is not differentiable")
+    if torch.compiler.is_compiling():  # a traced tensor has no address to compare
+        return out.shape[0] // b
     for name, t in (("images", images), ("segments", segments), ("masks", masks), ("fudge", fudge)):
         if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
             raise ValueError(f"out shares memory with {name}")

@@ -34,14 +34,18 @@ def segment_mean_ref(images: torch.Tensor, segments: torch.Tensor, num_segments:
 def segment_mean(images: torch.Tensor, segments: torch.Tensor, num_segments: int | None = None, *, backend: str = "auto") -> torch.Tensor:
     """Per-image, per-segment, per-channel mean: (B, C, H, W), (B, H, W) -> (B, M, C).
 
-    See :func:`segment_mean_ref` for the exact contract.
+    See :func:`segment_mean_ref` for the exact contract. ``num_segments`` defaults to the largest
+    count; under torch.compile it must be given (it sizes the output).
     """
     check_images("images", images)
-    counts = check_segments(segments, images)
-    m = int(counts.max())
-    if num_segments is None:
-        num_segments = m
-    elif check_int("num_segments", num_segments) < m:
-        raise ValueError(f"num_segments={num_segments} is smaller than the largest segment count {m}")
+    if num_segments is not None:
+        num_segments = check_int("num_segments", num_segments)
+    counts = check_segments(segments, images, num_segments)
+    if not torch.compiler.is_compiling():  # traced, check_segments asserted the labels < num_segments
+        m = int(counts.max())
+        if num_segments is None:
+            num_segments = m
+        elif num_segments < m:
+            raise ValueError(f"num_segments={num_segments} is smaller than the largest segment count {m}")
     impl = backends.resolve("segment_mean", backend, images.device)
     return impl(images, segments.long(), int(num_segments))

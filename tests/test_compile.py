@@ -1,0 +1,160 @@
+"""The public op functions (attrefine_fast.ops.*) under torch.compile(fullgraph=True): one graph
+with every backend that runs here, the same results as eager calls, and the checks that read
+tensor values turned into graph assertions that stop a bad call before anything is written.
+
+A failing assertion is a RuntimeError on the CPU; on CUDA it is a device-side assertion, which
+ends the process's CUDA context, so the bad-input tests run on the CPU only.
+"""
+import pytest
+import torch
+
+from attrefine_fast import backends, ops
+from conftest import needs_cuda
+from op_cases import lime_fit_cases, masked_pgd_step_cases, perturb_cases, segment_mean_cases
+
+# (backend, device): every backend whose kernels Inductor can run on that device (the Triton
+# interpreter runs eager calls only).
+BACKENDS = [
+    ("torch", "cpu"),
+    ("cpp", "cpu"),
+    pytest.param("torch", "cuda", marks=needs_cuda),
+    pytest.param("cuda", "cuda", marks=needs_cuda),
+    pytest.param("triton", "cuda", marks=needs_cuda),
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _available(backend, device):
+    ok, why = backends.status("segment_mean", backend, device)
+    if not ok:
+        pytest.skip(why)
+
+
+def _case(cases, name):
+    return dict(cases)[name]
+
+
+# Two sets of op_cases' shapes: (segment_mean, perturb, lime_fit, masked_pgd_step) case names.
+CASES = {
+    "prime": ("prime", "bands_channels_last", "prime", "linf-prime"),
+    "awkward": ("non_contiguous", "non_contiguous", "single_segment", "l2-channels_last"),
+}
+
+
+def _every_op(backend, device, case):
+    """The public functions' arguments for one CASES entry, and a function calling all of them."""
+    sm, pt, fit, pgd = CASES[case]
+    images, segments, m = _case(segment_mean_cases(device=device), sm)
+    p_images, p_segments, masks, fudge, offset, count, mean, std, out_dtype, channels_last = _case(perturb_cases(device=device), pt)
+    f_masks, targets, num_segments, weights, kernel_width, alpha = _case(lime_fit_cases(device=device), fit)
+    x_adv, x, grad, weight, step_size, eps, lo, hi, norm = _case(masked_pgd_step_cases(device=device), pgd)
+    args = (images, segments, p_images, p_segments, masks, fudge, f_masks, targets, num_segments, weights, x_adv, x, grad, weight)
+
+    def run(images, segments, p_images, p_segments, masks, fudge, f_masks, targets, num_segments, weights, x_adv, x, grad, weight):
+        means = ops.segment_mean(images, segments, m, backend=backend)
+        chunk = ops.perturb(p_images, p_segments, masks, fudge, offset, count, mean=mean, std=std, out_dtype=out_dtype,
+                            channels_last=channels_last, backend=backend)
+        into = torch.empty_like(chunk)
+        ops.perturb(p_images, p_segments, masks, fudge, offset, out=into, mean=mean, std=std, backend=backend)
+        fit = ops.lime_fit(f_masks, targets, num_segments, weights, kernel_width=kernel_width, alpha=alpha, backend=backend)
+        stepped = ops.masked_pgd_step(x_adv.clone(), x, grad, weight, step_size=step_size, eps=eps, lo=lo, hi=hi,
+                                      norm=norm, backend=backend)
+        return means, chunk, into, *fit, stepped
+
+    return run, args
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_public_ops_trace_into_one_graph(backend, device, case, dynamic):
+    _available(backend, device)
+    run, args = _every_op(backend, device, case)
+    eager = run(*args)
+    # dynamic: symbolic sizes and Python floats, as after a recompilation for new sizes
+    compiled = torch.compile(run, fullgraph=True, dynamic=dynamic)(*args)
+    # the compiled reference is generated code, with its own order of float32 sums
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_auto_is_resolved_while_tracing():
+    images, segments, m = _case(segment_mean_cases(), "prime")
+    compiled = torch.compile(lambda i, s: ops.segment_mean(i, s, m), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(images, segments), ops.segment_mean_ref(images, segments, m))
+
+
+def test_unavailable_backend_names_itself_while_tracing():
+    images, segments, m = _case(segment_mean_cases(), "prime")
+    compiled = torch.compile(lambda i, s: ops.segment_mean(i, s, m, backend="cuda"), fullgraph=True)
+    with pytest.raises(Exception, match="backend 'cuda' cannot run segment_mean on cpu"):
+        compiled(images, segments)
+
+
+def test_segment_mean_needs_num_segments_while_tracing():
+    images, segments, _ = _case(segment_mean_cases(), "prime")
+    compiled = torch.compile(lambda i, s: ops.segment_mean(i, s), fullgraph=True)
+    with pytest.raises(Exception, match="give num_segments"):
+        compiled(images, segments)
+
+
+def _with(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_value_checks_become_assertions_and_nothing_is_written(backend):
+    _available(backend, "cpu")
+    x_adv, x, grad, weight, step_size, eps, lo, hi, norm = _case(masked_pgd_step_cases(), "l2-prime")
+    x_adv = x_adv.clone()
+    before = x_adv.clone()
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def step(x_adv, x, grad, weight):
+        return ops.masked_pgd_step(x_adv, x, grad, weight, step_size=step_size, eps=eps, lo=lo, hi=hi, norm=norm, backend=backend)
+
+    step(x_adv.clone(), x, grad, weight)  # compiled once on good input: the bad calls below reuse the graph
+    for bad, message in [
+        ((x_adv, _with(x, (0, 0, 1, 1), float("nan")), grad, weight), "x contains NaN"),
+        ((_with(x_adv, (1, 2, 0, 0), float("inf")), x, grad, weight), "x_adv contains NaN"),
+        ((x_adv, x, _with(grad, (0, 1, 2, 3), float("nan")), weight), "grad contains NaN"),
+        ((x_adv, x, grad, _with(weight, (0, 1, 1), 1.5)), r"weight must lie in \[0, 1\]"),
+    ]:
+        target = bad[0]
+        kept = target.clone()
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            step(*bad)
+        assert torch.equal(target.nan_to_num(), kept.nan_to_num()), message
+    assert torch.equal(x_adv, before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_segment_label_checks_become_assertions(backend):
+    _available(backend, "cpu")
+    images, segments, masks, fudge, offset, count, mean, std, _, _ = _case(perturb_cases(), "bands_channels_last")
+    m = masks.shape[2]
+    out = torch.zeros(images.shape[0] * count, *images.shape[1:])
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def both(images, segments, masks, fudge, mean, std, out):
+        ops.perturb(images, segments, masks, fudge, offset, out=out, mean=mean, std=std, backend=backend)
+        return ops.segment_mean(images, segments, m, backend=backend)
+
+    both(images, segments, masks, fudge, mean, std, out.clone())
+    gap = torch.where(segments == 1, 2, segments)  # image 0 keeps labels 0, 2, 3, 4: 1 is missing
+    for bad_segments, bad_std, message in [
+        (gap, std, "not numbered 0..M-1"),
+        (_with(segments, (1, 0, 0), -1), std, "negative labels"),
+        (_with(segments, (0, 0, 0), m), std, f"label >= M={m}"),
+        (segments, _with(std, 1, 0.0), "std contains zeros"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            both(images, bad_segments, masks, fudge, mean, bad_std, out)
+        assert not out.any(), message
