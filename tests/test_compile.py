@@ -158,3 +158,25 @@ def test_segment_label_checks_become_assertions(backend):
         with pytest.raises(RuntimeError, match=message):
             both(images, bad_segments, masks, fudge, mean, bad_std, out)
         assert not out.any(), message
+
+
+def test_lime_fit_reference_takes_the_least_squares_branch_in_the_graph():
+    """alpha = 0 with a column always on: the Gram matrix is singular and the reference solves by
+    pinv, a branch the graph takes itself (torch.cond) instead of reading Cholesky's status on the
+    host. Only the split between that column's coefficient and the intercept is not identifiable
+    (eager rounding can let Cholesky through): everything else must match the eager call."""
+    gen = torch.Generator().manual_seed(6)
+    masks = torch.rand(2, 40, 4, generator=gen) > 0.5
+    targets = torch.rand(2, 40, 2, generator=gen, dtype=torch.float64)
+    fit = torch.compile(lambda m, t: ops.lime_fit(m, t, alpha=0.0, backend="torch"), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(fit(masks, targets), ops.lime_fit(masks, targets, alpha=0.0, backend="torch"))
+    masks[:, :, 2] = True  # the same graph, the other branch
+    coef, intercept, score, local_pred = fit(masks, targets)
+    ref = ops.lime_fit(masks, targets, alpha=0.0, backend="torch")
+    # minimum norm: (almost) nothing on the constant column, where a Cholesky solve let through
+    # by rounding puts an arbitrary share (as eager did here: 0.77 on image 0)
+    assert coef[:, :, 2].abs().max() < 1e-12
+    keep = [0, 1, 3]
+    torch.testing.assert_close(coef[:, :, keep], ref[0][:, :, keep], atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(intercept, ref[1] + ref[0][:, :, 2], atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close((score, local_pred), ref[2:], atol=1e-8, rtol=1e-6)

@@ -97,13 +97,12 @@ def lime_fit_ref(
     chol, info = torch.linalg.cholesky_ex(gram)
     # Singular (alpha = 0 with a constant column): the minimum-norm least-squares solution.
     # pinv works on every device; lstsq's default CPU driver (gelsy) can misjudge the rank.
-    if torch.compiler.is_compiling():  # a graph cannot branch on info: both, and a choice per image
-        singular = (info != 0).view(b, 1, 1)
-        beta = torch.where(singular, torch.linalg.pinv(gram, hermitian=True) @ rhs, torch.cholesky_solve(rhs, chol))
+    if torch.compiler.is_compiling():  # the same branch, taken in the graph (no host round trip)
+        beta = torch.cond((info != 0).any(), _least_squares, _cholesky, (gram, rhs, chol))
     elif bool((info != 0).any()):
-        beta = torch.linalg.pinv(gram, hermitian=True) @ rhs
+        beta = _least_squares(gram, rhs, chol)
     else:
-        beta = torch.cholesky_solve(rhs, chol)
+        beta = _cholesky(gram, rhs, chol)
     beta = beta * valid.unsqueeze(2)
     intercept = ybar - torch.einsum("bm,bml->bl", xbar * valid, beta)
     resid = yc - zc @ beta  # (B, N, L): y - ŷ
@@ -112,6 +111,15 @@ def lime_fit_ref(
     score = r2_from_sums(rss, tss)
     local_pred = intercept + beta.sum(dim=1)
     return beta.transpose(1, 2).contiguous(), intercept, score, local_pred
+
+
+# lime_fit_ref's two solves. torch.cond needs its branches' outputs in the same layout.
+def _cholesky(gram, rhs, chol):
+    return torch.cholesky_solve(rhs, chol).contiguous()
+
+
+def _least_squares(gram, rhs, chol):
+    return (torch.linalg.pinv(gram, hermitian=True) @ rhs).contiguous()
 
 
 @torch.no_grad()
