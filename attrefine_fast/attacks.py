@@ -234,7 +234,7 @@ def masked_pgd(
     check_int("restarts", restarts, 1)
     amp_dtype = _amp_dtype(amp)
     gen = _generator(seed, images.device)
-    step = resolve_step(backend, images.device)
+    step = resolve_step(backend, images.device, images.dtype)
 
     x = images.detach()
     if eps == 0:

@@ -32,6 +32,16 @@ AUTO_ORDER = {
     "cpu": {op: ("cpp", "torch") for op in OPS},
     "cuda": {op: ("cuda", "torch", "triton") for op in OPS},
 }
+# ... except where a backend measured slower than the next in the order for one dtype (device
+# type, op, dtype: the backends passed over). The C++ masked_pgd_step rounds every float16 /
+# bfloat16 intermediate as the reference does, one element at a time in software (the extension
+# is built for the baseline x86-64 instruction set, without F16C), where PyTorch's kernels
+# convert whole vectors: 1.1-34x slower than the pure-PyTorch backend at every size timed
+# (benchmarks/cpu_half_precision.py; benchmarks/RESULTS.md, "Half precision on the CPU").
+AUTO_PASS_OVER = {
+    ("cpu", "masked_pgd_step", torch.float16): ("cpp",),
+    ("cpu", "masked_pgd_step", torch.bfloat16): ("cpp",),
+}
 
 
 class BackendUnavailable(RuntimeError):
@@ -110,18 +120,19 @@ def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
 
 
-def resolve(op: str, backend: str, device: torch.device | str) -> Callable:
-    """The implementation of ``op`` for ``backend`` on ``device``, with the schema's signature.
+def resolve(op: str, backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> Callable:
+    """The implementation of ``op`` for ``backend`` on ``device``, with the schema's signature;
+    ``dtype`` (of the op's main tensor) refines ``backend="auto"``'s choice (AUTO_PASS_OVER).
 
     Under torch.compile the choice is made once, while tracing, and the graph calls what it names.
     """
-    return _implementation(op, _choice(op, backend, torch.device(device).type))
+    return _implementation(op, _choice(op, backend, torch.device(device).type, dtype))
 
 
 @torch.compiler.assume_constant_result  # traced as the name it returns (its lookups are not traceable)
-def _choice(op: str, backend: str, device_type: str) -> str:
+def _choice(op: str, backend: str, device_type: str, dtype: torch.dtype | None) -> str:
     if backend == "auto":
-        return selected(op, backend, device_type)
+        return selected(op, backend, device_type, dtype)
     ok, why = status(op, backend, device_type)
     if not ok:
         raise BackendUnavailable(f"backend {backend!r} cannot run {op} on {device_type}: {why}")
@@ -137,12 +148,13 @@ def _implementation(op: str, backend: str) -> Callable:
     return _triton(op)[0]
 
 
-def selected(op: str, backend: str, device: torch.device | str) -> str:
+def selected(op: str, backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The name of the backend ``resolve`` would pick (for logs and reports)."""
     device_type = torch.device(device).type
     if backend != "auto":
         return backend
+    passed_over = AUTO_PASS_OVER.get((device_type, op, dtype), ())
     for candidate in AUTO_ORDER.get(device_type, {}).get(op, ("torch",)):
-        if status(op, candidate, device_type)[0]:
+        if candidate not in passed_over and status(op, candidate, device_type)[0]:
             return candidate
     return "torch"

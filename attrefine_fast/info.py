@@ -26,7 +26,13 @@ def report() -> str:
         lines.append("")
         lines.append(f"[{device}]")
         for op in backends.OPS:
-            lines.append(f"  {op}: auto -> {backends.selected(op, 'auto', device)}")
+            choice = backends.selected(op, "auto", device)
+            exceptions = {
+                str(dtype).removeprefix("torch."): backends.selected(op, "auto", device, dtype)
+                for d, o, dtype in backends.AUTO_PASS_OVER if (d, o) == (device, op)
+            }
+            exceptions = ", ".join(f"{name}: {b}" for name, b in exceptions.items() if b != choice)
+            lines.append(f"  {op}: auto -> {choice}" + (f" ({exceptions})" if exceptions else ""))
             for backend in backends.BACKENDS:
                 ok, why = backends.status(op, backend, device)
                 lines.append(f"    {backend:7s} {'yes' if ok else 'no '}  {why}")
