@@ -33,6 +33,8 @@ namespace {
 // Elements per task: 16 Ki keeps a task's four streams in L2 and gives B * C * H * W / 16 Ki
 // tasks, enough to balance two to a few dozen threads even for one image.
 constexpr int64_t kChunk = 1 << 14;
+// Running sums per quantity in L2's norm pass (see l2_step).
+constexpr int kLanes = 8;
 
 template <typename scalar_t>
 struct StepArgs {
@@ -127,15 +129,23 @@ void l2_step(const StepArgs<scalar_t>& a) {
     return round_to<scalar_t>(static_cast<op_t>(g) * static_cast<op_t>(weight[e - begin]));
   };
   for_sample_chunks(a, [&](int64_t b, int64_t task, int64_t begin, int64_t end, const scalar_t* weight) {
-    double gg = 0.0, ag = 0.0, aa = 0.0;
-    for (int64_t e = begin; e < end; ++e) {
+    // kLanes running sums per quantity, element e into lane e % kLanes: one running sum is a chain
+    // of dependent additions the compiler may neither reorder nor vectorize; fixed lanes keep the
+    // order, and so the result, the same from run to run.
+    double gg[kLanes] = {}, ag[kLanes] = {}, aa[kLanes] = {};
+    const auto add = [&](int64_t e, int l) {
       const double g = static_cast<double>(masked_grad(b, e, weight, begin));
       const double d = static_cast<double>(a.x_adv[b * per_sample + e]) - static_cast<double>(a.x[b * per_sample + e]);
-      gg += g * g;
-      ag += d * g;
-      aa += d * d;
-    }
-    partial[task * 3] = gg, partial[task * 3 + 1] = ag, partial[task * 3 + 2] = aa;
+      gg[l] += g * g;
+      ag[l] += d * g;
+      aa[l] += d * d;
+    };
+    int64_t e = begin;
+    for (; e + kLanes <= end; e += kLanes)
+      for (int l = 0; l < kLanes; ++l) add(e + l, l);
+    for (int l = 0; e < end; ++e, ++l) add(e, l);
+    for (int l = 1; l < kLanes; ++l) gg[0] += gg[l], ag[0] += ag[l], aa[0] += aa[l];
+    partial[task * 3] = gg[0], partial[task * 3 + 1] = ag[0], partial[task * 3 + 2] = aa[0];
   });
   std::vector<op_t> g_norm(a.batch), factor(a.batch);
   for (int64_t b = 0; b < a.batch; ++b) {
