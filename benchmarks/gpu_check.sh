@@ -76,6 +76,7 @@ run synccheck synccheck.log compute-sanitizer --tool synccheck --error-exitcode 
   python -m pytest -q -p no:cacheprovider tests/test_compiled_ops.py -k "$shared"
 run bench bench.log python -m attrefine_fast bench --quick --device cuda --json "$out/bench-quick-cuda.json" \
   --markdown "$out/bench-quick-cuda.md"
+run inductor inductor.log python benchmarks/inductor_reference.py --device cuda
 step end
 [ ${#not_run[@]} -eq 0 ] || { echo "not run or cut short: ${not_run[*]}"; status=1; }
 exit $status
