@@ -49,7 +49,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     message = f"{name} contains NaN or infinite values"
     if torch.compiler.is_compiling():
         if t.is_floating_point() and t.numel() > 0:
-            torch._assert_async(torch.isfinite(t).all(), message)
+            require(torch.isfinite(t).all(), message)
     elif not all_finite(t):
         raise ValueError(message)
 

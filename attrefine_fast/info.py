@@ -27,11 +27,9 @@ def report() -> str:
         lines.append(f"[{device}]")
         for op in backends.OPS:
             choice = backends.selected(op, "auto", device)
-            exceptions = {
-                str(dtype).removeprefix("torch."): backends.selected(op, "auto", device, dtype)
-                for d, o, dtype in backends.AUTO_PASS_OVER if (d, o) == (device, op)
-            }
-            exceptions = ", ".join(f"{name}: {b}" for name, b in exceptions.items() if b != choice)
+            by_dtype = [(str(dtype).removeprefix("torch."), backends.selected(op, "auto", device, dtype))
+                        for d, o, dtype in backends.AUTO_PASS_OVER if (d, o) == (device, op)]
+            exceptions = ", ".join(f"{dtype}: {b}" for dtype, b in by_dtype if b != choice)
             lines.append(f"  {op}: auto -> {choice}" + (f" ({exceptions})" if exceptions else ""))
             for backend in backends.BACKENDS:
                 ok, why = backends.status(op, backend, device)
