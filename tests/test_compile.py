@@ -180,3 +180,14 @@ def test_lime_fit_reference_takes_the_least_squares_branch_in_the_graph():
     torch.testing.assert_close(coef[:, :, keep], ref[0][:, :, keep], atol=1e-8, rtol=1e-6)
     torch.testing.assert_close(intercept, ref[1] + ref[0][:, :, 2], atol=1e-8, rtol=1e-6)
     torch.testing.assert_close((score, local_pred), ref[2:], atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("segments, labels", [(4, 1), (1, 2)], ids=["one_label", "one_segment"])
+def test_lime_fit_reference_with_a_size_one_dimension(segments, labels):
+    """One label (the common top-label fit) or one segment: torch.cond's two solves must agree on
+    the strides of that size-1 dimension too."""
+    gen = torch.Generator().manual_seed(7)
+    masks = torch.rand(3, 12, segments, generator=gen) > 0.5
+    targets = torch.rand(3, 12, labels, generator=gen, dtype=torch.float64)
+    fit = torch.compile(lambda m, t: ops.lime_fit(m, t, backend="torch"), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(fit(masks, targets), ops.lime_fit(masks, targets, backend="torch"))

@@ -113,13 +113,14 @@ def lime_fit_ref(
     return beta.transpose(1, 2).contiguous(), intercept, score, local_pred
 
 
-# lime_fit_ref's two solves. torch.cond needs its branches' outputs in the same layout.
+# lime_fit_ref's two solves. torch.cond needs its branches' outputs with the same strides,
+# size-1 dimensions included (which contiguous() leaves as they are): a fresh row-major copy.
 def _cholesky(gram, rhs, chol):
-    return torch.cholesky_solve(rhs, chol).contiguous()
+    return torch.cholesky_solve(rhs, chol).clone(memory_format=torch.contiguous_format)
 
 
 def _least_squares(gram, rhs, chol):
-    return (torch.linalg.pinv(gram, hermitian=True) @ rhs).contiguous()
+    return (torch.linalg.pinv(gram, hermitian=True) @ rhs).clone(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
