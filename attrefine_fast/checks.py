@@ -118,10 +118,11 @@ def _traced_segment_counts(flat: torch.Tensor, max_segments: int | None) -> torc
     if max_segments is None:
         raise ValueError("under torch.compile give num_segments: the output's size cannot depend on the labels' values")
     if max_segments < 1:
-        raise ValueError(f"need at least one segment, got M={max_segments}")
+        raise ValueError("need at least one segment (M >= 1)")
     num = flat.amax(dim=1) + 1
     require((flat.amin(dim=1) >= 0).all(), "segments contains negative labels; labels must be 0..M-1 per image")
-    require((num <= max_segments).all(), f"segments contains a label >= M={max_segments}, the number of segments given")
+    # (no sizes in the messages: formatting one would fix it in the graph, a recompile per size)
+    require((num <= max_segments).all(), "segments contains a label >= M, the number of segments given")
     present = torch.zeros(flat.shape[0], max_segments, dtype=torch.bool, device=flat.device)
     present.scatter_(1, flat.clamp(0, max_segments - 1), True)
     require((present.sum(dim=1) == num).all(), "segments are not numbered 0..M-1 (a label is missing in some image)")

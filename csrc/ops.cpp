@@ -15,16 +15,16 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(attrefine_fast, m) {
   // images (B,C,H,W), segments (B,H,W) int64 in [0, num_segments) -> (B, num_segments, C)
-  m.def("segment_mean(Tensor images, Tensor segments, int num_segments) -> Tensor");
+  m.def("segment_mean(Tensor images, Tensor segments, SymInt num_segments) -> Tensor");
   // samples [offset, offset+count) of every image -> (B*count, C, H, W), optionally normalized,
   // cast and channels-last
   m.def(
-      "perturb(Tensor images, Tensor segments, Tensor masks, Tensor fudge, int offset, int count, "
+      "perturb(Tensor images, Tensor segments, Tensor masks, Tensor fudge, SymInt offset, SymInt count, "
       "Tensor? mean, Tensor? std, ScalarType? out_dtype, bool channels_last) -> Tensor");
   // perturb written into out (B*count, C, H, W): count, dtype and layout (contiguous or
   // channels-last) are out's
   m.def(
-      "perturb_into(Tensor images, Tensor segments, Tensor masks, Tensor fudge, int offset, Tensor? mean, "
+      "perturb_into(Tensor images, Tensor segments, Tensor masks, Tensor fudge, SymInt offset, Tensor? mean, "
       "Tensor? std, Tensor(a!) out) -> ()");
   // masks (B,N,M), targets (B,N,L) -> coef (B,L,M), intercept (B,L), score (B,L), local_pred (B,L)
   m.def(

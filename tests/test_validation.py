@@ -229,6 +229,11 @@ class TestOps:
             ((x_adv, x, g, nan_weight), {}, ValueError, "weight must lie in"),
             ((x_adv, nan_x, g), {}, ValueError, "x contains NaN"),
             ((x_adv, x, g), {"step_size": float("inf"), "norm": "l2"}, ValueError, "step_size must be finite"),
+            ((x_adv, x, g), {"eps": "0.1"}, TypeError, "eps must be a real number"),
+            ((x_adv, x, g), {"eps": torch.tensor(0.1)}, TypeError, "eps must be a real number"),
+            ((x_adv, x, g), {"eps": -0.1}, ValueError, "eps must be >= 0"),
+            ((x_adv, x, g), {"lo": None}, TypeError, "lo must be a real number"),
+            ((x_adv, x, g), {"hi": float("nan")}, ValueError, "hi must be a number"),
             ((x.clone().requires_grad_(), x, g), {}, ValueError, "requires grad"),
             ((x[:1].expand(2, -1, -1, -1), x, g), {}, ValueError, "overlapping"),
         ]:

@@ -148,10 +148,11 @@ def lime_fit(
     if num_segments is None:
         num_segments = torch.full((b,), m, dtype=torch.long, device=masks.device)
     check_tensor("num_segments", num_segments, ndim=1, dtypes=(torch.int32, torch.int64))
-    message = f"num_segments must hold B={b} counts in 1..{m}"
     if num_segments.shape[0] != b:
-        raise ValueError(message)
-    require(((num_segments >= 1) & (num_segments <= m)).all(), message)
+        raise ValueError(f"num_segments must hold B={b} counts in 1..{m}")
+    # traced, a message built from the sizes would fix them in the graph (a recompile per size)
+    in_range = "num_segments must hold counts in 1..M" if torch.compiler.is_compiling() else f"num_segments must hold B={b} counts in 1..{m}"
+    require(((num_segments >= 1) & (num_segments <= m)).all(), in_range)
     check_same_device(masks=masks, targets=targets, num_segments=num_segments, weights=weights)
     check_finite("targets", targets)
     if weights is not None:

@@ -110,8 +110,10 @@ def masked_pgd_step(
         weight = weight.to(x_adv.dtype).contiguous()
         require(((weight >= 0) & (weight <= 1)).all(), "weight must lie in [0, 1] (and not be NaN)")  # NaN fails both
     step_size = check_real("step_size", step_size, minimum=0.0)
-    if not (eps >= 0 and lo <= hi):
-        raise ValueError(f"need eps >= 0 and lo <= hi, got eps={eps}, lo={lo}, hi={hi}")
+    eps = check_real("eps", eps, minimum=0.0, finite=False)  # an infinite ball: projection does nothing
+    lo, hi = check_real("lo", lo, finite=False), check_real("hi", hi, finite=False)
+    if not lo <= hi:
+        raise ValueError(f"need lo <= hi, got lo={lo}, hi={hi}")
     step = resolve_step(backend, x_adv.device, x_adv.dtype)
     step(x_adv, x, grad, weight, float(step_size), float(eps), float(lo), float(hi), norm)
     return x_adv
