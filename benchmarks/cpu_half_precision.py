@@ -10,12 +10,11 @@ call by call, and the C++ kernel's time as a multiple of PyTorch's.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from attrefine_fast import backends
+from attrefine_fast.benchmarking.core import interleaved_median_ms
 from attrefine_fast.benchmarking.inputs import grid_batch, photo_batch
 
 SIZES = ((32, 1), (32, 128), (224, 1), (224, 8))
@@ -29,19 +28,6 @@ def step_inputs(size: int, batch: int, dtype: torch.dtype):
     segments, _ = grid_batch(batch, size, 16)
     weight = (segments % 2).to(dtype)
     return (x + 0.01).clamp(0, 1), x, grad, weight
-
-
-def median_ms(calls: dict, rounds: int) -> dict:
-    """Median milliseconds of each zero-argument call, the calls interleaved round by round."""
-    times = {name: [] for name in calls}
-    for name, call in calls.items():  # warm-up
-        call(), call()
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
@@ -66,7 +52,7 @@ def main() -> None:
                         b: (lambda impl=impl: impl(x_adv, x, grad, weight, 2 / 255, 8 / 255, 0.0, 1.0, norm))
                         for b, impl in impls.items()
                     }
-                    ms = median_ms(calls, args.rounds)
+                    ms = interleaved_median_ms(calls, args.rounds, torch.device("cpu"), warmup=2)
                     print(f"| {threads} | {size}x{size}, B={batch} | {str(dtype).removeprefix('torch.')} | {norm} | "
                           f"{ms['torch']:.3f} | {ms['cpp']:.3f} | {ms['cpp'] / ms['torch']:.2f}x |")
 

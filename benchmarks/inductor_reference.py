@@ -11,12 +11,12 @@ left out everywhere: each provider is the implementation ``backends.resolve`` ha
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 from attrefine_fast import backends
+from attrefine_fast.benchmarking.core import interleaved_median_ms, synchronize
 from attrefine_fast.benchmarking.inputs import grid_batch, photo_batch
 from attrefine_fast.neighborhood import draw_masks, fudge_images
 
@@ -51,17 +51,6 @@ def cases(device: torch.device):
     return out
 
 
-def synchronized(fn, device):
-    if device.type != "cuda":
-        return fn
-
-    def run():
-        fn()
-        torch.cuda.synchronize(device)
-
-    return run
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -81,19 +70,11 @@ def main() -> None:
         torch._dynamo.reset()
         compiled = torch.compile(reference, fullgraph=True, dynamic=False)
         start = time.perf_counter()
-        synchronized(lambda: compiled(*op_args), device)()
+        compiled(*op_args)
+        synchronize(device)
         first = time.perf_counter() - start
         providers = {"torch": reference, "inductor": compiled, **{b: backends.resolve(op, b, device) for b in ours}}
-        calls = {k: synchronized(lambda impl=impl: impl(*op_args), device) for k, impl in providers.items()}
-        times = {k: [] for k in calls}
-        for call in calls.values():
-            call()
-        for _ in range(args.rounds):
-            for k, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[k].append(time.perf_counter() - start)
-        ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+        ms = interleaved_median_ms({k: (lambda impl=impl: impl(*op_args)) for k, impl in providers.items()}, args.rounds, device)
         print(f"| {title} | {ms['torch']:.3f} | {ms['inductor']:.3f} | {first:.1f} | " + " | ".join(f"{ms[b]:.3f}" for b in ours) + " |")
 
 

@@ -197,3 +197,23 @@ def run_case(
 
 def median(values: list[float] | None) -> float | None:
     return statistics.median(values) if values else None
+
+
+def interleaved_median_ms(
+    calls: dict[str, Callable[[], object]], rounds: int, device: torch.device, warmup: int = 1
+) -> dict[str, float]:
+    """Median milliseconds of each zero-argument call, one call of each per round after
+    ``warmup`` calls each (GPU work synchronized): the light-weight loop of the standalone
+    benchmark scripts, which time single calls rather than whole cases."""
+    times = {name: [] for name in calls}
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    synchronize(device)
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
