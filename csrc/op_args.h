@@ -27,7 +27,7 @@ inline void check_segment_mean_args(const at::Tensor& images, const at::Tensor& 
   check_segment_ids(segments, num_segments);
 }
 
-// Checks perturb's arguments and returns the output dtype (perturb_output_dtype in ops/perturb.py).
+// Checks perturb's arguments and returns the output dtype (check_output_dtype in ops/perturb.py).
 // check_ids = false leaves the segment ids' range to a caller whose kernel checks them before it
 // writes (the CUDA one: no host round trip before its launch).
 inline at::ScalarType check_perturb_args(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
@@ -68,6 +68,10 @@ inline at::ScalarType check_perturb_args(const at::Tensor& images, const at::Ten
   TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble ||
                        dtype == at::kByte,
                    "out_dtype must be a float dtype or uint8, got ", dtype);
+  // A uint8 output holds the images' own values; a float or normalized value outside 0..255 would wrap.
+  TORCH_CHECK_TYPE(dtype != at::kByte || (!normalized && images.scalar_type() == at::kByte),
+                   "a uint8 output needs uint8 images and no mean/std (values outside 0..255 would wrap), got ",
+                   images.scalar_type(), " images", normalized ? " with mean/std" : "");
   if (check_ids) check_segment_ids(segments, masks.size(2));
   return dtype;
 }

@@ -14,7 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from attrefine_fast.checks import FLOAT_DTYPES, IMAGE_DTYPES, check_finite, check_real, check_same_device, check_tensor
-from attrefine_fast.ops.perturb import check_chunk, check_perturb_out, perturb_output_dtype
+from attrefine_fast.ops.perturb import check_chunk, check_output_dtype, check_perturb_out
 
 
 def concrete(*tensors) -> bool:
@@ -66,9 +66,7 @@ def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean,
             check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES)
             if t.shape[0] != c:
                 raise ValueError(f"{name} must have one value per channel ({c}), got shape {tuple(t.shape)}")
-    dtype = perturb_output_dtype(images.dtype, mean is not None, out_dtype)
-    if dtype not in IMAGE_DTYPES:
-        raise TypeError(f"out_dtype must be a float dtype or uint8, got {dtype}")
+    check_output_dtype(images.dtype, mean is not None, out_dtype)
 
 
 def check_perturb_into(images, segments, masks, fudge, offset: int, mean, std, out) -> int:

@@ -110,6 +110,8 @@ def test_perturb_both_paths_on_coherent_and_scattered_labels(out_dtype):
     segments = torch.cat([labels(1, 31, 29, [7], gen, coherent=True), labels(1, 31, 29, [7], gen)])
     masks = torch.rand(2, 6, 7, generator=gen) > 0.5
     fudge = torch.rand(2, 3, 31, 29, generator=gen)
+    if out_dtype == torch.uint8:  # a uint8 output holds uint8 images' own values
+        images, fudge = (images * 255).to(torch.uint8), (fudge * 255).to(torch.uint8)
     for cl in (False, True):
         args = (images, segments, masks, fudge, 1, 5, None, None, out_dtype, cl)
         torch.testing.assert_close(ops.perturb(*args), perturb_ref(*args), atol=0, rtol=0)

@@ -179,6 +179,33 @@ class TestOps:
         assert ops.perturb(images, segments, masks, fudge, 1, out=out) is out
         assert torch.equal(out, ops.perturb(images, segments, masks, fudge, 1, 2)) and torch.equal(images, before)
 
+    @pytest.mark.parametrize("backend", backends.BACKENDS)
+    def test_a_uint8_output_holds_uint8_images_only(self, backend):
+        """A float or normalized value outside 0..255 would wrap around in a uint8 cast: every
+        backend refuses that output, and writes nothing into out."""
+        if not backends.status("perturb", backend, "cpu")[0]:
+            pytest.skip(f"no {backend} backend here")
+        images, segments, _ = grid_batch()
+        masks = torch.ones(2, 5, 4, dtype=torch.bool)
+        norm = {"mean": torch.full((3,), 0.5), "std": torch.full((3,), 0.25)}
+        pixels = (images * 255).to(torch.uint8)
+        for imgs, kwargs, got in [(images, {}, "got torch.float32 images"),
+                                  (pixels, norm, "got torch.uint8 images with mean/std")]:
+            fudge = torch.zeros_like(imgs)
+            with pytest.raises(TypeError, match="a uint8 output needs uint8 images and no mean/std.*" + got):
+                ops.perturb(imgs, segments, masks, fudge, out_dtype=torch.uint8, backend=backend, **kwargs)
+            out = torch.full((10, 3, 8, 8), 7, dtype=torch.uint8)
+            with pytest.raises(TypeError, match="a uint8 output needs uint8 images"):
+                ops.perturb(imgs, segments, masks, fudge, out=out, backend=backend, **kwargs)
+            assert (out == 7).all()
+            if backend in ("cpp", "triton"):  # the op's own contract, called directly
+                op = getattr(torch.ops.attrefine_fast, "perturb" if backend == "cpp" else "perturb_triton")
+                mean, std = kwargs.get("mean"), kwargs.get("std")
+                with pytest.raises(TypeError, match="a uint8 output needs uint8 images"):
+                    op(imgs, segments, masks, fudge, 0, 5, mean, std, torch.uint8, False)
+        assert torch.equal(ops.perturb(pixels, segments, masks, torch.zeros_like(pixels), out_dtype=torch.uint8, backend=backend),
+                           pixels.repeat_interleave(5, 0))
+
     def test_lime_fit(self):
         masks = torch.ones(2, 6, 3, dtype=torch.bool)
         targets = torch.rand(2, 6, 2, dtype=torch.float64)

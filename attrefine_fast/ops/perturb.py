@@ -25,6 +25,19 @@ def perturb_output_dtype(images_dtype: torch.dtype, normalized: bool, out_dtype:
     return images_dtype
 
 
+def check_output_dtype(images_dtype: torch.dtype, normalized: bool, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The output dtype (:func:`perturb_output_dtype`), which must be a float dtype or uint8. A
+    uint8 output holds the images' own values, so it needs uint8 images and no normalization: a
+    float or normalized value outside 0..255 would wrap around in the cast."""
+    dtype = perturb_output_dtype(images_dtype, normalized, out_dtype)
+    if dtype not in FLOAT_DTYPES + (torch.uint8,):
+        raise TypeError(f"out_dtype must be a float dtype or uint8, got {dtype}")
+    if dtype == torch.uint8 and (normalized or images_dtype != torch.uint8):
+        got = f"{images_dtype} images" + (" with mean/std" if normalized else "")
+        raise TypeError(f"a uint8 output needs uint8 images and no mean/std (values outside 0..255 would wrap), got {got}")
+    return dtype
+
+
 def perturb_ref(
     images: torch.Tensor,
     segments: torch.Tensor,
@@ -48,7 +61,8 @@ def perturb_ref(
         offset, count: the samples ``offset <= n < offset + count`` to produce.
         mean, std: optional (C,) float tensors; when given the output is ``(x - mean) / std``,
             computed in float32 (float64 for float64 images).
-        out_dtype: the output dtype (see :func:`perturb_output_dtype`).
+        out_dtype: the output dtype (see :func:`perturb_output_dtype`); uint8 only for uint8
+            images without normalization (:func:`check_output_dtype`).
         channels_last: return the result in channels-last memory format.
 
     Returns:
@@ -141,8 +155,7 @@ def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std,
                 raise ValueError(f"{name} must have one value per channel ({c}), got shape {tuple(t.shape)}")
             check_finite(name, t)
         require((std != 0).all(), "std contains zeros")
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES + (torch.uint8,):
-        raise TypeError(f"out_dtype must be a float dtype or uint8, got {out_dtype}")
+    check_output_dtype(images.dtype, mean is not None, out_dtype)
 
 
 def check_perturb_out(out, images, segments, masks, fudge) -> int:
