@@ -9,7 +9,8 @@
 //           x_adv = clamp(x + δ, lo, hi)
 //
 // Every intermediate is rounded to the tensor's dtype in the reference's order
-// (attrefine_fast.ops.masked_pgd_step_ref), so L-inf matches it exactly in every dtype.
+// (attrefine_fast.ops.masked_pgd_step_ref), so L-inf matches it exactly in every dtype. float16 and
+// bfloat16 are converted to float a tile at a time and rounded there (half_float.h).
 // L-inf is one pass over memory. L2 needs the per-sample norms ‖g‖ and ‖δ‖ before any element can
 // be written, so it takes two passes: the first accumulates Σg², Σa·g and Σa² (a = x_adv - x) in
 // float64, from which ‖δ‖² = Σa² + 2c Σa·g + c² Σg² (c = step / (‖g‖ + 1e-10)) follows without
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "../op_args.h"
+#include "half_float.h"
 
 namespace attrefine_fast {
 namespace {
@@ -44,6 +46,11 @@ struct StepArgs {
   bool channels_last;
   double step_size, eps, lo, hi;
 };
+
+// Elements of each stream converted to float per tile in the float16/bfloat16 paths: four
+// streams of 512 floats (8 KB) stay in L1.
+constexpr int64_t kTile = 512;
+static_assert(kTile % kLanes == 0, "a tile holds whole groups of L2's running sums");
 
 template <typename scalar_t>
 inline scalar_t round_to(at::opmath_type<scalar_t> v) {
@@ -94,24 +101,66 @@ void for_sample_chunks(const StepArgs<scalar_t>& a, F body) {
   });
 }
 
+// Calls body(n, xa, x, g, w) on op_t copies of elements [begin, end) of sample b (weight: the
+// chunk's expanded weights, or nullptr), kTile at a time where scalar_t is float16/bfloat16 and in
+// one call on the tensors themselves otherwise. body may overwrite xa[0..n) with values of
+// scalar_t; with write_back they are stored into x_adv (exactly: they are representable).
+template <typename scalar_t, typename F>
+void over_tiles(const StepArgs<scalar_t>& a, int64_t b, int64_t begin, int64_t end, const scalar_t* weight,
+                bool write_back, F body) {
+  using op_t = at::opmath_type<scalar_t>;
+  scalar_t* x_adv = a.x_adv + b * a.channels * a.pixels;
+  const scalar_t* x = a.x + b * a.channels * a.pixels;
+  const scalar_t* grad = a.grad + b * a.channels * a.pixels;
+  if constexpr (std::is_same_v<scalar_t, op_t>) {
+    body(end - begin, x_adv + begin, x + begin, grad + begin, weight);
+  } else {
+    alignas(64) op_t xa_t[kTile], x_t[kTile], g_t[kTile], w_t[kTile];
+    const auto load = [](const scalar_t* src, op_t* dst, int64_t n) {
+      for (int64_t i = 0; i < n; ++i) dst[i] = half_float::load_as_op(src[i]);
+    };
+    for (int64_t t = begin; t < end; t += kTile) {
+      const int64_t n = std::min(kTile, end - t);
+      load(x_adv + t, xa_t, n);
+      load(x + t, x_t, n);
+      load(grad + t, g_t, n);
+      if (weight != nullptr) load(weight + (t - begin), w_t, n);
+      body(n, xa_t, x_t, g_t, weight != nullptr ? w_t : nullptr);
+      if (write_back)
+        for (int64_t i = 0; i < n; ++i) x_adv[t + i] = half_float::store_from_op<scalar_t>(xa_t[i]);
+    }
+  }
+}
+
+// body(i, w[i]) for i in [0, n), or body(i, 1) when w is nullptr: a loop without a branch in
+// it, so that it vectorizes. Multiplying by 1 is exact, so a missing weight changes no value.
+template <typename T, typename F>
+inline void for_weights(int64_t n, const T* w, F body) {
+  using op_t = at::opmath_type<T>;
+  if (w != nullptr)
+    for (int64_t i = 0; i < n; ++i) body(i, static_cast<op_t>(w[i]));
+  else
+    for (int64_t i = 0; i < n; ++i) body(i, op_t(1));
+}
+
 template <typename scalar_t>
 void linf_step(const StepArgs<scalar_t>& a) {
   using op_t = at::opmath_type<scalar_t>;
-  const op_t step = static_cast<op_t>(a.step_size), eps = static_cast<op_t>(a.eps);
-  const op_t lo = static_cast<op_t>(a.lo), hi = static_cast<op_t>(a.hi);
-  const int64_t per_sample = a.channels * a.pixels;
+  const auto R = [](op_t v) { return half_float::round_as<scalar_t>(v); };
+  // Clamping a value of scalar_t to a bound and rounding the result equals clamping it to the
+  // rounded bound (rounding is monotone): two roundings per element fewer.
+  const op_t step = static_cast<op_t>(a.step_size), eps = R(static_cast<op_t>(a.eps));
+  const op_t lo = R(static_cast<op_t>(a.lo)), hi = R(static_cast<op_t>(a.hi));
   for_sample_chunks(a, [&](int64_t b, int64_t, int64_t begin, int64_t end, const scalar_t* weight) {
-    const int64_t base = b * per_sample;
-    for (int64_t e = begin; e < end; ++e) {
-      const op_t g = static_cast<op_t>(a.grad[base + e]);
-      scalar_t s = round_to<scalar_t>(static_cast<op_t>((op_t(0) < g) - (g < op_t(0))));
-      if (weight != nullptr) s = round_to<scalar_t>(s * static_cast<op_t>(weight[e - begin]));
-      const scalar_t moved = round_to<scalar_t>(static_cast<op_t>(a.x_adv[base + e]) + static_cast<op_t>(round_to<scalar_t>(step * static_cast<op_t>(s))));
-      const op_t xe = static_cast<op_t>(a.x[base + e]);
-      const op_t delta = std::min(std::max(static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(moved) - xe)), -eps), eps);
-      const op_t out = static_cast<op_t>(round_to<scalar_t>(xe + static_cast<op_t>(round_to<scalar_t>(delta))));
-      a.x_adv[base + e] = round_to<scalar_t>(std::min(std::max(out, lo), hi));
-    }
+    over_tiles(a, b, begin, end, weight, true, [&](int64_t n, auto* xa, const auto* x, const auto* g, const auto* w) {
+      for_weights(n, w, [&](int64_t i, op_t wi) {
+        const op_t s = static_cast<op_t>((op_t(0) < g[i]) - (g[i] < op_t(0))) * wi;  // exact: ±1 or 0 times a weight
+        const op_t moved = R(static_cast<op_t>(xa[i]) + R(step * s));
+        const op_t xe = static_cast<op_t>(x[i]);
+        const op_t delta = std::min(std::max(R(moved - xe), -eps), eps);
+        xa[i] = std::min(std::max(R(xe + delta), lo), hi);
+      });
+    });
   });
 }
 
@@ -122,28 +171,31 @@ void l2_step(const StepArgs<scalar_t>& a) {
   const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
   // Pass 1: per chunk Σg², Σa·g, Σa², summed per sample in a fixed order (deterministic).
   std::vector<double> partial(a.batch * chunks * 3, 0.0);
-  // weight: the chunk's expanded weights (for_sample_chunks), or nullptr.
-  const auto masked_grad = [&](int64_t b, int64_t e, const scalar_t* weight, int64_t begin) {
-    const scalar_t g = a.grad[b * per_sample + e];
-    if (weight == nullptr) return g;
-    return round_to<scalar_t>(static_cast<op_t>(g) * static_cast<op_t>(weight[e - begin]));
-  };
+  const auto R = [](op_t v) { return half_float::round_as<scalar_t>(v); };
   for_sample_chunks(a, [&](int64_t b, int64_t task, int64_t begin, int64_t end, const scalar_t* weight) {
     // kLanes running sums per quantity, element e into lane e % kLanes: one running sum is a chain
     // of dependent additions the compiler may neither reorder nor vectorize; fixed lanes keep the
-    // order, and so the result, the same from run to run.
+    // order, and so the result, the same from run to run (tiles hold whole multiples of kLanes).
     double gg[kLanes] = {}, ag[kLanes] = {}, aa[kLanes] = {};
-    const auto add = [&](int64_t e, int l) {
-      const double g = static_cast<double>(masked_grad(b, e, weight, begin));
-      const double d = static_cast<double>(a.x_adv[b * per_sample + e]) - static_cast<double>(a.x[b * per_sample + e]);
-      gg[l] += g * g;
-      ag[l] += d * g;
-      aa[l] += d * d;
-    };
-    int64_t e = begin;
-    for (; e + kLanes <= end; e += kLanes)
-      for (int l = 0; l < kLanes; ++l) add(e + l, l);
-    for (int l = 0; e < end; ++e, ++l) add(e, l);
+    over_tiles(a, b, begin, end, weight, false, [&](int64_t n, const auto* xa, const auto* x, const auto* g, const auto* w) {
+      const auto sums = [&](const auto weight_of) {
+        const auto add = [&](int64_t i, int l) {
+          const double gm = static_cast<double>(R(static_cast<op_t>(g[i]) * weight_of(i)));
+          const double d = static_cast<double>(xa[i]) - static_cast<double>(x[i]);
+          gg[l] += gm * gm;
+          ag[l] += d * gm;
+          aa[l] += d * d;
+        };
+        int64_t i = 0;
+        for (; i + kLanes <= n; i += kLanes)
+          for (int l = 0; l < kLanes; ++l) add(i + l, l);
+        for (int l = 0; i < n; ++i, ++l) add(i, l);
+      };
+      if (w != nullptr)
+        sums([&](int64_t i) { return static_cast<op_t>(w[i]); });
+      else
+        sums([](int64_t) { return op_t(1); });
+    });
     for (int l = 1; l < kLanes; ++l) gg[0] += gg[l], ag[0] += ag[l], aa[0] += aa[l];
     partial[task * 3] = gg[0], partial[task * 3 + 1] = ag[0], partial[task * 3 + 2] = aa[0];
   });
@@ -162,18 +214,19 @@ void l2_step(const StepArgs<scalar_t>& a) {
     factor[b] = std::isnan(static_cast<double>(ratio)) ? op_t(1) : std::min(static_cast<op_t>(ratio), op_t(1));
   }
   // Pass 2: δ in the reference's rounding order, scaled, clamped, written.
-  const op_t step = static_cast<op_t>(a.step_size), lo = static_cast<op_t>(a.lo), hi = static_cast<op_t>(a.hi);
+  // (the bounds rounded, as in linf_step)
+  const op_t step = static_cast<op_t>(a.step_size), lo = R(static_cast<op_t>(a.lo)), hi = R(static_cast<op_t>(a.hi));
   for_sample_chunks(a, [&](int64_t b, int64_t, int64_t begin, int64_t end, const scalar_t* weight) {
-    const int64_t base = b * per_sample;
     const op_t f = factor[b], gn = g_norm[b];
-    for (int64_t e = begin; e < end; ++e) {
-      const scalar_t scaled = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(step * static_cast<op_t>(masked_grad(b, e, weight, begin)))) / gn);
-      const scalar_t moved = round_to<scalar_t>(static_cast<op_t>(a.x_adv[base + e]) + static_cast<op_t>(scaled));
-      const op_t xe = static_cast<op_t>(a.x[base + e]);
-      const scalar_t delta = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(moved) - xe)) * f);
-      const op_t out = static_cast<op_t>(round_to<scalar_t>(xe + static_cast<op_t>(delta)));
-      a.x_adv[base + e] = round_to<scalar_t>(std::min(std::max(out, lo), hi));
-    }
+    over_tiles(a, b, begin, end, weight, true, [&](int64_t n, auto* xa, const auto* x, const auto* g, const auto* w) {
+      for_weights(n, w, [&](int64_t i, op_t wi) {
+        const op_t gm = R(static_cast<op_t>(g[i]) * wi);
+        const op_t moved = R(static_cast<op_t>(xa[i]) + R(R(step * gm) / gn));
+        const op_t xe = static_cast<op_t>(x[i]);
+        const op_t delta = R(R(moved - xe) * f);
+        xa[i] = std::min(std::max(R(xe + delta), lo), hi);
+      });
+    });
   });
 }
 
