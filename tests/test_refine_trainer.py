@@ -164,6 +164,24 @@ def test_baselines_train_and_log(tmp_path, mode):
     assert ckpt["mode"] == mode and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path, monkeypatch):
+    from attrefine_fast.refine import trainer
+
+    calls = []
+
+    def nan_on_the_second_step(*args, **kwargs):
+        loss, parts = batch_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), parts) if len(calls) == 2 else (loss, parts)
+
+    batch_loss = trainer.batch_loss
+    monkeypatch.setattr(trainer, "batch_loss", nan_on_the_second_step)
+    refiner = Refiner(RefineConfig(mode="pgd_at", cycles=1, epochs_per_cycle=1, out=str(tmp_path), **TINY), train=digits_subset(48))
+    with pytest.raises(FloatingPointError, match="pgd_at: the loss became nan at epoch 1, step 2; lower lr"):
+        refiner.fit()
+    assert all(torch.isfinite(p).all() for p in refiner.module.parameters())
+
+
 def test_the_run_loads_its_digits_with_the_spurious_patch_it_is_told(tmp_path):
     from attrefine_fast.data import patch_colours
 

@@ -100,19 +100,20 @@ def batch_loss(mode: str, forward, module, images, labels, pixel_mask, segments,
     ``forward`` is the training model (a DistributedDataParallel wrapper under DDP) and runs
     exactly once per batch, as DDP requires; ``module`` is the bare model the attack runs on.
     ``fill_images``: precomputed replacements for the masked pixels (see :func:`mask_images`).
-    Returns the loss and a dict of floats plus ``logits`` (the images accuracy is read from).
+    Returns the loss and a dict of its parts as detached 0-dim tensors (read on the host once per
+    step, by the caller) plus ``logits`` (the images accuracy is read from).
     """
     if mode == "erm":
         logits = forward(images).float()
         loss = F.cross_entropy(logits, labels)
-        return loss, {"ce": float(loss.detach()), "logits": logits.detach()}
+        return loss, {"ce": loss.detach(), "logits": logits.detach()}
     region = "full" if mode == "pgd_at" else cfg.adv_region
     adv = adversarial_examples(module, images, labels, pixel_mask, region=region, eps=cfg.eps, steps=cfg.attack_steps,
                                step_size=cfg.step_size(), norm=cfg.norm, generator=generator)
     if mode == "pgd_at":
         logits = forward(adv).float()
         loss = F.cross_entropy(logits, labels)
-        return loss, {"ce_adv": float(loss.detach()), "logits": logits.detach()}
+        return loss, {"ce_adv": loss.detach(), "logits": logits.detach()}
     # refine: masked and adversarial images in one forward (one batch-norm batch, one DDP forward).
     masked = mask_images(images, pixel_mask, cfg.fill, segments=segments, generator=generator, replacement=fill_images)
     b = images.shape[0]
@@ -120,7 +121,7 @@ def batch_loss(mode: str, forward, module, images, labels, pixel_mask, segments,
     ce_masked = F.cross_entropy(logits[:b], labels)
     ce_adv = F.cross_entropy(logits[b:], labels)
     loss = ce_masked + cfg.alpha * ce_adv
-    parts = {"ce_masked": float(ce_masked.detach()), "ce_adv": float(ce_adv.detach()), "penalty": 0.0, "logits": logits[:b].detach()}
+    parts = {"ce_masked": ce_masked.detach(), "ce_adv": ce_adv.detach(), "penalty": loss.new_zeros(()).detach(), "logits": logits[:b].detach()}
     rows = (pixel_mask.flatten(1).amax(dim=1) > 0).nonzero().flatten() if cfg.lam > 0 else images.new_zeros(0, dtype=torch.long)
     if len(rows) == 0:
         return loss, parts
@@ -137,5 +138,5 @@ def batch_loss(mode: str, forward, module, images, labels, pixel_mask, segments,
     # penalty by rescaling convolutions (invisible to batch-normalized training losses), which
     # wrecked the eval-mode model (clean accuracy 19% in a 10-epoch demo run).
     penalty = input_gradient_penalty(module, images[rows], labels[rows], pixel_mask[rows]).sum() * scale / b
-    parts["penalty"] = float(penalty.detach())
+    parts["penalty"] = penalty.detach()
     return loss + cfg.lam * penalty, parts

@@ -312,8 +312,12 @@ class Refiner:
                 fill = None if self.fill_images is None else self.fill_images[rows].to(self.device)
             with amp if amp is not None else torch.autocast(self.device.type, enabled=False):
                 loss, parts = batch_loss(cfg.mode, self.forward, self.module, x, y, mask, seg, cfg, gen, fill)
-            if not bool(torch.isfinite(loss.detach())):
-                raise FloatingPointError(f"{cfg.mode}: the loss became {float(loss.detach())} at epoch {epoch + 1}, step "
+            logits = parts.pop("logits")
+            # the step's figures in one device-to-host copy, before the backward
+            correct = (logits.argmax(1) == y).sum()
+            loss_value, correct, *values = torch.stack([t.to(torch.float64) for t in (loss.detach(), correct, *parts.values())]).tolist()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"{cfg.mode}: the loss became {loss_value} at epoch {epoch + 1}, step "
                                          f"{i // cfg.batch_size + 1}; lower lr or lam, or set grad_clip")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -321,11 +325,10 @@ class Refiner:
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            logits = parts.pop("logits")
-            sums["loss"] += float(loss.detach()) * len(rows)
-            sums["correct"] += int((logits.argmax(1) == y).sum())
+            sums["loss"] += loss_value * len(rows)
+            sums["correct"] += int(correct)
             sums["seen"] += len(rows)
-            for k, v in parts.items():
+            for k, v in zip(parts, values):
                 parts_sum[k] = parts_sum.get(k, 0.0) + v * len(rows)
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}", acc=f"{sums['correct'] / sums['seen']:.3f}")
