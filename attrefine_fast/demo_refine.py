@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what replaces flagged superpixels in refinement's masked term (default mean: each one's mean colour)")
     parser.add_argument("--lam", type=float, default=None,
                         help="weight of refinement's input-gradient penalty on the flagged pixels (default: RefineConfig's, 10)")
+    parser.add_argument("--tau", type=float, default=None,
+                        help="detection: a superpixel below this relevance and above --eps-s sensitivity is flagged (default: RefineConfig's, 0.02)")
+    parser.add_argument("--eps-s", type=float, default=None, help="detection: the sensitivity threshold (default: RefineConfig's, 0.08)")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="detection: a superpixel whose relevance moves more than this under attack is flagged (default: RefineConfig's, 0.15)")
     parser.add_argument("--quick", action="store_true", help="a tiny run for smoke tests (well under a minute)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--device", default="cpu", help="where to train and evaluate (default cpu: the main job is a CPU run)")
@@ -99,7 +104,8 @@ def _config(name: str, s: dict, args):
         mode=mode, cycles=cycles, **never, epochs_per_cycle=s["epochs"] // cycles, train_subset=s["train_subset"],
         width=16, batch_size=64, lr=0.1, eps=args.eps, attack_steps=3, lime_samples=s["lime_samples"], refresh_fraction=s["refresh_fraction"],
         seed=args.seed, out=os.path.join(args.out, "runs", name), progress=not args.no_progress, device=args.device,
-        spurious_patch=args.spurious_patch, fill=args.fill, **({} if args.lam is None else {"lam": args.lam}),
+        spurious_patch=args.spurious_patch, fill=args.fill,
+        **{k: getattr(args, k) for k in ("lam", "tau", "eps_s", "delta") if getattr(args, k) is not None},
     )
 
 

@@ -10,7 +10,8 @@ from refine_helpers import one_thread  # noqa: F401
 
 @pytest.mark.parametrize("patch", [None, 0.9])
 def test_demo_quick(tmp_path, capsys, patch):
-    main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)] + ([] if patch is None else ["--spurious-patch", str(patch), "--fill", "zero", "--lam", "3"]))
+    options = ["--spurious-patch", str(patch), "--fill", "zero", "--lam", "3", "--tau", "0.05", "--eps-s", "0.1", "--delta", "0.2"]
+    main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)] + ([] if patch is None else options))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["spurious_patch"] == patch
     for result in report["models"].values():  # the patched run also scores the patch in random colours
@@ -19,7 +20,8 @@ def test_demo_quick(tmp_path, capsys, patch):
         assert patch is None or set(result["patch_detection"]) == {"flagged", "relevance_share"}
         assert patch is None or all(0 <= v <= 1 for v in result["patch_detection"].values())
         assert (patch is None) == (result["config"]["spurious_patch"] is None)
-        assert (result["config"]["fill"], result["config"]["lam"]) == (("mean", 10.0) if patch is None else ("zero", 3.0))
+        settings = tuple(result["config"][k] for k in ("fill", "lam", "tau", "eps_s", "delta"))
+        assert settings == (("mean", 10.0, 0.02, 0.08, 0.15) if patch is None else ("zero", 3.0, 0.05, 0.1, 0.2))
     assert set(report["models"]) == {"erm", "pgd_at", "refine"}
     for result in report["models"].values():
         ev = result["evaluation"]
