@@ -6,7 +6,9 @@
 // branches in them (it may not compute a floating-point expression that a branch skips, for fear
 // of its exceptions), so a loop of them runs one element at a time: here every choice is a
 // select written with integer operations. The extension is built for baseline x86-64 (no F16C).
-// Each function equals its c10 counterpart on every input (for round_as, all 2^32 floats).
+// Each function equals its c10 counterpart on every input but NaNs (for round_as, all 2^32
+// floats; tests/half_float_check.cpp): a NaN gives a NaN, whose sign and payload c10 may set
+// otherwise.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -66,7 +68,8 @@ inline uint16_t float_to_half(float v) {
 }
 
 // v rounded to the nearest value of scalar_t (ties to even), kept in op_t: exactly
-// static_cast<op_t>(static_cast<scalar_t>(v)). float32 and float64 compute in their own type.
+// static_cast<op_t>(static_cast<scalar_t>(v)) but for NaNs. float32 and float64 compute in their
+// own type.
 template <typename scalar_t>
 inline at::opmath_type<scalar_t> round_as(at::opmath_type<scalar_t> v) {
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
