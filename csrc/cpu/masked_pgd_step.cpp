@@ -175,27 +175,23 @@ struct NormSums {
   f64x2 gg[kLanes / 2] = {}, ag[kLanes / 2] = {}, aa[kLanes / 2] = {};
 };
 
-// sums after adding elements [0, n) (a tile, or a whole chunk), with weight_of(i) the weight of
-// element i. Tiles hold whole groups of kLanes, so lane e % kLanes holds element e of the chunk
-// whether the chunk comes in tiles or at once.
-template <typename scalar_t, typename T, typename W>
-NormSums add_norm_sums(NormSums s, int64_t n, const T* xa, const T* x, const T* g, W weight_of) {
-  using op_t = at::opmath_type<scalar_t>;
-  const auto masked_grad = [&](int64_t i) {
-    return static_cast<double>(half_float::round_as<scalar_t>(static_cast<op_t>(g[i]) * weight_of(i)));
-  };
+// sums after adding elements [0, n) (a tile, or a whole chunk), with masked_grad(i) element i's
+// weighted gradient as the reference rounds it. Tiles hold whole groups of kLanes, so lane
+// e % kLanes holds element e of the chunk whether the chunk comes in tiles or at once.
+template <typename T, typename G>
+NormSums add_norm_sums(NormSums s, int64_t n, const T* xa, const T* x, G masked_grad) {
   const auto diff = [&](int64_t i) { return static_cast<double>(xa[i]) - static_cast<double>(x[i]); };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int v = 0; v < kLanes / 2; ++v) {
       const int64_t e = i + 2 * v;
-      const f64x2 gm = {masked_grad(e), masked_grad(e + 1)}, d = {diff(e), diff(e + 1)};
+      const f64x2 gm = {static_cast<double>(masked_grad(e)), static_cast<double>(masked_grad(e + 1))}, d = {diff(e), diff(e + 1)};
       s.gg[v] += gm * gm;
       s.ag[v] += d * gm;
       s.aa[v] += d * d;
     }
   for (int l = 0; i < n; ++i, ++l) {
-    const double gm = masked_grad(i), d = diff(i);
+    const double gm = static_cast<double>(masked_grad(i)), d = diff(i);
     s.gg[l / 2][l % 2] += gm * gm;
     s.ag[l / 2][l % 2] += d * gm;
     s.aa[l / 2][l % 2] += d * d;
@@ -214,13 +210,13 @@ void l2_step(const StepArgs<scalar_t>& a) {
   for_sample_chunks(a, [&](int64_t b, int64_t task, int64_t begin, int64_t end, const scalar_t* weight) {
     NormSums sums;
     over_tiles(a, b, begin, end, weight, false, [&](int64_t n, const auto* xa, const auto* x, const auto* g, const auto* w) {
-      if constexpr (std::is_same_v<scalar_t, op_t>) {
-        sums = w != nullptr ? add_norm_sums<scalar_t>(sums, n, xa, x, g, [w](int64_t i) { return static_cast<op_t>(w[i]); })
-                            : add_norm_sums<scalar_t>(sums, n, xa, x, g, [](int64_t) { return op_t(1); });
+      if constexpr (std::is_same_v<scalar_t, op_t>) {  // float32, float64: no rounding to add
+        sums = w != nullptr ? add_norm_sums(sums, n, xa, x, [g, w](int64_t i) { return g[i] * w[i]; })
+                            : add_norm_sums(sums, n, xa, x, [g](int64_t i) { return g[i]; });
       } else {  // the tile's rounded masked gradient first, in a loop that vectorizes
         alignas(64) op_t masked[kTile];
         for_weights(n, w, [&](int64_t i, op_t wi) { masked[i] = R(static_cast<op_t>(g[i]) * wi); });
-        sums = add_norm_sums<op_t>(sums, n, xa, x, masked, [](int64_t) { return op_t(1); });
+        sums = add_norm_sums(sums, n, xa, x, [&masked](int64_t i) { return masked[i]; });
       }
     });
     double gg = sums.gg[0][0], ag = sums.ag[0][0], aa = sums.aa[0][0];
