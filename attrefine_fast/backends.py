@@ -23,7 +23,7 @@ BACKENDS = ("torch", "cpp", "cuda", "triton")
 # backend="auto" takes the first available backend in the order for the op and device type.
 # On CUDA the orders come from the GPU measurements in benchmarks/RESULTS.md (NVIDIA H100,
 # benchmarks/gpu_targets.py, whole-call medians): the CUDA C++ kernel was the fastest for every op
-# and size timed there. Behind it the pure-PyTorch backend came before Triton for most sizes: the
+# and size in run 2 (the kernels as committed; Triton's float32 lime_fit was 2% faster in run 3). Behind it the pure-PyTorch backend came before Triton for most sizes: the
 # Triton kernels themselves are fast (perturb's writes at 2.1 TB/s), but their Python launch and
 # argument checks cost more than they save at these sizes, and Triton's float64 lime_fit (the fits
 # explain() runs) was ten times slower than PyTorch's. segment_mean was last timed on an H200,
@@ -35,8 +35,8 @@ AUTO_ORDER = {
 # ... except where a backend measured slower than the next in the order for one dtype (device
 # type, op, dtype: the backends passed over). The C++ masked_pgd_step rounds every float16 /
 # bfloat16 intermediate as the reference does, in SSE2 (the extension is built for the baseline
-# x86-64 instruction set), where PyTorch's kernels use F16C and AVX2: up to 2.3x (bfloat16) and
-# 6.4x (float16) slower than the pure-PyTorch backend, faster only on one 32x32 image
+# x86-64 instruction set), where PyTorch's kernels use F16C and AVX2: up to 2.4x (bfloat16) and
+# 6.5x (float16) slower than the pure-PyTorch backend, faster only on one 32x32 image
 # (benchmarks/cpu_half_precision.py; benchmarks/RESULTS.md, "Half precision on the CPU").
 AUTO_PASS_OVER = {
     ("cpu", "masked_pgd_step", torch.float16): ("cpp",),
