@@ -23,10 +23,11 @@ BACKENDS = ("torch", "cpp", "cuda", "triton")
 # backend="auto" takes the first available backend in the order for the op and device type.
 # On CUDA the orders come from the GPU measurements in benchmarks/RESULTS.md (NVIDIA H100,
 # benchmarks/gpu_targets.py, whole-call medians): the CUDA C++ kernel was the fastest for every op
-# and size in run 2 (the kernels as committed; Triton's float32 lime_fit was 2% faster in run 3). Behind it the pure-PyTorch backend came before Triton for most sizes: the
-# Triton kernels themselves are fast (perturb's writes at 2.1 TB/s), but their Python launch and
-# argument checks cost more than they save at these sizes, and Triton's float64 lime_fit (the fits
-# explain() runs) was ten times slower than PyTorch's. segment_mean was last timed on an H200,
+# and size in run 2 (the kernels as committed; Triton's float32 lime_fit was 2% faster in run 3).
+# Behind it the pure-PyTorch backend came before Triton for most sizes: the Triton kernels
+# themselves are fast (perturb's writes at 2.1 TB/s), but their Python launch and argument checks
+# cost more than they save at these sizes, and Triton's float64 lime_fit (the fits explain() runs)
+# was ten times slower than PyTorch's. segment_mean was last timed on an H200,
 # where PyTorch and Triton were within 5% of each other.
 AUTO_ORDER = {
     "cpu": {op: ("cpp", "torch") for op in OPS},

@@ -52,11 +52,6 @@ struct StepArgs {
 constexpr int64_t kTile = 512;
 static_assert(kTile % kLanes == 0, "a tile holds whole groups of L2's running sums");
 
-template <typename scalar_t>
-inline scalar_t round_to(at::opmath_type<scalar_t> v) {
-  return static_cast<scalar_t>(v);
-}
-
 // Added to ‖g‖ before dividing by it: torchattacks' 1e-10, or float16's smallest subnormal where
 // 1e-10 rounds to 0 (attrefine_fast/ops/masked_pgd_step.py, division_guard).
 template <typename scalar_t>
@@ -229,13 +224,13 @@ void l2_step(const StepArgs<scalar_t>& a) {
     for (int64_t t = b * chunks; t < (b + 1) * chunks; ++t) gg += partial[t * 3], ag += partial[t * 3 + 1], aa += partial[t * 3 + 2];
     TORCH_CHECK_VALUE(std::isfinite(gg) && std::isfinite(aa), "masked_pgd_step: grad or x_adv - x of sample ", b,
                       " contains NaN or infinite values");
-    const scalar_t gn = round_to<scalar_t>(static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(std::sqrt(gg)))) + division_guard<scalar_t>());
-    g_norm[b] = static_cast<op_t>(gn);
+    const op_t gn = R(R(static_cast<op_t>(std::sqrt(gg))) + division_guard<scalar_t>());
+    g_norm[b] = gn;
     const double c = a.step_size / static_cast<double>(gn);
     const double d_norm = std::sqrt(std::max(0.0, aa + 2.0 * c * ag + c * c * gg));
-    const scalar_t ratio = round_to<scalar_t>(static_cast<op_t>(a.eps) / static_cast<op_t>(round_to<scalar_t>(static_cast<op_t>(d_norm))));
+    const op_t ratio = R(static_cast<op_t>(a.eps) / R(static_cast<op_t>(d_norm)));
     // eps = ‖δ‖ = 0 gives 0 / 0: δ is zero then, and a factor of 1 keeps it zero.
-    factor[b] = std::isnan(static_cast<double>(ratio)) ? op_t(1) : std::min(static_cast<op_t>(ratio), op_t(1));
+    factor[b] = std::isnan(ratio) ? op_t(1) : std::min(ratio, op_t(1));
   }
   // Pass 2: δ in the reference's rounding order, scaled, clamped, written.
   // (the bounds rounded, as in linf_step)
