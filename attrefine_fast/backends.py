@@ -126,18 +126,32 @@ def resolve(op: str, backend: str, device: torch.device | str, dtype: torch.dtyp
     ``dtype`` (of the op's main tensor) refines ``backend="auto"``'s choice (AUTO_PASS_OVER).
 
     Under torch.compile the choice is made once, while tracing, and the graph calls what it names.
+    A refusal is raised here, outside the constant-folded lookups, so that a compiled caller gets
+    the same BackendUnavailable or ValueError as an eager one (an exception raised inside them
+    reaches the caller wrapped in torch._dynamo's InternalTorchDynamoError).
     """
-    return _implementation(op, _choice(op, backend, torch.device(device).type, dtype))
+    _check_op(op)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+    device_type = torch.device(device).type
+    refusal = _refusal(op, backend, device_type)
+    if refusal:
+        raise BackendUnavailable(refusal)
+    return _implementation(op, _choice(op, backend, device_type, dtype))
 
 
-@torch.compiler.assume_constant_result  # traced as the name it returns (its lookups are not traceable)
-def _choice(op: str, backend: str, device_type: str, dtype: torch.dtype | None) -> str:
+@torch.compiler.assume_constant_result  # traced as the text it returns (its lookups are not traceable)
+def _refusal(op: str, backend: str, device_type: str) -> str:
+    """Why ``backend`` cannot run ``op`` on ``device_type``; empty when it can (or for "auto")."""
     if backend == "auto":
-        return selected(op, backend, device_type, dtype)
+        return ""
     ok, why = status(op, backend, device_type)
-    if not ok:
-        raise BackendUnavailable(f"backend {backend!r} cannot run {op} on {device_type}: {why}")
-    return backend
+    return "" if ok else f"backend {backend!r} cannot run {op} on {device_type}: {why}"
+
+
+@torch.compiler.assume_constant_result  # traced as the name it returns
+def _choice(op: str, backend: str, device_type: str, dtype: torch.dtype | None) -> str:
+    return selected(op, backend, device_type, dtype)
 
 
 def _implementation(op: str, backend: str) -> Callable:
