@@ -23,6 +23,7 @@ Conventions, shared by every attack here:
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from typing import Iterator
 
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .checks import FLOAT_DTYPES, check_choice, check_finite, check_int, check_tensor
+from .checks import FLOAT_DTYPES, check_choice, check_int, check_tensor
 from .models import Normalize, NormalizedModel
 from .ops.masked_pgd_step import NORMS, division_guard, resolve_step
 
@@ -62,26 +63,33 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def check_batch(images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
-    """images: (B, C, H, W) float in [0, 1], finite; labels: (B,) integer >= 0. Returns labels as int64."""
+    """images: (B, C, H, W) float in [0, 1], finite; labels: (B,) integer >= 0. Returns labels as int64
+    on the images' device."""
     check_tensor("images", images, ndim=4, dtypes=FLOAT_DTYPES)
     if images.numel() == 0:
         raise ValueError(f"images is empty: shape {tuple(images.shape)}")
-    check_finite("images", images)
-    if bool((images < 0).any()) or bool((images > 1).any()):
-        lo, hi = float(images.min()), float(images.max())
+    if labels is not None:
+        check_tensor("labels", labels, ndim=1)
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+            raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must have one entry per image: {images.shape[0]} images, {labels.shape[0]} labels")
+        labels = labels.to(images.device, torch.long)
+    # Every value check from one pass over the images and one host round trip: the extremes are
+    # NaN or infinite where an element is (min and max propagate NaN).
+    extremes = list(torch.aminmax(images))
+    if labels is not None:
+        extremes.append(labels.min())
+    lo, hi, *lowest_label = torch.stack([v.to(torch.float64) for v in extremes]).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("images contains NaN or infinite values")
+    if lo < 0 or hi > 1:
         raise ValueError(
             f"images must lie in [0, 1] (pixel space; normalization belongs to the model), got values in [{lo:.4g}, {hi:.4g}]"
         )
-    if labels is None:
-        return None
-    check_tensor("labels", labels, ndim=1)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"labels must have one entry per image: {images.shape[0]} images, {labels.shape[0]} labels")
-    if bool((labels < 0).any()):
+    if lowest_label and lowest_label[0] < 0:
         raise ValueError("labels must be >= 0")
-    return labels.to(images.device, torch.long)
+    return labels
 
 
 def _check_mask(mask, images: torch.Tensor) -> torch.Tensor | None:
@@ -97,11 +105,13 @@ def _check_mask(mask, images: torch.Tensor) -> torch.Tensor | None:
         m = m.unsqueeze(0)
     if m.dim() != 3 or tuple(m.shape[1:]) != (h, w) or m.shape[0] not in (1, b):
         raise ValueError(f"mask must have shape (H, W), (B, H, W) or (B, 1, H, W) with (B, H, W) = {(b, h, w)}, got {tuple(mask.shape)}")
-    check_finite("mask", m)
-    m = m.to(images.device, images.dtype).expand(b, h, w).contiguous()
-    if bool(((m < 0) | (m > 1)).any()):
-        raise ValueError("mask values must lie in [0, 1]")
-    return m
+    if m.is_floating_point():
+        lo, hi = torch.stack(torch.aminmax(m)).tolist()  # NaN or infinite where an element is
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("mask contains NaN or infinite values")
+        if lo < 0 or hi > 1:
+            raise ValueError(f"mask values must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    return m.to(images.device, images.dtype).expand(b, h, w).contiguous()
 
 
 def _generator(seed, device: torch.device) -> torch.Generator | None:

@@ -226,8 +226,9 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int | torch
         raise ValueError(f"severity must be an integer 1..5, got {severity!r}")
     check_images("images", images)
     x = to_float(images)
-    if not x.is_floating_point() or bool((x < 0).any()) or bool((x > 1).any()):
-        raise ValueError("images must be float in [0, 1] (or uint8 0..255)")
+    lo, hi = torch.stack(torch.aminmax(x)).tolist()  # one pass and one host round trip
+    if lo < 0 or hi > 1:
+        raise ValueError(f"images must be float in [0, 1] (or uint8 0..255), got values in [{lo:.4g}, {hi:.4g}]")
     if isinstance(seed, torch.Generator):
         gen = seed
     elif seed is None:

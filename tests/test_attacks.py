@@ -222,6 +222,12 @@ class TestBadInput:
         ({"images": torch.rand(3, 8, 8)}, "4 dimensions"),
         ({"images": torch.rand(2, 3, 8, 8) * 2}, r"\[0, 1\]"),
         ({"images": torch.full((2, 3, 8, 8), float("nan"))}, "NaN"),
+        # one bad element among valid ones, as each extreme sees it
+        ({"images": torch.rand(2, 3, 8, 8).index_put_((torch.tensor(1),) * 4, torch.tensor(float("nan")))}, "NaN"),
+        ({"images": torch.rand(2, 3, 8, 8).index_put_((torch.tensor(0),) * 4, torch.tensor(float("inf")))}, "NaN or infinite"),
+        ({"images": torch.rand(2, 3, 8, 8).index_put_((torch.tensor(1),) * 4, torch.tensor(-float("inf")))}, "NaN or infinite"),
+        ({"images": torch.rand(2, 3, 8, 8).index_put_((torch.tensor(1),) * 4, torch.tensor(-1e-6))}, r"\[0, 1\]"),
+        ({"images": torch.rand(2, 3, 8, 8, dtype=torch.float16).index_put_((torch.tensor(1),) * 4, torch.tensor(float("nan"), dtype=torch.float16))}, "NaN"),
         ({"images": torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8)}, "dtype"),
         ({"labels": torch.tensor([1.0, 2.0])}, "integer"),
         ({"labels": torch.tensor([1, 2, 3])}, "one entry per image"),
@@ -237,6 +243,9 @@ class TestBadInput:
         ({"mask": torch.ones(8, 7)}, "mask must have shape"),
         ({"mask": torch.ones(3, 8, 8)}, "mask must have shape"),
         ({"mask": torch.full((8, 8), 2.0)}, r"\[0, 1\]"),
+        ({"mask": torch.ones(8, 8).index_put_((torch.tensor(3),) * 2, torch.tensor(-0.5))}, r"\[0, 1\]"),
+        ({"mask": torch.ones(8, 8).index_put_((torch.tensor(3),) * 2, torch.tensor(float("nan")))}, "mask contains NaN"),
+        ({"mask": torch.ones(8, 8, dtype=torch.float64).index_put_((torch.tensor(3),) * 2, torch.tensor(float("inf"), dtype=torch.float64))}, "mask contains NaN"),
         ({"mask": torch.ones(8, 8, dtype=torch.long)}, "dtype"),
     ])
     def test_errors(self, kwargs, match):
@@ -246,7 +255,7 @@ class TestBadInput:
         before = images.clone()
         with pytest.raises((ValueError, TypeError), match=match):
             masked_pgd(self.model, images, labels, mask, **args)
-        assert images.equal(before) or images.isnan().all()
+        torch.testing.assert_close(images, before, rtol=0, atol=0, equal_nan=True)
 
     @pytest.mark.parametrize("backend", BACKENDS)
     @pytest.mark.parametrize("norm", ["linf", "l2"])

@@ -247,6 +247,7 @@ def test_bad_names_and_severities(args, match):
 @pytest.mark.parametrize("x,match", [
     (torch.rand(3, 8, 8), "4 dimensions"),
     (torch.rand(1, 3, 8, 8) + 1, r"\[0, 1\]"),
+    (torch.linspace(-1e-3, 1, 192).reshape(1, 3, 8, 8), r"\[0, 1\]"),
     (torch.full((1, 3, 8, 8), float("nan")), "NaN"),
     (torch.zeros(1, 3, 8, 8, dtype=torch.int64), "dtype"),
 ])
