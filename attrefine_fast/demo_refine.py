@@ -259,27 +259,29 @@ def run(args: argparse.Namespace) -> None:
     device = next(models["erm"][0].parameters()).device
     bx, by = test.tensors(device)
     bx, by = bx[: s["bound_samples"]], by[: s["bound_samples"]]
+    detections = {}
     for mode, (model, cfg) in models.items():
         print(f"[{time.perf_counter() - start:6.0f}s] evaluating {NAMES[mode]}", flush=True)
         results[mode]["evaluation"] = evaluate(
             model, test, eps=s["eval_eps"], device=device, pgd_steps=(10,), fgsm=True, corruptions=s["corruptions"], severities=s["severities"],
             batch_size=256, seed=args.seed, progress=not args.no_progress,
         )
-        det = _detect(model, cfg, bx, by, args.seed)
+        det = detections[mode] = _detect(model, cfg, bx, by, args.seed)
         results[mode]["bound"] = _bound(model, cfg, det, bx, by, args.seed)
         if shuffled is not None:
             results[mode]["shuffled_patch_accuracy"] = accuracy(model, shuffled, device=device)
             results[mode]["patch_detection"] = _patch_detection(det)
 
-    # Explanations before (the ERM model) and after refinement, on the same test images.
-    hx, hy = bx[: s["heatmap_images"]], by[: s["heatmap_images"]]
+    # Explanations before (the ERM model) and after refinement, on the first of the bound's images,
+    # with the detection the bound used.
+    k = s["heatmap_images"]
     panels = []
     for mode in ("erm", "refine"):
-        model, cfg = models[mode]
-        det = _detect(model, cfg, hx, hy, args.seed)
-        heat = torch.gather(det.relevance, 1, det.segments.flatten(1)).reshape(det.segments.shape)
-        panels.append((f"{NAMES[mode]}: LIME, flagged", heat.cpu().numpy(), det.pixel_mask().cpu().numpy()))
-    _plot_explanations(hx.cpu(), panels, os.path.join(args.out, "explanations_before_after.png"))
+        det = detections[mode]
+        segments = det.segments[:k]
+        heat = torch.gather(det.relevance[:k], 1, segments.flatten(1)).reshape(segments.shape)
+        panels.append((f"{NAMES[mode]}: LIME, flagged", heat.cpu().numpy(), det.pixel_mask()[:k].cpu().numpy()))
+    _plot_explanations(bx[:k].cpu(), panels, os.path.join(args.out, "explanations_before_after.png"))
     _plot_accuracy(results, s["eval_eps"], os.path.join(args.out, "accuracy_vs_eps.png"))
 
     table = _table(results, s["eval_eps"])
