@@ -34,7 +34,8 @@ test-emulated-sanitized: install
 # The CPU kernels under AddressSanitizer and UBSan: the tests that reach them, on a sanitized build of
 # the extension in build/sanitized (a copy of the tracked files; the installed package is untouched).
 SANITIZED_TESTS = tests/test_compiled_ops.py tests/test_explain.py tests/test_input_buffers.py \
-	tests/test_lime_parity.py tests/test_validation.py tests/test_reference_ops.py tests/test_attacks.py
+	tests/test_lime_parity.py tests/test_validation.py tests/test_reference_ops.py tests/test_attacks.py \
+	tests/test_cpu_kernel_compilations.py
 test-sanitized: install
 	rm -rf build/sanitized && mkdir -p build/sanitized
 	git ls-files -z | xargs -0 cp --parents -t build/sanitized

@@ -244,7 +244,7 @@ def masked_pgd(
     check_int("restarts", restarts, 1)
     amp_dtype = _amp_dtype(amp)
     gen = _generator(seed, images.device)
-    step = resolve_step(backend, images.device, images.dtype)
+    step = resolve_step(backend, images.device)
 
     x = images.detach()
     if eps == 0:

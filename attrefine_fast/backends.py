@@ -21,6 +21,8 @@ from . import _extension
 OPS = ("segment_mean", "perturb", "perturb_into", "lime_fit", "masked_pgd_step")
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 # backend="auto" takes the first available backend in the order for the op and device type.
+# On the CPU the C++ kernels measured fastest for every op, size and dtype (benchmarks/RESULTS.md;
+# the float16 / bfloat16 masked_pgd_step since its AVX2 + F16C loops, "Half precision on the CPU").
 # On CUDA the orders come from the GPU measurements in benchmarks/RESULTS.md (NVIDIA H100,
 # benchmarks/gpu_targets.py, whole-call medians): the CUDA C++ kernel was the fastest for every op
 # and size in run 2 (the kernels as committed; Triton's float32 lime_fit was 2% faster in run 3).
@@ -32,16 +34,6 @@ BACKENDS = ("torch", "cpp", "cuda", "triton")
 AUTO_ORDER = {
     "cpu": {op: ("cpp", "torch") for op in OPS},
     "cuda": {op: ("cuda", "torch", "triton") for op in OPS},
-}
-# ... except where a backend measured slower than the next in the order for one dtype (device
-# type, op, dtype: the backends passed over). The C++ masked_pgd_step rounds every float16 /
-# bfloat16 intermediate as the reference does, in SSE2 (the extension is built for the baseline
-# x86-64 instruction set), where PyTorch's kernels use F16C and AVX2: up to 2.4x (bfloat16) and
-# 6.5x (float16) slower than the pure-PyTorch backend, faster only on one 32x32 image
-# (benchmarks/cpu_half_precision.py; benchmarks/RESULTS.md, "Half precision on the CPU").
-AUTO_PASS_OVER = {
-    ("cpu", "masked_pgd_step", torch.float16): ("cpp",),
-    ("cpu", "masked_pgd_step", torch.bfloat16): ("cpp",),
 }
 
 
@@ -121,9 +113,8 @@ def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
 
 
-def resolve(op: str, backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> Callable:
-    """The implementation of ``op`` for ``backend`` on ``device``, with the schema's signature;
-    ``dtype`` (of the op's main tensor) refines ``backend="auto"``'s choice (AUTO_PASS_OVER).
+def resolve(op: str, backend: str, device: torch.device | str) -> Callable:
+    """The implementation of ``op`` for ``backend`` on ``device``, with the schema's signature.
 
     Under torch.compile the choice is made once, while tracing, and the graph calls what it names.
     A refusal is raised here, outside the constant-folded lookups, so that a compiled caller gets
@@ -137,7 +128,7 @@ def resolve(op: str, backend: str, device: torch.device | str, dtype: torch.dtyp
     refusal = _refusal(op, backend, device_type)
     if refusal:
         raise BackendUnavailable(refusal)
-    return _implementation(op, _choice(op, backend, device_type, dtype))
+    return _implementation(op, _choice(op, backend, device_type))
 
 
 @torch.compiler.assume_constant_result  # traced as the text it returns (its lookups are not traceable)
@@ -150,8 +141,8 @@ def _refusal(op: str, backend: str, device_type: str) -> str:
 
 
 @torch.compiler.assume_constant_result  # traced as the name it returns
-def _choice(op: str, backend: str, device_type: str, dtype: torch.dtype | None) -> str:
-    return selected(op, backend, device_type, dtype)
+def _choice(op: str, backend: str, device_type: str) -> str:
+    return selected(op, backend, device_type)
 
 
 def _implementation(op: str, backend: str) -> Callable:
@@ -163,13 +154,12 @@ def _implementation(op: str, backend: str) -> Callable:
     return _triton(op)[0]
 
 
-def selected(op: str, backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+def selected(op: str, backend: str, device: torch.device | str) -> str:
     """The name of the backend ``resolve`` would pick (for logs and reports)."""
     device_type = torch.device(device).type
     if backend != "auto":
         return backend
-    passed_over = AUTO_PASS_OVER.get((device_type, op, dtype), ())
     for candidate in AUTO_ORDER.get(device_type, {}).get(op, ("torch",)):
-        if candidate not in passed_over and status(op, candidate, device_type)[0]:
+        if status(op, candidate, device_type)[0]:
             return candidate
     return "torch"

@@ -21,16 +21,15 @@ def report() -> str:
     except ImportError:
         lines.append("triton not installed")
     lines.append(f"compiled extension: {'loaded' if _extension.loaded() else _extension.load_error()}")
+    if _extension.loaded():
+        lines.append(f"CPU kernels: {torch.ops.attrefine_fast.cpu_kernels()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         lines.append("")
         lines.append(f"[{device}]")
         for op in backends.OPS:
             choice = backends.selected(op, "auto", device)
-            by_dtype = [(str(dtype).removeprefix("torch."), backends.selected(op, "auto", device, dtype))
-                        for d, o, dtype in backends.AUTO_PASS_OVER if (d, o) == (device, op)]
-            exceptions = ", ".join(f"{dtype}: {b}" for dtype, b in by_dtype if b != choice)
-            lines.append(f"  {op}: auto -> {choice}" + (f" ({exceptions})" if exceptions else ""))
+            lines.append(f"  {op}: auto -> {choice}")
             for backend in backends.BACKENDS:
                 ok, why = backends.status(op, backend, device)
                 lines.append(f"    {backend:7s} {'yes' if ok else 'no '}  {why}")

@@ -1,7 +1,11 @@
 """masked_pgd_step on the CPU in float16 and bfloat16: the C++ kernel against the pure-PyTorch
-backend (float32 beside them for scale), which decides backends.AUTO_PASS_OVER.
+backend (float32 beside them for scale), which decides what backend="auto" runs.
 
     python benchmarks/cpu_half_precision.py [--rounds R] [--threads 1,2]
+    ATTREFINE_FAST_CPU_KERNELS=baseline python benchmarks/cpu_half_precision.py   # the SSE2 loops
+
+The C++ kernel's float16/bfloat16 loops run compiled for AVX2 + F16C where the CPU has them,
+otherwise (or with the variable above) for x86-64's baseline; the header names which.
 
 Per size (a weight on every other superpixel of a 4x4 grid, photo pixels, a Gaussian gradient)
 and norm: the median milliseconds of one in-place step on each backend, the backends alternating
@@ -39,7 +43,8 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"the C++ kernels are needed: {why}")
     impls = {b: backends.resolve("masked_pgd_step", b, "cpu") for b in BACKENDS}
-    print(f"torch {torch.__version__}, median ms over {args.rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, median ms over {args.rounds} interleaved rounds; "
+          f"C++ kernels: {torch.ops.attrefine_fast.cpu_kernels()}")
     print("| threads | size | dtype | norm | torch | cpp | cpp / torch |")
     print("|---|---|---|---|---|---|---|")
     for threads in (int(t) for t in args.threads.split(",")):

@@ -4,6 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/cpu_features.h"
+
 extern "C" {
 // Importing attrefine_fast._C loads this library and runs the static registrations below; the
 // module itself is empty (no pybind11).
@@ -12,6 +16,18 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+
+namespace {
+
+// The instruction sets the CPU kernels with more than one compilation run with in this process
+// (cpu_features.h), for `python -m attrefine_fast.info`.
+std::string cpu_kernels() {
+  const std::string base = ATTREFINE_X86_KERNELS ? "x86-64 baseline" : "portable";
+  return "lime_fit: " + (attrefine_fast::cpu_runs_avx2_fma() ? std::string("AVX2+FMA") : base) +
+         "; masked_pgd_step in float16/bfloat16: " + (attrefine_fast::cpu_runs_avx2_f16c() ? std::string("AVX2+F16C") : base);
+}
+
+}  // namespace
 
 TORCH_LIBRARY(attrefine_fast, m) {
   // images (B,C,H,W), segments (B,H,W) int64 in [0, num_segments) -> (B, num_segments, C)
@@ -34,4 +50,6 @@ TORCH_LIBRARY(attrefine_fast, m) {
   m.def(
       "masked_pgd_step(Tensor(a!) x_adv, Tensor x, Tensor grad, Tensor? weight, float step_size, "
       "float eps, float lo, float hi, str norm) -> ()");
+  // no tensors: which compilation of the CPU kernels runs here (see cpu_kernels above)
+  m.def("cpu_kernels() -> str", &cpu_kernels);
 }

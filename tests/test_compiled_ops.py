@@ -321,23 +321,27 @@ def test_masked_pgd_step_zero_weight_leaves_pixels_alone():
     assert torch.equal(x_adv[:, :, 3:], x[:, :, 3:]) and not torch.equal(x_adv[:, :, :3], x[:, :, :3])
 
 
-def test_auto_takes_the_reference_step_in_half_precision():
-    """backends.AUTO_PASS_OVER: the C++ step in float16/bfloat16 (SSE2) measured slower than
-    PyTorch's kernels (F16C, AVX2) (benchmarks/cpu_half_precision.py); float32 and float64 keep it."""
+def test_auto_takes_the_cpp_step_in_every_dtype():
+    """The C++ step measured faster than PyTorch's in every dtype (float16/bfloat16 with its AVX2 +
+    F16C loops; benchmarks/cpu_half_precision.py), and gives the reference's L-inf step exactly."""
     from attrefine_fast.ops.masked_pgd_step import resolve_step
 
     compiled = torch.ops.attrefine_fast.masked_pgd_step.default
-    for dtype in (torch.float32, torch.float64):
-        assert backends.selected("masked_pgd_step", "auto", "cpu", dtype) == "cpp"
-        assert resolve_step("auto", "cpu", dtype) is compiled
-    for dtype in (torch.float16, torch.bfloat16):
-        assert backends.selected("masked_pgd_step", "auto", "cpu", dtype) == "torch"
-        assert resolve_step("auto", "cpu", dtype) is not compiled
-        assert resolve_step("cpp", "cpu", dtype) is compiled  # asked for by name, it runs
+    assert backends.selected("masked_pgd_step", "auto", "cpu") == "cpp"
+    assert resolve_step("auto", "cpu") is compiled
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         x = torch.rand(2, 3, 5, 4).to(dtype)
         grad, x_adv = torch.randn_like(x), x.clone()
         af.ops.masked_pgd_step(x_adv, x, grad, step_size=0.1, eps=0.05)
         assert torch.equal(x_adv, masked_pgd_step_ref(x.clone(), x, grad, None, 0.1, 0.05, 0.0, 1.0, "linf"))
+
+
+def test_cpu_kernels_name_their_instruction_sets():
+    from attrefine_fast.info import report
+
+    text = ops.cpu_kernels()
+    assert text.startswith("lime_fit: ") and "masked_pgd_step in float16/bfloat16: " in text
+    assert f"CPU kernels: {text}" in report()
 
 
 def test_ops_declare_that_they_are_not_differentiable():

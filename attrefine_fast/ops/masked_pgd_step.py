@@ -114,21 +114,20 @@ def masked_pgd_step(
     lo, hi = check_real("lo", lo, finite=False), check_real("hi", hi, finite=False)
     if not lo <= hi:
         raise ValueError(f"need lo <= hi, got lo={lo}, hi={hi}")
-    step = resolve_step(backend, x_adv.device, x_adv.dtype)
+    step = resolve_step(backend, x_adv.device)
     step(x_adv, x, grad, weight, float(step_size), float(eps), float(lo), float(hi), norm)
     return x_adv
 
 
-def resolve_step(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> Callable:
-    """The implementation :func:`masked_pgd_step` runs on ``x_adv`` of ``dtype``, with the
-    schema's positional arguments, for loops that validate their other arguments once and step
-    many times (the attacks).
+def resolve_step(backend: str, device: torch.device | str) -> Callable:
+    """The implementation :func:`masked_pgd_step` runs, with the schema's positional arguments,
+    for loops that validate their other arguments once and step many times (the attacks).
 
     It refuses a non-finite ``grad`` before anything is written (a NaN would poison x_adv): the
     compiled backends check it themselves, the CUDA and Triton ones on the device without a host
     round trip before their launch; the reference is given the same check here.
     """
-    impl = backends.resolve("masked_pgd_step", backend, device, dtype)
+    impl = backends.resolve("masked_pgd_step", backend, device)
     if impl is not masked_pgd_step_ref:
         return impl
 

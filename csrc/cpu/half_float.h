@@ -5,10 +5,11 @@
 // stores the last one back (store_from_op). c10's conversions give the same values, but GCC keeps
 // branches in them (it may not compute a floating-point expression that a branch skips, for fear
 // of its exceptions), so a loop of them runs one element at a time: here every choice is a
-// select written with integer operations. The extension is built for baseline x86-64 (no F16C).
-// Each function equals its c10 counterpart on every input but NaNs (for round_as, all 2^32
-// floats; tests/half_float_check.cpp): a NaN gives a NaN, whose sign and payload c10 may set
-// otherwise.
+// select written with integer operations. These are the baseline x86-64 (SSE2) loops; where the
+// CPU has AVX2 and F16C, half_step_avx2.h does the same eight elements at a time.
+// Each function equals its c10 counterpart on every input (for round_as, all 2^32 floats;
+// tests/half_float_check.cpp), except that a float16 NaN may have another sign or payload than
+// c10's (bfloat16 rounding makes every NaN c10's 0x7FC0).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -76,7 +77,7 @@ inline at::opmath_type<scalar_t> round_as(at::opmath_type<scalar_t> v) {
     // keep the top 16 bits; a carry out of the mantissa moves up the exponent (to inf past the max)
     const uint32_t u = bits_of(v);
     const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    return float_of(pick(mask_if(!below(u & 0x7FFFFFFFu, 0x7F800001u)), u, r));  // NaN stays NaN
+    return float_of(pick(mask_if(!below(u & 0x7FFFFFFFu, 0x7F800001u)), 0x7FC00000u, r));  // a NaN: c10's
   } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
     // From 2^-13 up, keep 10 of the 23 mantissa bits. Below it float16 values lie 2^-24 apart, as
     // floats in [0.5, 1) do, so adding and removing 0.5 rounds there (subnormals included).

@@ -10,11 +10,10 @@
 #include <cstring>
 #include <vector>
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define ATTREFINE_AVX2_KERNELS 1
+#include "cpu_features.h"
+
+#if ATTREFINE_X86_KERNELS
 #define ATTREFINE_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define ATTREFINE_AVX2_KERNELS 0
 #endif
 // The kernels' bodies are inlined into one entry point per instruction set, which compiles them
 // for that set.
@@ -289,7 +288,7 @@ void cross_tiles_base(Workspace& ws, int64_t lo, int64_t hi) { cross_tiles<f64x2
 void residual_sums_base(Workspace& ws, int64_t tile) { residual_sums<f64x2>(ws, tile); }
 bool cholesky_lower_base(Workspace& ws) { return cholesky_lower(ws); }
 void cholesky_solve_base(Workspace& ws) { cholesky_solve(ws); }
-#if ATTREFINE_AVX2_KERNELS
+#if ATTREFINE_X86_KERNELS
 ATTREFINE_TARGET_AVX2 void cross_tiles_avx2(Workspace& ws, int64_t lo, int64_t hi) { cross_tiles<f64x4>(ws, lo, hi); }
 ATTREFINE_TARGET_AVX2 void residual_sums_avx2(Workspace& ws, int64_t tile) { residual_sums<f64x4>(ws, tile); }
 ATTREFINE_TARGET_AVX2 bool cholesky_lower_avx2(Workspace& ws) { return cholesky_lower(ws); }
@@ -301,10 +300,8 @@ ATTREFINE_TARGET_AVX2 void cholesky_solve_avx2(Workspace& ws) { cholesky_solve(w
 // unrounded (IEEE fusedMultiplyAdd), so results differ from the baseline's in the last bits only.
 const Kernels& kernels() {
   static const Kernels picked = [] {
-#if ATTREFINE_AVX2_KERNELS
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return Kernels{cross_tiles_avx2, residual_sums_avx2, cholesky_lower_avx2, cholesky_solve_avx2};
-    }
+#if ATTREFINE_X86_KERNELS
+    if (cpu_runs_avx2_fma()) return Kernels{cross_tiles_avx2, residual_sums_avx2, cholesky_lower_avx2, cholesky_solve_avx2};
 #endif
     return Kernels{cross_tiles_base, residual_sums_base, cholesky_lower_base, cholesky_solve_base};
   }();
