@@ -226,7 +226,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int | torch
         raise ValueError(f"severity must be an integer 1..5, got {severity!r}")
     check_images("images", images)
     x = to_float(images)
-    lo, hi = torch.stack(torch.aminmax(x)).tolist()  # one pass and one host round trip
+    lo, hi = torch.stack(torch.aminmax(x)).tolist()  # the range in one pass and one host round trip
     if lo < 0 or hi > 1:
         raise ValueError(f"images must be float in [0, 1] (or uint8 0..255), got values in [{lo:.4g}, {hi:.4g}]")
     if isinstance(seed, torch.Generator):

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not _extension.loaded(), reason="needs the compi
 def step_cases():
     """(x_adv, x, grad, weight, step_size, eps, lo, hi, norm) in float16 and bfloat16: chunks of one
     sample ending inside a group of eight (the baseline loop finishes them), a chunk boundary
-    (16 Ki elements), channels-last, weights or none, magnitudes from float16's subnormals up."""
+    (16 Ki elements), channels-last, weights or none, magnitudes from float16's subnormals up,
+    signed zeros and ties at the bounds."""
     gen = torch.Generator().manual_seed(11)
     cases = []
     for shape, channels_last in [((1, 1, 1, 1), False), ((2, 3, 5, 7), True), ((3, 1, 13, 11), False),
@@ -38,6 +39,19 @@ def step_cases():
                         weight = torch.rand(shape[0], *shape[2:], generator=gen).to(dtype) if weighted else None
                         lo, hi = (0.0, scale) if weighted else (-float("inf"), float("inf"))
                         cases.append((x_adv, x, grad, weight, 0.01 * scale, 0.03 * scale, lo, hi, norm))
+    # Ties the clamps must break as the baseline's std::min / std::max do: signed zeros in the
+    # inputs and the bounds, a zero and an infinite ball, a zero step, weights of exactly 0 and 1.
+    for dtype in (torch.float16, torch.bfloat16):
+        for norm in ("linf", "l2"):
+            for step_size, eps, lo, hi in [(0.01, 0.0, 0.0, 1.0), (0.01, float("inf"), -0.0, 0.0), (0.0, 0.02, -1.0, -0.0),
+                                           (0.3, 0.02, 0.0, 0.0)]:
+                shape = (2, 3, 9, 7)
+                pick = torch.randint(0, 4, shape, generator=gen)
+                values = torch.tensor([0.0, -0.0, 1e-3, -1e-3])
+                x, x_adv = values[pick].to(dtype), values[torch.randint(0, 4, shape, generator=gen)].to(dtype)
+                grad = torch.tensor([0.0, -0.0, 1.0, -2.0])[torch.randint(0, 4, shape, generator=gen)].to(dtype)
+                weight = torch.tensor([0.0, 1.0, 0.5])[torch.randint(0, 3, (2, 9, 7), generator=gen)].to(dtype)
+                cases.append((x_adv, x, grad, weight, step_size, eps, lo, hi, norm))
     return cases
 
 
@@ -70,8 +84,8 @@ def test_baseline_and_avx2_compilations_agree(tmp_path):
     if os.environ.get("ATTREFINE_FAST_CPU_KERNELS") == "baseline":
         pytest.skip("this run keeps every kernel on its baseline compilation")
     ours = outputs()
-    if "AVX2" not in ours["cpu_kernels"]:
-        pytest.skip(f"no AVX2 compilation runs on this CPU ({ours['cpu_kernels']})")
+    if "AVX2+F16C" not in ours["cpu_kernels"] or "AVX2+FMA" not in ours["cpu_kernels"]:
+        pytest.skip(f"the AVX2 compilations do not run on this CPU ({ours['cpu_kernels']})")
     path = tmp_path / "baseline.pt"
     script = f"import sys; sys.path.insert(0, {str(HERE)!r}); import torch, test_cpu_kernel_compilations as t; torch.save(t.outputs(), {str(path)!r})"
     env = {**os.environ, "ATTREFINE_FAST_CPU_KERNELS": "baseline"}
@@ -79,7 +93,7 @@ def test_baseline_and_avx2_compilations_agree(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     base = torch.load(path)
     assert base["cpu_kernels"].count("x86-64 baseline") == 2, base["cpu_kernels"]
-    assert len(base["steps"]) == len(ours["steps"]) == 120
+    assert len(base["steps"]) == len(ours["steps"]) == 136
     for i, (b, o) in enumerate(zip(base["steps"], ours["steps"])):
         assert b.stride() == o.stride() and torch.equal(b.view(torch.int16), o.view(torch.int16)), f"step case {i}"
     for (masks, _, _), b, o in zip(fit_cases(), base["fits"], ours["fits"]):

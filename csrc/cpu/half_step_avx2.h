@@ -7,7 +7,9 @@
 // half_float.h's integer rounding in eight lanes; clamps written as the std::min / std::max of
 // the baseline loops (the bound first: vminps / vmaxps return their second operand when the
 // comparison fails); L2's norm sums in float64 in the baseline's eight lanes (element e into lane
-// e % 8). The target leaves out FMA, so no product is contracted into an addition.
+// e % 8). The target leaves out FMA, so no product is contracted into an addition. (NaNs aside,
+// which only a direct call of the op with a NaN in x_adv or x produces: where two NaNs meet in
+// an operation, which one's sign survives depends on how the compiler ordered the operands.)
 //
 // Each function takes n elements of one sample from a chunk's start (x_adv, x, grad, and the
 // chunk's expanded weights or nullptr), handles the first n - n % 8 and returns how many it did;
@@ -30,6 +32,7 @@
 #endif
 
 namespace attrefine_fast {
+namespace {
 namespace half_step_avx2 {
 
 inline bool available() { return cpu_runs_avx2_f16c(); }
@@ -45,11 +48,15 @@ ATTREFINE_TARGET_F16C inline __m256 load8(const T* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-// v must hold values of T (round8's results): the store is exact.
+// v must hold values of T (round8's results): the store is exact. A float16 NaN is stored as
+// half_float::float_to_half stores it, 0x7E00 with its sign (F16C would keep its payload).
 template <typename T>
 ATTREFINE_TARGET_F16C inline void store8(T* p, __m256 v) {
   __m128i raw;
   if constexpr (std::is_same_v<T, c10::Half>) {
+    const __m256 sign = _mm256_and_ps(v, _mm256_set1_ps(-0.0f));
+    const __m256 quiet = _mm256_or_ps(sign, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)));
+    v = _mm256_blendv_ps(v, quiet, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     raw = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {
     const __m256i top = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
@@ -160,4 +167,5 @@ int64_t l2_write(int64_t, T*, const T*, const T*, const T*, float, float, float,
 #endif
 
 }  // namespace half_step_avx2
+}  // namespace
 }  // namespace attrefine_fast
