@@ -44,6 +44,7 @@ def _case(cases, name):
 CASES = {
     "prime": ("prime", "bands_channels_last", "prime", "linf-prime"),
     "awkward": ("non_contiguous", "non_contiguous", "single_segment", "l2-channels_last"),
+    "unweighted": ("prime", "bands_channels_last", "prime", "l2-non_contiguous"),  # L2 without a weight
 }
 
 
