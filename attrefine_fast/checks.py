@@ -3,8 +3,9 @@
 Under torch.compile the checks of shapes, dtypes, devices and Python arguments run while the
 function is traced, and the checks that read tensor values (finiteness, segment labels, ranges)
 become assertions in the graph (``torch._assert_async``), so that the public functions trace
-into one graph without a host round trip: a failing assertion raises a RuntimeError with the
-same message on the CPU, and is a device-side assertion on CUDA.
+into one graph without a host round trip: a failing assertion raises a RuntimeError on the CPU
+(with the eager message, or for segment labels a shorter one that names no label or size: a
+formatted value would fix it in the graph), and is a device-side assertion on CUDA.
 """
 from __future__ import annotations
 
