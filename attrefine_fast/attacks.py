@@ -105,9 +105,9 @@ def _check_mask(mask, images: torch.Tensor) -> torch.Tensor | None:
         m = m.unsqueeze(0)
     if m.dim() != 3 or tuple(m.shape[1:]) != (h, w) or m.shape[0] not in (1, b):
         raise ValueError(f"mask must have shape (H, W), (B, H, W) or (B, 1, H, W) with (B, H, W) = {(b, h, w)}, got {tuple(mask.shape)}")
-    checked = not m.is_floating_point()  # a bool mask is 0 or 1
+    floating = m.is_floating_point()  # (a bool mask is 0 or 1)
     m = m.to(images.device, images.dtype)
-    if not checked:  # in the images' dtype: a value that rounds into [0, 1] there is in range
+    if floating:  # in the images' dtype: a value that rounds into [0, 1] there is in range
         lo, hi = torch.stack(torch.aminmax(m)).tolist()  # NaN or infinite where an element is
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("mask contains NaN or infinite values")

@@ -46,6 +46,11 @@ def _check_op(op: str) -> None:
         raise ValueError(f"unknown op {op!r}; ops are {OPS}")
 
 
+def _check_backend(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+
+
 def _module(name: str):
     # sys.modules first: torch.compile traces a dictionary lookup, not importlib (the module is
     # imported by then: the public function's own, or the Triton package by status()).
@@ -78,6 +83,7 @@ def _triton(op: str) -> tuple[Callable | None, str]:
 def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
     """(available, reason) for running ``op`` with ``backend`` on tensors of ``device_type``."""
     _check_op(op)
+    _check_backend(backend)
     if backend == "torch":
         return True, "pure PyTorch reference"
     if backend == "cpp":
@@ -110,7 +116,7 @@ def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
         if impl is None:
             return False, why
         return True, "Triton kernel" + (" (interpreter)" if device_type == "cpu" else "")
-    raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+    raise ValueError("status() of backend 'auto': ask for the backend selected() names")
 
 
 def resolve(op: str, backend: str, device: torch.device | str) -> Callable:
@@ -122,8 +128,7 @@ def resolve(op: str, backend: str, device: torch.device | str) -> Callable:
     reaches the caller wrapped in torch._dynamo's InternalTorchDynamoError).
     """
     _check_op(op)
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+    _check_backend(backend)
     device_type = torch.device(device).type
     refusal = _refusal(op, backend, device_type)
     if refusal:
