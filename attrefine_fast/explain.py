@@ -167,7 +167,11 @@ def explain(
     """
     check_images("images", images)
     if images.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"images must be floating point for explain(), got {images.dtype}")
+        raise TypeError(
+            f"images must be floating point for explain(), got {images.dtype}: convert them as the model expects "
+            "(images.float() / 255 for [0, 1], images.float() for 0..255), or use attrefine_fast.lime's explainer, "
+            "which feeds uint8 images to the model as 0..255"
+        )
     check_choice("output", output, OUTPUTS)
     if fit_dtype not in (torch.float32, torch.float64):
         raise TypeError(f"fit_dtype must be float32 or float64, got {fit_dtype}")
