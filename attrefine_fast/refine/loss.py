@@ -121,7 +121,7 @@ def batch_loss(mode: str, forward, module, images, labels, pixel_mask, segments,
     ce_masked = F.cross_entropy(logits[:b], labels)
     ce_adv = F.cross_entropy(logits[b:], labels)
     loss = ce_masked + cfg.alpha * ce_adv
-    parts = {"ce_masked": ce_masked.detach(), "ce_adv": ce_adv.detach(), "penalty": loss.new_zeros(()).detach(), "logits": logits[:b].detach()}
+    parts = {"ce_masked": ce_masked.detach(), "ce_adv": ce_adv.detach(), "penalty": loss.new_zeros(()), "logits": logits[:b].detach()}
     rows = (pixel_mask.flatten(1).amax(dim=1) > 0).nonzero().flatten() if cfg.lam > 0 else images.new_zeros(0, dtype=torch.long)
     if len(rows) == 0:
         return loss, parts
