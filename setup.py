@@ -2,7 +2,8 @@
 
 The C++ CPU extension (``attrefine_fast._C``) is built wherever torch and a C++ compiler are
 present. CUDA sources are added when torch itself was built with CUDA and a toolkit is found,
-or when ``ATTREFINE_FORCE_CUDA=1`` (a build machine without a GPU). ``ATTREFINE_NO_EXTENSION=1``
+and its nvcc has torch's CUDA major version (torch's build refuses any other), or when
+``ATTREFINE_FORCE_CUDA=1`` (whatever those checks say). No GPU is needed to build them. ``ATTREFINE_NO_EXTENSION=1``
 skips compiled code entirely; the package then runs on its pure-PyTorch backend.
 ``ATTREFINE_SANITIZE=1`` builds the CPU extension alone with AddressSanitizer and
 UndefinedBehaviorSanitizer, for `make test-sanitized` (it loads only where their runtimes are
@@ -12,6 +13,8 @@ Install with ``pip install --no-build-isolation -e .`` after torch is installed.
 """
 import glob
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import setup
@@ -29,6 +32,16 @@ def say(msg):
 
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def toolkit_version(cuda_home):
+    """The CUDA toolkit's "major.minor" as its nvcc reports it, or None where nvcc does not answer."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found[1]}.{found[2]}" if found else None
 
 
 def extensions():
@@ -64,8 +77,14 @@ def extensions():
         why = f"torch {torch.__version__} was built without CUDA"
     elif cpp_extension.CUDA_HOME is None:
         why = "no CUDA toolkit found (set CUDA_HOME)"
+    elif (toolkit := toolkit_version(cpp_extension.CUDA_HOME)) is None:
+        why = f"no working nvcc in the CUDA toolkit at {cpp_extension.CUDA_HOME} (set CUDA_HOME)"
+    elif toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # torch's BuildExtension stops the whole build on a major-version mismatch: build the CPU ops.
+        why = (f"the CUDA toolkit at {cpp_extension.CUDA_HOME} is {toolkit}, torch {torch.__version__} was built with "
+               f"CUDA {torch.version.cuda}; point CUDA_HOME at a {torch.version.cuda.split('.')[0]}.x toolkit")
     else:
-        with_cuda, why = True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit at {cpp_extension.CUDA_HOME}"
+        with_cuda, why = True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit {toolkit} at {cpp_extension.CUDA_HOME}"
     say("C++/OpenMP CPU sources: " + ", ".join(cpu_sources))
     if with_cuda and cuda_sources:
         say(f"building the CPU (C++/OpenMP) and CUDA ops: {why}")

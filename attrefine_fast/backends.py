@@ -69,11 +69,21 @@ def _triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_triton_load_error = ""  # why attrefine_fast.kernels failed to import with the Triton installed
+
+
 def _triton(op: str) -> tuple[Callable | None, str]:
+    global _triton_load_error
+    if _triton_load_error:
+        return None, _triton_load_error
     try:
         kernels = _module("attrefine_fast.kernels")
     except ImportError as e:  # triton itself is not installed
         return None, f"triton is not importable ({e}); install it with `pip install triton`"
+    except Exception as e:  # the other backends stay usable; backend="triton" raises this reason
+        version = getattr(sys.modules.get("triton"), "__version__", "(version unknown)")
+        _triton_load_error = f"the Triton kernels failed to load with triton {version}: {type(e).__name__}: {e}"
+        return None, _triton_load_error
     impl = kernels.get(op) if hasattr(kernels, "get") else None
     if impl is None:
         return None, f"no Triton kernel for {op} yet"
@@ -103,8 +113,9 @@ def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
             return False, _extension.load_error()
         if not _has_compiled(op, "CUDA"):
             return False, (
-                f"the compiled extension has no CUDA kernel for {op}: rebuild on a machine with a CUDA-enabled "
-                "torch and a CUDA toolkit (`pip install --no-build-isolation -e .`)"
+                f"the compiled extension has no CUDA kernel for {op}: rebuild with a CUDA-enabled torch "
+                "and a CUDA toolkit of its CUDA major version (`pip install --no-build-isolation -e .`; the build says "
+                "why it skipped CUDA)"
             )
         return True, "CUDA C++ kernel"
     if backend == "triton":

@@ -4,6 +4,10 @@
 None where there is none yet. Each is a TritonOp: the torch op ``attrefine_fast::<op>_triton``
 (its ``.op``; see op_registration.py for why it has its own name) with a direct eager call. On CPU tensors the kernels run only under
 ``TRITON_INTERPRET=1``, which must be set before this package is imported.
+
+The modules that define kernels and launchers keep their annotations evaluated (no ``from
+__future__ import annotations``): Triton 3.0's interpreter recognizes a ``tl.constexpr``
+parameter only by the object, and torch 2.4 infers an op's schema only from evaluated types.
 """
 import triton  # noqa: F401  (ImportError here tells backends that Triton is unavailable)
 

@@ -12,8 +12,6 @@ flag once, after its launches, to raise the op's error.
     ... launch the kernels, each reading flag_ptr ...
     raise_if_flagged(flag, host_check, "perturb")   # host_check raises the contract's error
 """
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
@@ -47,7 +45,8 @@ def _flag_pass_kernel(
         v = v.to(tl.float64) if v.dtype == tl.float64 else v.to(tl.float32)
         bad = (v - v) != 0  # NaN for a NaN or an infinity, 0 for every finite value
     count = tl.sum((bad & inside).to(tl.int32), axis=0)
-    tl.store(flag_ptr, 1, mask=count > 0)  # every program that stores, stores 1
+    if count > 0:  # every program that stores, stores 1 (not a masked store: Triton < 3.3's interpreter ignores a scalar mask)
+        tl.store(flag_ptr, 1)
 
 
 def new_flag(device) -> torch.Tensor:

@@ -28,8 +28,6 @@ values at once, so float64 has its own autotuner over 1 to 4 samples per block
 One program holds the whole M x M matrix in registers: without spills up to M = 128 in
 float32 (64 in float64), correct but slower up to MAX_SEGMENTS.
 """
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

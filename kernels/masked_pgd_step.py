@@ -14,8 +14,6 @@ A finite gradient is checked on the device (kernels/device_checks.py): a pass ov
 flag that every launch reads first, so a NaN or an infinity writes nothing, and the error is
 raised after the launches instead of a host round trip before them.
 """
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -7,8 +7,8 @@ launcher and schedule the Triton kernels itself. The ops get their own names in 
 the CPU and CUDA dispatch keys of the C++ schema belong to the compiled extension (the ``cpp`` and
 ``cuda`` backends), a kernel registered there would be opaque to Inductor, and the Triton ops must
 work whether or not the extension was built. On torch 2.4/2.5 they fall back to an opaque
-``torch.library.custom_op`` calling the kernels directly: eager calls work there, torch.compile
-of the Triton ops needs torch >= 2.6.
+``torch.library.custom_op`` calling the kernels directly, with the fake implementation of the op
+it stands in for (attrefine_fast/ops/fakes.py): torch.compile runs it as one opaque call.
 
 A :class:`TritonOp` is that registered op plus a direct eager call. Through the dispatcher a
 call pays for the autograd, ADInplaceOrView and dynamo-disable layers of a Python custom op
@@ -28,6 +28,8 @@ import threading
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from attrefine_fast.ops.fakes import FAKES
+
 from .contracts import concrete
 
 NAMESPACE = "attrefine_fast"
@@ -42,8 +44,9 @@ def interpreting() -> bool:
 
 def wrap_triton(kernel):
     """The kernel as a launcher calls it: traceable inside a triton_op, the plain kernel in a
-    direct eager call (and on torch without wrap_triton)."""
-    if not _HAS_TRITON_OP or getattr(_launching, "direct", False):
+    direct eager call, under the interpreter (eager calls only; torch 2.8's wrap_triton refuses
+    interpreted kernels) and on torch without wrap_triton."""
+    if not _HAS_TRITON_OP or interpreting() or getattr(_launching, "direct", False):
         return kernel
     return torch.library.wrap_triton(kernel)
 
@@ -68,8 +71,11 @@ class TritonOp:
             return launch(*args)
 
         qualname = f"{NAMESPACE}::{name}"
-        register = torch.library.triton_op if _HAS_TRITON_OP else torch.library.custom_op
-        self.op = register(qualname, mutates_args=mutates_args)(checked)
+        if _HAS_TRITON_OP:
+            self.op = torch.library.triton_op(qualname, mutates_args=mutates_args)(checked)
+        else:  # an opaque op: torch.compile needs its fake implementation, that of the schema it stands in for
+            self.op = torch.library.custom_op(qualname, mutates_args=mutates_args)(checked)
+            self.op.register_fake(FAKES[name.removesuffix("_triton")])
 
     def __call__(self, *args, **kwargs):
         if kwargs or not _direct_call_allowed(args):

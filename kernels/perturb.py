@@ -15,8 +15,6 @@ Sources are read once per SAMPLES outputs, and a channels-last output is written
 as an NCHW one. The segment ids are checked on the device, by a pass whose flag the kernel reads
 first (kernels/device_checks.py).
 """
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

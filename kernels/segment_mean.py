@@ -11,8 +11,6 @@ that even one large image spreads over many programs. The division runs in one t
 An id outside [0, M) matches no segment, so it cannot write out of bounds: it is flagged by a pass
 on the device (kernels/device_checks.py) and the error raised after the launches.
 """
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

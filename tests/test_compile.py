@@ -7,6 +7,7 @@ ends the process's CUDA context, so the bad-input tests run on the CPU only.
 """
 import pytest
 import torch
+from torch._inductor.decomposition import decompositions as inductor_decompositions
 
 from attrefine_fast import backends, ops
 from conftest import needs_cuda
@@ -21,6 +22,21 @@ BACKENDS = [
     pytest.param("cuda", "cuda", marks=needs_cuda),
     pytest.param("triton", "cuda", marks=needs_cuda),
 ]
+
+
+# What older torch.compile does differently (checked with torch 2.4, 2.6 and 2.8 on the CPU; the
+# results of every compiled call still match the eager calls there):
+# - Inductor decomposes torch._assert_async to nothing (torch 2.13 lowers it to a check), so the
+#   value checks vanish from the graph;
+# - with fullgraph=True, the error raised for an exception met while tracing does not always carry
+#   that exception's message (never on 2.4 and 2.8);
+# - new segment counts and offsets recompile more often (4-5 graphs for 5 sizes on 2.4 and 2.6).
+_TORCH = torch.torch_version.TorchVersion(torch.__version__)
+_needs_graph_assertions = pytest.mark.skipif(
+    torch.ops.aten._assert_async.msg in inductor_decompositions,
+    reason=f"Inductor of torch {torch.__version__} drops torch._assert_async: compiled calls skip the value checks")
+_needs_traced_error_messages = pytest.mark.skipif(
+    _TORCH < (2, 9), reason=f"torch {torch.__version__}'s fullgraph error does not carry the traced exception's message")
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +118,7 @@ def test_unavailable_backend_raises_the_eager_error_while_tracing():
         unknown(images, segments)
 
 
+@_needs_traced_error_messages
 def test_unavailable_backend_names_itself_in_a_full_graph():
     # fullgraph=True cannot fall back to running the call eagerly: torch._dynamo reports the
     # exception it observed (its type varies across torch versions), with our message in it.
@@ -111,6 +128,7 @@ def test_unavailable_backend_names_itself_in_a_full_graph():
         compiled(images, segments)
 
 
+@_needs_traced_error_messages
 def test_segment_mean_needs_num_segments_while_tracing():
     images, segments, _ = _case(segment_mean_cases(), "prime")
     compiled = torch.compile(lambda i, s: ops.segment_mean(i, s), fullgraph=True)
@@ -124,6 +142,7 @@ def _with(t, index, value):
     return t
 
 
+@_needs_graph_assertions
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_value_checks_become_assertions_and_nothing_is_written(backend):
     _available(backend, "cpu")
@@ -150,6 +169,7 @@ def test_value_checks_become_assertions_and_nothing_is_written(backend):
     assert torch.equal(x_adv, before)
 
 
+@_needs_graph_assertions
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_segment_label_checks_become_assertions(backend):
     _available(backend, "cpu")
@@ -176,25 +196,21 @@ def test_segment_label_checks_become_assertions(backend):
 
 
 def test_lime_fit_reference_takes_the_least_squares_branch_in_the_graph():
-    """alpha = 0 with a column always on: the Gram matrix is singular and the reference solves by
-    pinv, a branch the graph takes itself (torch.cond) instead of reading Cholesky's status on the
-    host. Only the split between that column's coefficient and the intercept is not identifiable
-    (eager rounding can let Cholesky through): everything else must match the eager call."""
+    """alpha = 0 with a column never on: the centered column is exactly zero, so the Gram matrix is
+    singular in any summation order and Cholesky fails; the reference then solves by pinv, a
+    branch the graph takes itself (torch.cond) instead of reading Cholesky's status on the host.
+    (A column always on would leave the centered column at rounding level, which Cholesky may
+    or may not let through, depending on the order Inductor sums in.)"""
     gen = torch.Generator().manual_seed(6)
     masks = torch.rand(2, 40, 4, generator=gen) > 0.5
     targets = torch.rand(2, 40, 2, generator=gen, dtype=torch.float64)
     fit = torch.compile(lambda m, t: ops.lime_fit(m, t, alpha=0.0, backend="torch"), fullgraph=True, dynamic=False)
     torch.testing.assert_close(fit(masks, targets), ops.lime_fit(masks, targets, alpha=0.0, backend="torch"))
-    masks[:, :, 2] = True  # the same graph, the other branch
+    masks[:, :, 2] = False  # the same graph, the other branch
     coef, intercept, score, local_pred = fit(masks, targets)
-    ref = ops.lime_fit(masks, targets, alpha=0.0, backend="torch")
-    # minimum norm: (almost) nothing on the constant column, where a Cholesky solve let through
-    # by rounding puts an arbitrary share (as eager did here: 0.77 on image 0)
-    assert coef[:, :, 2].abs().max() < 1e-12
-    keep = [0, 1, 3]
-    torch.testing.assert_close(coef[:, :, keep], ref[0][:, :, keep], atol=1e-8, rtol=1e-6)
-    torch.testing.assert_close(intercept, ref[1] + ref[0][:, :, 2], atol=1e-8, rtol=1e-6)
-    torch.testing.assert_close((score, local_pred), ref[2:], atol=1e-8, rtol=1e-6)
+    assert coef[:, :, 2].abs().max() < 1e-12  # minimum norm: nothing on a column that never varies
+    torch.testing.assert_close((coef, intercept, score, local_pred), ops.lime_fit(masks, targets, alpha=0.0, backend="torch"),
+                               atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("segments, labels", [(4, 1), (1, 2)], ids=["one_label", "one_segment"])
@@ -231,4 +247,5 @@ def test_new_sizes_and_offsets_do_not_recompile_each_time(backend):
         targets = torch.rand(2, 8, 2, generator=gen, dtype=torch.float64)
         got = explain_like(images, segments, masks, targets, m, step)
         torch.testing.assert_close(got, explain_like.__wrapped__(images, segments, masks, targets, m, step))
-    assert counters["stats"]["unique_graphs"] <= 2
+    if _TORCH >= (2, 8):
+        assert counters["stats"]["unique_graphs"] <= 2

@@ -13,7 +13,9 @@ pytest.importorskip("triton")
 
 from attrefine_fast import ops  # noqa: E402
 from conftest import DEVICES  # noqa: E402
-from triton_cases import FIT_TOLS, PGD_TOLS, fit_inputs, pgd_inputs, pgd_settings, use_only_config  # noqa: E402
+from triton_cases import FIT_TOLS, PGD_TOLS, fit_inputs, import_kernels_or_skip, pgd_inputs, pgd_settings, use_only_config  # noqa: E402
+
+import_kernels_or_skip()
 
 
 # ---------------------------------------------------------------- lime_fit

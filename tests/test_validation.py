@@ -293,6 +293,26 @@ def test_unavailable_backend_names_reason_and_fix():
         ops.lime_fit(torch.ones(1, 4, 2, dtype=torch.bool), torch.rand(1, 4, 1), backend="opencl")
 
 
+def test_triton_kernels_failing_to_load_leave_the_other_backends_usable(monkeypatch):
+    # e.g. a Triton or torch release the kernels do not support: the reason, not a crash of every op
+    calls = []
+
+    def broken(name):
+        calls.append(name)
+        raise ValueError("unsupported annotation")
+
+    monkeypatch.setattr(backends, "_triton_load_error", "")
+    monkeypatch.setattr(backends, "_module", broken)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    available, why = backends.status("perturb", "triton", "cpu")
+    assert not available and "failed to load" in why and "ValueError: unsupported annotation" in why
+    with pytest.raises(backends.BackendUnavailable, match="unsupported annotation"):
+        backends.resolve("lime_fit", "triton", "cpu")
+    assert calls == ["attrefine_fast.kernels"]  # imported once; the reason is kept
+    assert backends.status("perturb", "torch", "cpu")[0]
+
+
 def test_info_lists_every_op_and_backend():
     from attrefine_fast.info import report
 

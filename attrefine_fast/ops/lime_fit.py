@@ -139,7 +139,7 @@ def lime_fit(
     check_tensor("masks", masks, ndim=3, dtypes=(torch.bool, torch.uint8, torch.float32, torch.float64))
     check_tensor("targets", targets, ndim=3, dtypes=(torch.float32, torch.float64))
     b, n, m = masks.shape
-    if min(b, m, targets.shape[2]) < 1:
+    if b < 1 or m < 1 or targets.shape[2] < 1:
         raise ValueError(f"masks (B, N, M) and targets (B, N, L) must be non-empty, got {tuple(masks.shape)} and {tuple(targets.shape)}")
     if targets.shape[:2] != (b, n):
         raise ValueError(f"targets must have shape (B, N, L) = ({b}, {n}, L) to match masks, got {tuple(targets.shape)}")
