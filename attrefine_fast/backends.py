@@ -114,8 +114,8 @@ def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
         if not _has_compiled(op, "CUDA"):
             return False, (
                 f"the compiled extension has no CUDA kernel for {op}: rebuild with a CUDA-enabled torch "
-                "and a CUDA toolkit of its CUDA major version (`pip install --no-build-isolation -e .`; the build says "
-                "why it skipped CUDA)"
+                "and a CUDA toolkit of its CUDA major version (`pip install -v --no-build-isolation -e .` shows why "
+                "the build skipped CUDA)"
             )
         return True, "CUDA C++ kernel"
     if backend == "triton":
