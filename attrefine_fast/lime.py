@@ -11,6 +11,7 @@ output is used as it is, like lime uses classifier_fn's.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from functools import partial
 
 import numpy as np
@@ -162,7 +163,7 @@ class LimeImageExplainer:
                 check_int("each label", label, 0)
         if random_seed is None:  # drawn even when unused, to keep lime's random stream
             random_seed = self.random_state.randint(0, high=1000)
-        segments = self._segments(image, segmentation_fn)
+        segments = self._segments(image, segmentation_fn, random_seed)
         model_device = _model_device(classifier_fn) if isinstance(classifier_fn, torch.nn.Module) else None
         device = model_device if model_device is not None else torch.device("cpu")
 
@@ -224,11 +225,16 @@ class LimeImageExplainer:
         return image
 
     @staticmethod
-    def _segments(image: np.ndarray, segmentation_fn) -> np.ndarray:
+    def _segments(image: np.ndarray, segmentation_fn, random_seed: int) -> np.ndarray:
         if segmentation_fn is None:
             from skimage.segmentation import quickshift
 
-            segments = quickshift(image, **LIME_QUICKSHIFT)
+            params = dict(LIME_QUICKSHIFT)
+            # lime hands quickshift its random_seed wherever quickshift takes one by that name
+            # (scikit-image 0.20; later releases call it rng and run with their default)
+            if "random_seed" in inspect.signature(quickshift).parameters:
+                params["random_seed"] = random_seed
+            segments = quickshift(image, **params)
         else:
             segments = segmentation_fn(image)
         segments = np.asarray(segments)

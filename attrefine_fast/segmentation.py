@@ -16,8 +16,9 @@ import torch
 from .checks import check_int
 
 METHODS = ("quickshift", "slic", "felzenszwalb", "grid")
-# lime 0.2.0.1's default segmentation. scikit-image's quickshift ignores lime's random_seed
-# (its argument is now `rng`, default 42), so these alone reproduce lime's segments.
+# lime 0.2.0.1's default segmentation. Current scikit-image's quickshift ignores lime's random_seed
+# (its argument is now `rng`, default 42), so these alone reproduce lime's segments; the drop-in
+# (lime.py) passes the seed where quickshift still takes `random_seed`, as lime does.
 LIME_QUICKSHIFT = {"kernel_size": 4, "max_dist": 200, "ratio": 0.2}
 
 

@@ -27,6 +27,30 @@ def both(image, classifier, explainer_kwargs=None, **kwargs):
     return mine, ref
 
 
+@pytest.mark.parametrize("random_seed", [None, 5])
+def test_a_quickshift_taking_random_seed_gets_limes_seed(monkeypatch, random_seed):
+    # scikit-image 0.20's quickshift takes a random_seed, which lime hands it (drawn from its
+    # random_state when not given); later releases call it rng and lime's seed is dropped.
+    import lime.wrappers.scikit_image as lime_wrappers
+    from skimage import segmentation
+
+    real, seen = segmentation.quickshift, []
+
+    def quickshift_with_random_seed(image, ratio=1.0, kernel_size=5, max_dist=10, return_tree=False, sigma=0,
+                                    convert2lab=True, random_seed=42, *, channel_axis=-1):
+        seen.append(random_seed)
+        return real(image, ratio=ratio, kernel_size=kernel_size, max_dist=max_dist, sigma=sigma, convert2lab=convert2lab,
+                    channel_axis=channel_axis)
+
+    monkeypatch.setattr(segmentation, "quickshift", quickshift_with_random_seed)
+    monkeypatch.setattr(lime_wrappers, "quickshift", quickshift_with_random_seed)
+    clf = numpy_classifier(PooledLinear(seed=2))
+    mine, ref = both(photo("astronaut", 48), clf, {"random_state": 3}, num_samples=100, random_seed=random_seed)
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0] != 42
+    assert random_seed is None or seen[0] == random_seed
+    assert_same_explanation(mine, ref)
+
+
 @pytest.mark.parametrize(
     "name,size,seed,num_samples",
     [("astronaut", 64, 0, 500), ("coffee", 96, 1, 300), ("chelsea", 48, 7, 1000), ("rocket", 80, 3, 257)],
