@@ -3,8 +3,9 @@
 The C++ CPU extension (``attrefine_fast._C``) is built wherever torch and a C++ compiler are
 present. CUDA sources are added when torch itself was built with CUDA and a toolkit is found,
 and its nvcc has torch's CUDA major version (torch's build refuses any other), or when
-``ATTREFINE_FORCE_CUDA=1`` (whatever those checks say). No GPU is needed to build them. ``ATTREFINE_NO_EXTENSION=1``
-skips compiled code entirely; the package then runs on its pure-PyTorch backend.
+``ATTREFINE_FORCE_CUDA=1`` (whatever those checks say). No GPU is needed to build them.
+``ATTREFINE_NO_EXTENSION=1`` skips compiled code entirely; the package then runs on its
+pure-PyTorch backend.
 ``ATTREFINE_SANITIZE=1`` builds the CPU extension alone with AddressSanitizer and
 UndefinedBehaviorSanitizer, for `make test-sanitized` (it loads only where their runtimes are
 preloaded).
@@ -79,10 +80,10 @@ def extensions():
         why = "no CUDA toolkit found (set CUDA_HOME)"
     elif (toolkit := toolkit_version(cpp_extension.CUDA_HOME)) is None:
         why = f"no working nvcc in the CUDA toolkit at {cpp_extension.CUDA_HOME} (set CUDA_HOME)"
-    elif toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+    elif (torch_major := torch.version.cuda.split(".")[0]) != toolkit.split(".")[0]:
         # torch's BuildExtension stops the whole build on a major-version mismatch: build the CPU ops.
         why = (f"the CUDA toolkit at {cpp_extension.CUDA_HOME} is {toolkit}, torch {torch.__version__} was built with "
-               f"CUDA {torch.version.cuda}; point CUDA_HOME at a {torch.version.cuda.split('.')[0]}.x toolkit")
+               f"CUDA {torch.version.cuda}; point CUDA_HOME at a {torch_major}.x toolkit")
     else:
         with_cuda, why = True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit {toolkit} at {cpp_extension.CUDA_HOME}"
     say("C++/OpenMP CPU sources: " + ", ".join(cpu_sources))

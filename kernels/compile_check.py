@@ -136,17 +136,25 @@ def variants(mode: str = "default"):
         yield variant
 
 
+def triton_compiles_offline() -> bool:
+    """Whether the installed Triton takes sources the way compile_all builds them (Triton >= 3.3:
+    ASTSource with constexprs)."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    return "constexprs" in inspect.signature(ASTSource).parameters
+
+
 def compile_all(arch: int = 90, mode: str = "default", verbose: bool = False) -> list[tuple[str, float]]:
     """Compile each variant to a cubin for sm_<arch>; raises on the first failure."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    import inspect
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
+    if not triton_compiles_offline():
         raise RuntimeError(f"compiling without a GPU needs Triton >= 3.3 (ASTSource with constexprs), found {triton.__version__}")
 
     target = GPUTarget("cuda", arch, 32)

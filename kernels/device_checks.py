@@ -45,7 +45,8 @@ def _flag_pass_kernel(
         v = v.to(tl.float64) if v.dtype == tl.float64 else v.to(tl.float32)
         bad = (v - v) != 0  # NaN for a NaN or an infinity, 0 for every finite value
     count = tl.sum((bad & inside).to(tl.int32), axis=0)
-    if count > 0:  # every program that stores, stores 1 (not a masked store: Triton < 3.3's interpreter ignores a scalar mask)
+    # every program that stores, stores 1; not a masked store: Triton < 3.3's interpreter ignores a scalar mask
+    if count > 0:
         tl.store(flag_ptr, 1)
 
 
