@@ -61,7 +61,7 @@ def _reference(op: str) -> Callable:
     return getattr(_module(f"attrefine_fast.ops.{op.removesuffix('_into')}"), f"{op}_ref")
 
 
-def _has_compiled(op: str, dispatch_key: str) -> bool:
+def has_compiled(op: str, dispatch_key: str) -> bool:
     return _extension.loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"attrefine_fast::{op}", dispatch_key)
 
 
@@ -101,7 +101,7 @@ def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
             return False, "the cpp backend runs on CPU tensors"
         if not _extension.loaded():
             return False, _extension.load_error()
-        if not _has_compiled(op, "CPU"):
+        if not has_compiled(op, "CPU"):
             return False, f"the compiled extension has no CPU kernel for {op}"
         return True, "C++/OpenMP kernel"
     if backend == "cuda":
@@ -111,7 +111,7 @@ def status(op: str, backend: str, device_type: str) -> tuple[bool, str]:
             return False, "no CUDA device is available"
         if not _extension.loaded():
             return False, _extension.load_error()
-        if not _has_compiled(op, "CUDA"):
+        if not has_compiled(op, "CUDA"):
             return False, (
                 f"the compiled extension has no CUDA kernel for {op}: rebuild with a CUDA-enabled torch "
                 "and a CUDA toolkit of its CUDA major version (`pip install -v --no-build-isolation -e .` shows why "

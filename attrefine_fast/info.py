@@ -20,7 +20,11 @@ def report() -> str:
         lines.append(f"triton {triton.__version__}")
     except ImportError:
         lines.append("triton not installed")
-    lines.append(f"compiled extension: {'loaded' if _extension.loaded() else _extension.load_error()}")
+    if _extension.loaded():
+        with_cuda = all(backends.has_compiled(op, "CUDA") for op in backends.OPS)
+        lines.append(f"compiled extension: loaded, {'CPU and CUDA kernels' if with_cuda else 'CPU kernels (built without CUDA)'}")
+    else:
+        lines.append(f"compiled extension: {_extension.load_error()}")
     if _extension.loaded():
         lines.append(f"CPU kernels: {torch.ops.attrefine_fast.cpu_kernels()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -344,6 +344,14 @@ def test_cpu_kernels_name_their_instruction_sets():
     assert f"CPU kernels: {text}" in report()
 
 
+def test_info_says_whether_the_extension_has_cuda_kernels():
+    from attrefine_fast.info import report
+
+    with_cuda = backends.has_compiled("lime_fit", "CUDA")
+    line = next(line for line in report().splitlines() if line.startswith("compiled extension: "))
+    assert line == f"compiled extension: loaded, {'CPU and CUDA kernels' if with_cuda else 'CPU kernels (built without CUDA)'}"
+
+
 def test_ops_declare_that_they_are_not_differentiable():
     masks = torch.rand(1, 6, 3) > 0.5
     targets = torch.rand(1, 6, 2, requires_grad=True)

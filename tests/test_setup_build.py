@@ -1,0 +1,82 @@
+"""setup.py's choice of whether to build the CUDA ops, on stand-ins for torch and a CUDA toolkit.
+
+A wrong choice costs a user the whole install (torch's build raises on a toolkit of another major
+version, on a machine with no GPU and no architecture list, on a toolkit without headers), so
+each refusal must leave the CPU build standing and say what to set.
+"""
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    spec = importlib.util.spec_from_file_location("attrefine_fast_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # builds nothing: setup() runs only as __main__
+    return module
+
+
+def fake_torch(cuda="13.0", gpus=0, arch_flags="sm_75 sm_80 sm_86 sm_90 sm_100 sm_120"):
+    version = "2.12.1" + (f"+cu{cuda.replace('.', '')}" if cuda else "+cpu")
+    c = SimpleNamespace(_cuda_getArchFlags=lambda: arch_flags) if arch_flags is not None else SimpleNamespace()
+    return SimpleNamespace(__version__=version, version=SimpleNamespace(cuda=cuda),
+                           cuda=SimpleNamespace(device_count=lambda: gpus), _C=c)
+
+
+def fake_toolkit(root: Path, release="13.0", headers=True) -> str:
+    nvcc = root / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f'#!/bin/sh\necho "Cuda compilation tools, release {release}, V{release}.48"\n')
+    nvcc.chmod(0o755)
+    if headers:
+        (root / "include").mkdir()
+        (root / "include" / "cuda_runtime.h").write_text("")
+    return str(root)
+
+
+def test_a_gpu_and_a_matching_toolkit_build_cuda(setup_py, tmp_path):
+    build, why = setup_py.cuda_build(fake_torch(gpus=1), fake_toolkit(tmp_path), {})
+    assert build and "toolkit 13.0" in why
+
+
+def test_without_a_gpu_an_architecture_list_builds_cuda(setup_py, tmp_path):
+    home = fake_toolkit(tmp_path)
+    build, why = setup_py.cuda_build(fake_torch(gpus=0), home, {})
+    assert not build and "TORCH_CUDA_ARCH_LIST" in why
+    assert setup_py.cuda_build(fake_torch(gpus=0), home, {"TORCH_CUDA_ARCH_LIST": "9.0"})[0]
+
+
+@pytest.mark.parametrize("torch_cuda, toolkit, headers, expected", [
+    (None, "13.0", True, "built without CUDA"),
+    ("12.8", "13.0", True, "point CUDA_HOME at a 12.x toolkit"),
+    ("13.0", "13.0", False, "no CUDA headers in"),
+])
+def test_what_cannot_build_cuda_builds_the_cpu_ops_and_says_why(setup_py, tmp_path, torch_cuda, toolkit, headers, expected):
+    home = fake_toolkit(tmp_path, toolkit, headers)
+    build, why = setup_py.cuda_build(fake_torch(cuda=torch_cuda, gpus=1), home, {})
+    assert not build and expected in why
+
+
+def test_a_missing_or_silent_toolkit_is_named(setup_py, tmp_path):
+    assert "set CUDA_HOME" in setup_py.cuda_build(fake_torch(gpus=1), None, {})[1]
+    silent = tmp_path / "bin" / "nvcc"
+    silent.parent.mkdir(parents=True)
+    silent.write_text("#!/bin/sh\nexit 1\n")
+    silent.chmod(0o755)
+    assert "no working nvcc" in setup_py.cuda_build(fake_torch(gpus=1), str(tmp_path), {})[1]
+
+
+def test_forcing_and_sanitizing_override_the_checks(setup_py):
+    assert setup_py.cuda_build(fake_torch(cuda=None), None, {"ATTREFINE_FORCE_CUDA": "1"}) == (True, "ATTREFINE_FORCE_CUDA=1")
+    assert not setup_py.cuda_build(fake_torch(gpus=1), None, {"ATTREFINE_SANITIZE": "1", "ATTREFINE_FORCE_CUDA": "1"})[0]
+
+
+def test_a_forced_build_without_a_gpu_targets_torchs_own_architectures(setup_py):
+    assert setup_py.default_arch_list(fake_torch()) == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
+    assert setup_py.default_arch_list(fake_torch(arch_flags="sm_90 sm_80 sm_90a")) == "8.0;9.0+PTX"
+    assert setup_py.default_arch_list(fake_torch(arch_flags=None)) == "8.0;9.0+PTX"  # a CPU torch: no list of its own
