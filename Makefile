@@ -8,7 +8,7 @@ PIP := $(PYTHON) -m pip
 install:
 	@# A pinned torch takes this machine kind's CPU wheel; a plain `torch` would pull GBs of CUDA.
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install "setuptools>=70" wheel
+	$(PIP) install "setuptools>=77" wheel
 	@# --no-build-isolation: build against the torch installed above, not a second copy.
 	$(PIP) install --no-build-isolation -e ".[test,triton,peers]"
 	@# torchattacks pins an old requests and requires torchvision, neither of which it needs here.

@@ -1,7 +1,8 @@
 """The CUDA sources keep compiling on machines without a GPU.
 
-Every csrc/cuda/*.cu file is compiled with ``nvcc -c`` (one architecture, all files at once), the
-phase-timing driver benchmarks/lime_fit_phases.cu is compiled and linked, and the torch glue (csrc/cuda/ops_cuda.cpp) gets a syntax-only pass with the host compiler. The
+Every csrc/cuda/*.cu file is compiled with ``nvcc -c`` (one architecture, all files at once,
+warnings as errors), the phase-timing driver benchmarks/lime_fit_phases.cu is compiled and linked,
+and the torch glue (csrc/cuda/ops_cuda.cpp) gets a syntax-only pass with the host compiler. The
 kernels must stay free of torch headers: a CPU-only torch ships none usable for CUDA, which is why
 the glue is the only file that includes them.
 """
@@ -23,6 +24,8 @@ TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2)/', re
 # sm_80 (A100) and later (H100, H200) run code built for it; one target keeps the check quick.
 ARCH = "sm_80"
 NVCC = shutil.which("nvcc")
+# The flags setup.py gives nvcc, and any warning as an error (an unused variable, a missing return...).
+NVCC_FLAGS = ["-std=c++17", f"-arch={ARCH}", "-O3", "--expt-relaxed-constexpr", "-Werror", "all-warnings"]
 
 
 def test_there_are_cuda_kernels_for_every_op():
@@ -70,13 +73,13 @@ def _glue_syntax_check(tmp_path):
 def test_cuda_sources_compile(tmp_path):
     jobs = {}
     for cu in CU_FILES:
-        cmd = [NVCC, "-c", "-std=c++17", f"-arch={ARCH}", "-O3", "--expt-relaxed-constexpr", str(cu),
+        cmd = [NVCC, "-c", *NVCC_FLAGS, str(cu),
                "-o", str(tmp_path / f"{cu.stem}.o")]
         jobs[cu.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # the phase-timing driver (benchmarks/lime_fit_phases.cu): lime_fit.cu with its clocks, linked
     phases = ROOT / "benchmarks" / "lime_fit_phases.cu"
     jobs[phases.name] = subprocess.Popen(
-        [NVCC, "-std=c++17", f"-arch={ARCH}", "-O3", "--expt-relaxed-constexpr", str(phases), "-o", str(tmp_path / "phases")],
+        [NVCC, *NVCC_FLAGS, str(phases), "-o", str(tmp_path / "phases")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     glue = _glue_syntax_check(tmp_path)
     if glue is not None:

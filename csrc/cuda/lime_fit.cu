@@ -48,8 +48,8 @@ constexpr int kLabelChunk = 8;
 // benchmarks/lime_fit_phases.cu builds this file with ATTREFINE_LIME_FIT_PHASE_CLOCKS to time the
 // phases on a GPU: thread 0 of block b writes clock64() to phase_clocks[b * kPhaseMarks + k] at
 // the start (k = 0) and after each phase's closing barrier (k = 1 .. 7).
-constexpr int kPhaseMarks = 8;
 #ifdef ATTREFINE_LIME_FIT_PHASE_CLOCKS
+constexpr int kPhaseMarks = 8;
 __device__ long long* phase_clocks;
 #define PHASE_MARK(k) \
   if (threadIdx.x == 0) phase_clocks[blockIdx.x * kPhaseMarks + (k)] = clock64()
