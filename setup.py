@@ -48,6 +48,15 @@ def toolkit_version(cuda_home):
     return f"{found[1]}.{found[2]}" if found else None
 
 
+def cuda_headers_found(cuda_home):
+    """Whether CUDA_HOME holds the toolkit's headers: in include/ (torch's include path) or in
+    targets/<platform>/include/ (conda's toolkits, whose compilers look there). An nvcc found on
+    PATH may be a wrapper script outside the toolkit, and torch takes CUDA_HOME from it: its
+    build would then find neither the headers nor libcudart."""
+    folders = [os.path.join(cuda_home, "include"), *glob.glob(os.path.join(cuda_home, "targets", "*", "include"))]
+    return any(os.path.isfile(os.path.join(f, "cuda_runtime.h")) for f in folders)
+
+
 def cuda_build(torch, cuda_home, environ):
     """Whether to build the CUDA ops, and why: (True or False, the reason in words)."""
     if _flag("ATTREFINE_SANITIZE", environ):
@@ -69,9 +78,9 @@ def cuda_build(torch, cuda_home, environ):
     if not environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
         return False, ("no CUDA GPU to build for; on a build machine without one, name the GPUs' architectures in "
                        "TORCH_CUDA_ARCH_LIST (e.g. 9.0 for H100 / H200)")
-    if not os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime.h")):
-        # torch takes CUDA_HOME from the nvcc on PATH, which may be a wrapper script outside the toolkit
-        return False, f"no CUDA headers in {os.path.join(cuda_home, 'include')}; set CUDA_HOME to the toolkit's folder"
+    if not cuda_headers_found(cuda_home):
+        return False, (f"no CUDA headers in {os.path.join(cuda_home, 'include')}; set CUDA_HOME to the toolkit's folder "
+                       "(ATTREFINE_FORCE_CUDA=1 builds anyway)")
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit {toolkit} at {cuda_home}"
 
 

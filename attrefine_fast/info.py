@@ -23,10 +23,9 @@ def report() -> str:
     if _extension.loaded():
         with_cuda = all(backends.has_compiled(op, "CUDA") for op in backends.OPS)
         lines.append(f"compiled extension: loaded, {'CPU and CUDA kernels' if with_cuda else 'CPU kernels (built without CUDA)'}")
+        lines.append(f"CPU kernels: {torch.ops.attrefine_fast.cpu_kernels()}")
     else:
         lines.append(f"compiled extension: {_extension.load_error()}")
-    if _extension.loaded():
-        lines.append(f"CPU kernels: {torch.ops.attrefine_fast.cpu_kernels()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         lines.append("")

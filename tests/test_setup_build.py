@@ -62,6 +62,13 @@ def test_what_cannot_build_cuda_builds_the_cpu_ops_and_says_why(setup_py, tmp_pa
     assert not build and expected in why
 
 
+def test_headers_under_the_toolkits_targets_count(setup_py, tmp_path):
+    home = fake_toolkit(tmp_path, headers=False)  # as conda installs them
+    (tmp_path / "targets" / "x86_64-linux" / "include").mkdir(parents=True)
+    (tmp_path / "targets" / "x86_64-linux" / "include" / "cuda_runtime.h").write_text("")
+    assert setup_py.cuda_build(fake_torch(gpus=1), home, {})[0]
+
+
 def test_a_missing_or_silent_toolkit_is_named(setup_py, tmp_path):
     assert "set CUDA_HOME" in setup_py.cuda_build(fake_torch(gpus=1), None, {})[1]
     silent = tmp_path / "bin" / "nvcc"
