@@ -1,10 +1,15 @@
-"""setup.py's choice of whether to build the CUDA ops, on stand-ins for torch and a CUDA toolkit.
+"""setup.py's choice of whether to build the CUDA ops, on stand-ins for torch and a CUDA toolkit,
+and what the source distribution carries.
 
 A wrong choice costs a user the whole install (torch's build raises on a toolkit of another major
 version, on a machine with no GPU and no architecture list, on a toolkit without headers), so
 each refusal must leave the CPU build standing and say what to set.
 """
 import importlib.util
+import shutil
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -87,3 +92,22 @@ def test_a_forced_build_without_a_gpu_targets_torchs_own_architectures(setup_py)
     assert setup_py.default_arch_list(fake_torch()) == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
     assert setup_py.default_arch_list(fake_torch(arch_flags="sm_90 sm_80 sm_90a")) == "8.0;9.0+PTX"
     assert setup_py.default_arch_list(fake_torch(arch_flags=None)) == "8.0;9.0+PTX"  # a CPU torch: no list of its own
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_the_sdist_carries_every_file_a_clone_builds_and_tests_with(tmp_path):
+    # setuptools alone would leave out the headers (the sdist then fails to build), the CUDA
+    # sources and the tests' helpers: MANIFEST.in names them. Built from a copy of the checkout's
+    # files, so that nothing is written into the checkout.
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    src = tmp_path / "src"
+    for name in files:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-c", "import sys, setuptools.build_meta as b; b.build_sdist(sys.argv[1])",
+                    str(tmp_path / "dist")], cwd=src, check=True, capture_output=True, env={"ATTREFINE_NO_EXTENSION": "1"})
+    with tarfile.open(next((tmp_path / "dist").glob("*.tar.gz"))) as sdist:
+        carried = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    missing = [name for name in files if name not in carried and name != ".gitignore"]
+    assert not missing, f"not in the sdist: {missing}"
