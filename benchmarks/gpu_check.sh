@@ -49,7 +49,10 @@ run() {  # run NAME LOG COMMAND...: the command's output to LOG, its exit status
   tail -n 4 "$out/$log"
   [ $rc -eq 0 ] || status=1
 }
-run build build.log python -m pip install --no-build-isolation --no-deps -e .
+# -v: the build's own messages (whether it builds the CUDA ops, and why not) go to the log
+run build build.log python -m pip install -v --no-build-isolation --no-deps -e .
+run info info.log python -m attrefine_fast.info
+grep -q "CPU and CUDA kernels" "$out/info.log" || { echo "the extension has no CUDA kernels: see build.log"; status=1; }
 run bad-input bad_input.log python -m pytest -q -rfE -p no:cacheprovider tests/test_compiled_ops.py -k bad_input
 if [ $status -ne 0 ] && command -v cuda-gdb > /dev/null; then  # where a crashing CUDA case crashed
   run bad-input-backtrace bad_input_gdb.log cuda-gdb -batch -ex run -ex bt --args \
