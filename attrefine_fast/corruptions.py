@@ -31,7 +31,7 @@ import torch
 from torch.nn import functional as F
 
 from .checks import check_images
-from .corruptions_structured import FUNCTIONS as STRUCTURED_FUNCTIONS
+from .corruptions_structured import FUNCTIONS as STRUCTURED_FUNCTIONS, clipped_zoom
 from .data import ImageDataset, to_float
 
 # Per-severity parameters (severity 1..5), from the CIFAR-10-C tables.
@@ -42,7 +42,9 @@ SEVERITY_PARAMS = {
     "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),  # multiplicative noise std
     "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),  # sigma in pixels
     "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1)),  # disk radius, alias sigma
-    "zoom_blur": (7, 12, 16, 21, 26),  # number of zooms 1.00, 1.01, 1.02, ... (the table's ranges)
+    # Zooms np.arange(1, stop, 0.01), written as the table writes them: its float steps decide
+    # where a zoomed crop's size rounds (1.2500000000000002, not 1.25, at the last one).
+    "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),
     "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),  # factor on the deviation from the mean
     "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),  # added to the HSV value
     "saturate": ((0.3, 0.0), (0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2)),  # HSV saturation * a + b
@@ -123,18 +125,19 @@ def defocus_blur(x, c, gen):
 
 
 def zoom_blur(x, c, gen):
-    # The mean of the image and c centre zooms by 1.00, 1.01, ... (bilinear, cropped to size).
-    zooms = [1.0 + 0.01 * i for i in range(c)]
+    # The mean of the image and its clipped zooms by 1.00, 1.01, ... (the reference's crop, bilinear
+    # stretch and trim, as snow's flakes are zoomed).
+    zooms = np.arange(1, c, 0.01)
     out = x.clone()
     for z in zooms:
-        theta = torch.tensor([[1 / z, 0, 0], [0, 1 / z, 0]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2, 3)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        out = out + F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = out + clipped_zoom(x, float(z))
     return out / (len(zooms) + 1)
 
 
 def contrast(x, c, gen):
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    # Each channel towards its own mean over the image (the benchmark's per-channel means): the
+    # colour balance stays, unlike a contrast around the grey level.
+    mean = x.mean(dim=(2, 3), keepdim=True)
     return (x - mean) * c + mean
 
 

@@ -166,7 +166,7 @@ def _zoom_matrix(n: int, zoom: float) -> torch.Tensor:
     return m
 
 
-def _clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
+def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
     """The reference's clipped zoom of each (H, W) plane: magnified about the centre by ``zoom``
     (bilinear), cropped to the same size."""
     if zoom == 1:
@@ -182,7 +182,7 @@ def snow(x, c, gen):
     if ch not in (1, 3):
         raise ValueError(f"snow needs 1 or 3 channels, got {ch}")
     flakes = torch.randn((b, 1, h, w), generator=gen, dtype=torch.float64).to(x.device, x.dtype) * scale + loc
-    flakes = _clipped_zoom(flakes, zoom)
+    flakes = clipped_zoom(flakes, zoom)
     flakes = torch.where(flakes < threshold, torch.zeros_like(flakes), flakes).clamp(0, 1)
     flakes = _motion_blur(flakes, radius, sigma, _uniform(b, gen, -135.0, -45.0))
     # Whiten the scene towards 1.5 * grey + 0.5; a 1-channel image is its own grey.

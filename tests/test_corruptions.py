@@ -89,6 +89,36 @@ def test_corruption_semantics():
     assert torch.allclose(corrupt(grey, "gaussian_noise", 5).std(), torch.tensor(0.10), rtol=0.05)
 
 
+def scipy_clipped_zoom(plane: np.ndarray, zoom: float) -> np.ndarray:
+    """The benchmark's clipped zoom of one square (H, W) plane, with scipy: crop the centre
+    ceil(H / zoom) pixels, zoom them (order 1), trim the centre H."""
+    from scipy.ndimage import zoom as scipy_zoom
+
+    h = plane.shape[0]
+    crop = int(np.ceil(h / zoom))
+    top = (h - crop) // 2
+    out = scipy_zoom(plane[top : top + crop, top : top + crop], zoom, order=1)
+    trim = (out.shape[0] - h) // 2
+    return out[trim : trim + h, trim : trim + h]
+
+
+@pytest.mark.parametrize("severity", SEVERITIES)
+def test_contrast_and_zoom_blur_follow_the_benchmark_definitions(severity):
+    x = photos().double()
+    planes = x.numpy()
+    # Contrast: each channel towards its own mean, so a colour cast survives.
+    c = SEVERITY_PARAMS["contrast"][severity - 1]
+    means = planes.mean(axis=(2, 3), keepdims=True)
+    want = np.clip((planes - means) * c + means, 0, 1)
+    np.testing.assert_allclose(corrupt(x, "contrast", severity).numpy(), want, atol=1e-12)
+    red = torch.tensor([0.9, 0.0, 0.1], dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, 8, 8)
+    assert torch.allclose(corrupt(red, "contrast", severity), red, atol=1e-12)
+    # Zoom blur: the mean of the image and its clipped zooms by np.arange(1, stop, 0.01).
+    zooms = np.arange(1, SEVERITY_PARAMS["zoom_blur"][severity - 1], 0.01)
+    total = planes + sum(np.vectorize(scipy_clipped_zoom, signature="(h,w),()->(h,w)")(planes, z) for z in zooms)
+    np.testing.assert_allclose(corrupt(x, "zoom_blur", severity).numpy(), np.clip(total / (len(zooms) + 1), 0, 1), atol=1e-12)
+
+
 def sequential_swaps(h, w, delta, dy, dx):
     """The reference's loop, one image at a time: visit rows h - delta .. delta + 1 and in each the
     columns w - delta .. delta + 1, backwards, swapping each pixel with the one (dy, dx) away."""
