@@ -217,7 +217,9 @@ def masked_pgd(
         labels: (B,) integer: the true classes (the target classes if ``targeted``).
         mask: None (no restriction: plain PGD) or (H, W), (B, H, W), (B, 1, H, W), bool or float in
             [0, 1], shared by the channels. The random start and every step are multiplied by it:
-            a 0/1 mask confines the perturbation to the ones, fractional values scale the step.
+            a 0/1 mask confines the perturbation to the ones. Fractional values scale the L-inf
+            step per pixel; in L2 they weight the gradient before it is normalized, so they
+            shift the step towards the heavier pixels and the step keeps its length.
         eps: radius of the ε-ball around ``images`` (L-inf or L2, in [0, 1] pixel units).
         norm: "linf" or "l2".
         step_size: step per iteration; default ``eps / 4``.

@@ -29,6 +29,7 @@ import tarfile
 import numpy as np
 import torch
 
+from .checks import check_int
 from .image_dataset import ImageDataset
 
 # The 15 corruptions of the CIFAR-10-C benchmark (Hendrycks & Dietterich, 2019), and its 4 extras.
@@ -135,27 +136,32 @@ def expected_layout(name: str, root: str) -> str:
 
 
 def _read_cifar_members(name: str, root, members: list[str], table: dict) -> dict[str, bytes]:
-    """The checked bytes of ``members``, from the extracted folder if present, else the archive."""
+    """The checked bytes of ``members``, from the extracted folder if it holds them all, else the
+    archive (an extraction left unfinished does not hide an archive beside it)."""
     spec = _CIFAR[name]
     root = os.fspath(root)
     candidates = [os.path.join(root, spec["folder"])]
     if os.path.basename(os.path.normpath(root)) == spec["folder"]:
         candidates.append(root)
+    incomplete = None
     for folder in candidates:
         if not os.path.isdir(folder):
+            continue
+        missing = [m for m in members if not os.path.isfile(os.path.join(folder, m))]
+        if missing:
+            incomplete = incomplete or f"{os.path.join(folder, missing[0])} is missing"
             continue
         out = {}
         for member in members:
             path = os.path.join(folder, member)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is missing; {expected_layout(name, os.path.dirname(folder))}")
             with open(path, "rb") as f:
                 out[member] = f.read()
             _check_md5(f"{spec['folder']}/{member}", out[member], table, path)
         return out
     archive = root if root.endswith(spec["archive"]) and os.path.isfile(root) else os.path.join(root, spec["archive"])
     if not os.path.isfile(archive):
-        raise FileNotFoundError(f"{name} not found under {root!r}: {expected_layout(name, root)}")
+        found = incomplete or f"{name} not found under {root!r}"
+        raise FileNotFoundError(f"{found}: {expected_layout(name, root)}")
     with open(archive, "rb") as f:
         blob = f.read()
     _check_md5(spec["archive"], blob, table, archive)
@@ -194,6 +200,8 @@ def load_cifar(name: str, root, split: str = "test", *, md5: dict | None = None,
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if label not in ("fine", "coarse"):
         raise ValueError(f"label must be 'fine' or 'coarse', got {label!r}")
+    if name == "cifar10" and label == "coarse":
+        raise ValueError("label='coarse' names CIFAR-100's 20 superclasses; CIFAR-10 has its 10 classes only")
     if source == "torchvision":
         return _cifar_torchvision(name, root, split, label)
     if source != "files":
@@ -307,9 +315,9 @@ def load_cifar_c(name: str, root, corruption: str, severity: int, *, num_samples
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
         raise ValueError(f"labels.npy must hold one label per row of {corruption}.npy ({data.shape[0]}), got shape {labels.shape}")
     block = data.shape[0] // 5
-    n = block if num_samples is None else min(int(num_samples), block)
+    n = block if num_samples is None else min(check_int("num_samples", num_samples, 1), block)
     start = (severity - 1) * block
     x = torch.from_numpy(np.ascontiguousarray(data[start : start + n].transpose(0, 3, 1, 2)))
-    y = torch.from_numpy(np.asarray(labels[start : start + n], dtype=np.int64))
+    y = torch.from_numpy(np.array(labels[start : start + n], dtype=np.int64))  # a copy: the map is read-only
     classes = [str(i) for i in range(_CIFAR[name]["num_classes"])]
     return ImageDataset(x, y, classes, f"{name}-c/{corruption}/{severity}")

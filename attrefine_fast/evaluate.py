@@ -17,18 +17,20 @@ report. The rest of the family, all re-exported here: clean accuracy and the sha
 """
 from __future__ import annotations
 
+import numbers
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
 from .attacks import fgsm as fgsm_attack
 from .attacks import frozen, masked_pgd, predict
 from .checks import check_choice, check_int
-from .data import ImageDataset
+from .corruptions import CORRUPTIONS
 from .evaluate_accuracy import _as_dataset, _bar, _check_batch_size, _device, _num_batches, _num_classes, accuracy
 from .evaluate_cli import add_arguments, run
-from .evaluate_corruptions import DEFAULT_CORRUPTIONS, cifar_c_accuracy, corruption_accuracy
+from .evaluate_corruptions import DEFAULT_CORRUPTIONS, _check_names, _check_severities, cifar_c_accuracy, corruption_accuracy
 from .evaluate_report import eps_label, format_table, plot_report
 
 __all__ = [
@@ -37,6 +39,14 @@ __all__ = [
 ]
 
 ATTACKS = ("fgsm", "pgd")
+# The standard ensemble's targeted APGD ranks each sample's logits down to the fourth largest
+# (its targeted DLR loss): with fewer classes torchattacks fails with an IndexError mid-run.
+AUTOATTACK_MIN_CLASSES = 4
+
+
+def autoattack_classes_reason(n_classes: int) -> str:
+    return (f"AutoAttack's standard ensemble needs at least {AUTOATTACK_MIN_CLASSES} classes (its targeted DLR "
+            f"loss ranks the four largest logits); the model has {n_classes}")
 
 
 def attack_accuracy(
@@ -89,6 +99,8 @@ def build_autoattack(model: nn.Module, *, eps: float, norm: str, version: str, n
     check_choice("norm", norm, ("linf", "l2"))
     check_choice("version", version, ("standard", "plus", "rand"))
     check_int("n_classes", n_classes, 2)
+    if n_classes < AUTOATTACK_MIN_CLASSES:
+        raise ValueError(autoattack_classes_reason(n_classes))
     return torchattacks.AutoAttack(
         model, norm="Linf" if norm == "linf" else "L2", eps=float(eps), version=version, n_classes=n_classes, seed=int(seed)
     )
@@ -147,11 +159,11 @@ def evaluate(
     """The full robustness report of ``model`` on ``dataset``.
 
     Args:
-        eps: the ε sweep for FGSM and PGD (step ε/4).
-        pgd_steps: PGD iteration counts, one curve each; () skips PGD.
+        eps: the ε sweep for FGSM and PGD (step ε/4): a number or a sequence of numbers.
+        pgd_steps: PGD iteration counts (an int or a sequence), one curve each; () skips PGD.
         fgsm: include FGSM.
         autoattack: include AutoAttack at ``autoattack_eps`` (recorded as skipped, with the
-            reason, when torchattacks does not import).
+            reason, when torchattacks does not import or the model has fewer than 4 classes).
         corruptions: None: :data:`DEFAULT_CORRUPTIONS`; () skips the corruption benchmark.
         severities: corruption severities.
         max_samples: evaluate on the first n samples only.
@@ -168,13 +180,29 @@ def evaluate(
     if max_samples is not None:
         check_int("max_samples", max_samples, 1)
         ds = ds.subset(max_samples)
-    eps = [float(e) for e in (eps if isinstance(eps, (tuple, list)) else (eps,))]
+    try:
+        eps = [float(e) for e in np.asarray(eps, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"eps must be a number or a sequence of numbers, got {eps!r}") from e
     if any(not (0 <= e < float("inf")) for e in eps):
         raise ValueError(f"eps values must be finite and >= 0, got {eps}")
-    steps_list = [int(s) for s in pgd_steps]
+    if isinstance(pgd_steps, numbers.Integral):
+        pgd_steps = (pgd_steps,)
+    steps_list = [check_int("pgd_steps", s, 0) for s in pgd_steps]
     check_choice("norm", norm, ("linf", "l2"))
+    _check_batch_size(batch_size)
     if cifar_c is not None and (not isinstance(cifar_c, (tuple, list)) or len(cifar_c) != 2):
         raise ValueError("cifar_c must be None or a (name, root) pair, e.g. ('cifar10', 'data/')")
+    # The corruption settings are checked now, not after the attacks have run.
+    if corruptions is not None and not isinstance(corruptions, str):
+        corruptions = tuple(corruptions)
+    score_corruptions = corruptions != ()
+    if score_corruptions:
+        names = _check_names(corruptions, DEFAULT_CORRUPTIONS)
+        if cifar_c is None:
+            for name in names:
+                check_choice("corruption", name, CORRUPTIONS)
+        _check_severities(severities)
     dev = _device(model, device)
     common = dict(batch_size=batch_size, device=dev, progress=progress)
     seconds: dict[str, float] = {}
@@ -204,18 +232,20 @@ def evaluate(
             timed(f"PGD-{steps}", attack_accuracy, model, ds, attack="pgd", eps=e, steps=steps, norm=norm, seed=seed, **common)
             for e in eps
         ]
-    if autoattack:
+    if autoattack and (n_classes := _num_classes(model, ds, dev)) < AUTOATTACK_MIN_CLASSES:
+        report["autoattack"] = {"eps": float(autoattack_eps), "skipped": autoattack_classes_reason(n_classes)}
+    elif autoattack:
         try:
             acc = timed("autoattack", autoattack_accuracy, model, ds, eps=autoattack_eps, norm=norm, seed=seed, **common)
             report["autoattack"] = {"eps": float(autoattack_eps), "version": "standard", "accuracy": acc}
         except ImportError as e:
             report["autoattack"] = {"eps": float(autoattack_eps), "skipped": str(e)}
-    if cifar_c is not None:
+    if score_corruptions and cifar_c is not None:
         report["corruptions"] = timed(
             "corruptions", cifar_c_accuracy, model, cifar_c[0], cifar_c[1], corruptions=corruptions,
             severities=severities, max_samples=max_samples, **common,
         )
-    elif corruptions is None or len(tuple(corruptions)) > 0:
+    elif score_corruptions:
         report["corruptions"] = timed(
             "corruptions", corruption_accuracy, model, ds, corruptions=corruptions, severities=severities, seed=seed, **common
         )

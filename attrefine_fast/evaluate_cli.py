@@ -97,10 +97,10 @@ def run(args: argparse.Namespace) -> dict:
         cifar_c = (args.dataset, args.cifar_c_dir)
     report = evaluate(
         model, dataset,
-        eps=args.eps or ((2 / 255, 4 / 255, 8 / 255, 16 / 255) if args.norm == "linf" else (0.25, 0.5, 1.0)),
+        eps=args.eps if args.eps is not None else ((2 / 255, 4 / 255, 8 / 255, 16 / 255) if args.norm == "linf" else (0.25, 0.5, 1.0)),
         norm=args.norm,
         pgd_steps=args.pgd_steps, fgsm=not args.no_fgsm, autoattack=args.autoattack,
-        autoattack_eps=args.autoattack_eps or (8 / 255 if args.norm == "linf" else 0.5),
+        autoattack_eps=args.autoattack_eps if args.autoattack_eps is not None else (8 / 255 if args.norm == "linf" else 0.5),
         corruptions=None if args.corruptions is None else tuple(args.corruptions),
         severities=tuple(args.severities), max_samples=args.max_samples, batch_size=args.batch_size,
         seed=args.seed, progress=not args.no_progress, device=device, cifar_c=cifar_c,

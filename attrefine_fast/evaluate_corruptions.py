@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .attacks import predict
-from .checks import check_choice
+from .checks import check_choice, check_int
 from .corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from .data import available_cifar_c, load_cifar_c
+from .data import available_cifar_c, cifar_c_folder, load_cifar_c
 from .evaluate_accuracy import _as_dataset, _bar, _check_batch_size, _device, accuracy
 
 __all__ = ["DEFAULT_CORRUPTIONS", "cifar_c_accuracy", "corruption_accuracy"]
@@ -46,14 +46,30 @@ def _check_severities(severities) -> tuple[int, ...]:
     sev = tuple(severities)
     if not sev or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s not in SEVERITIES for s in sev):
         raise ValueError(f"severities must be a non-empty subset of {SEVERITIES}, got {severities!r}")
+    if len(set(sev)) != len(sev):
+        raise ValueError(f"severities must not repeat (a repeated cell would count twice in the mean), got {severities!r}")
     return sev
+
+
+def _check_names(corruptions, default) -> tuple[str, ...]:
+    """The corruption names to score: ``default`` for None, else a non-empty sequence of names."""
+    if corruptions is None:
+        return tuple(default)
+    if isinstance(corruptions, str):
+        raise TypeError(f"corruptions must be a sequence of names, e.g. ({corruptions!r},), got the string {corruptions!r}")
+    names = tuple(corruptions)
+    if not names:
+        raise ValueError("corruptions must name at least one corruption (evaluate(corruptions=()) skips the benchmark)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"corruptions must not repeat, got {names!r}")
+    return names
 
 
 def _summary(per: dict, severities, source: str) -> dict:
     cells = [a for accs in per.values() for a in accs]
     return {
         "per_corruption": per,
-        "mean": float(np.mean(cells)) if cells else float("nan"),
+        "mean": float(np.mean(cells)),
         "severities": list(severities),
         "source": source,
     }
@@ -84,9 +100,7 @@ def corruption_accuracy(
     """
     ds = _as_dataset(dataset)
     _check_batch_size(batch_size)
-    if isinstance(corruptions, str):
-        raise TypeError(f"corruptions must be a sequence of names, e.g. ({corruptions!r},), got the string {corruptions!r}")
-    names = DEFAULT_CORRUPTIONS if corruptions is None else tuple(corruptions)
+    names = _check_names(corruptions, DEFAULT_CORRUPTIONS)
     for name in names:
         check_choice("corruption", name, CORRUPTIONS)
     sev = _check_severities(severities)
@@ -120,8 +134,14 @@ def cifar_c_accuracy(
     ``corruptions=None`` takes every corruption present in the folder; the result has the layout
     of :func:`corruption_accuracy` with ``"source": "files"``.
     """
-    names = available_cifar_c(name, root) if corruptions is None else tuple(corruptions)
+    present = available_cifar_c(name, root)
+    if corruptions is None and not present:
+        raise FileNotFoundError(f"{cifar_c_folder(name, root)} holds labels.npy but no <corruption>.npy file")
+    names = _check_names(corruptions, present)
     sev = _check_severities(severities)
+    _check_batch_size(batch_size)
+    if max_samples is not None:
+        check_int("max_samples", max_samples, 1)
     per: dict[str, list[float]] = {}
     cells = [(c, s) for c in names for s in sev]
     for c, s in _bar(cells, desc=f"{name}-c", total=len(cells), progress=progress):

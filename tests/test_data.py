@@ -156,6 +156,18 @@ def test_cifar_missing_files_name_the_expected_layout(tmp_path):
         load_cifar10(tmp_path, md5=md5)
     with pytest.raises(ValueError, match="data_dir"):
         load_dataset("cifar10")
+    with pytest.raises(ValueError, match="superclasses"):
+        load_cifar10(tmp_path, md5=md5, label="coarse")
+
+
+def test_an_unfinished_extraction_does_not_hide_the_archive_beside_it(tmp_path):
+    _, md5 = write_cifar(tmp_path, "cifar10", archive=True)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "batches.meta").write_bytes(b"")
+    assert len(load_cifar10(tmp_path, "test", md5=md5)) == 4
+    os.remove(tmp_path / "cifar-10-python.tar.gz")
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py/test_batch is missing.*cifar-10-python\.tar\.gz"):
+        load_cifar10(tmp_path, "test", md5=md5)
 
 
 def test_tarball_lacking_a_member(tmp_path):
@@ -206,6 +218,9 @@ def test_cifar_c_severity_blocks(tmp_path, nested):
     assert ds.images.equal(torch.from_numpy(block.transpose(0, 3, 1, 2).copy()))
     assert ds.labels.tolist() == labels[8:12].tolist() and ds.num_classes == 10
     assert len(load_cifar_c("cifar10", tmp_path, "fog", 5, num_samples=2)) == 2
+    for bad in (-1, 0):  # (a negative count would slice rows of the other severities)
+        with pytest.raises(ValueError, match="num_samples"):
+            load_cifar_c("cifar10", tmp_path, "fog", 1, num_samples=bad)
     assert "fog" in CIFAR_C_CORRUPTIONS
 
 

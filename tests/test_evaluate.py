@@ -12,8 +12,8 @@ from attrefine_fast.attacks import masked_pgd, predict
 from attrefine_fast.corruptions import corrupt
 from attrefine_fast.data import ImageDataset
 from attrefine_fast.evaluate import (
-    DEFAULT_CORRUPTIONS, accuracy, attack_accuracy, autoattack_accuracy, build_autoattack, corruption_accuracy,
-    evaluate, format_table, plot_report,
+    DEFAULT_CORRUPTIONS, accuracy, attack_accuracy, autoattack_accuracy, build_autoattack, cifar_c_accuracy,
+    corruption_accuracy, evaluate, format_table, plot_report,
 )
 from attrefine_fast.models import SmallCNN, save_checkpoint
 from cifar_files import write_cifar, write_cifar_c
@@ -122,6 +122,54 @@ def test_evaluate_reads_cifar_c_files(tmp_path):
     assert all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in cor["per_corruption"].values())
 
 
+def test_evaluate_checks_its_settings_before_running_and_skips_what_cannot_run(tmp_path, small_test_set):
+    model = SmallCNN(10, width=4)
+    # Any sequence of ε (an array, a range, a tensor) and a single PGD step count.
+    report = evaluate(model, small_test_set, eps=np.array([0.0, 2 / 255]), pgd_steps=1, fgsm=False, corruptions=(),
+                      max_samples=4, progress=False)
+    assert report["eps"] == pytest.approx([0.0, 2 / 255]) and list(report["pgd"]) == ["PGD-1"]
+    assert evaluate(model, small_test_set, eps=torch.tensor([1 / 255]), pgd_steps=(), corruptions=(), max_samples=2,
+                    progress=False)["eps"] == pytest.approx([1 / 255])
+    # Wrong settings fail at once, before any metric runs (a typo is not found after the attacks).
+    calls = []
+    counting = torch.nn.Sequential(model)
+    counting.register_forward_hook(lambda *args: calls.append(1))
+    for kwargs, error, match in [
+        ({"pgd_steps": (2.7,)}, TypeError, "pgd_steps"),
+        ({"pgd_steps": (-1,)}, ValueError, "pgd_steps"),
+        ({"eps": "8/255"}, TypeError, "eps"),
+        ({"corruptions": ("contrats",)}, ValueError, "contrats"),
+        ({"corruptions": ("fog", "fog")}, ValueError, "repeat"),
+        ({"severities": (1, 1)}, ValueError, "repeat"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+    ]:
+        with pytest.raises(error, match=match):
+            evaluate(counting, small_test_set, **kwargs, max_samples=4, progress=False)
+    assert calls == []
+    # No corruption named: nothing scored, also with CIFAR-C files (no NaN mean in the JSON).
+    write_cifar_c(tmp_path / "CIFAR-10-C", corruptions=("fog",), n=2)
+    skip = evaluate(model, small_test_set, eps=(), pgd_steps=(), fgsm=False, corruptions=(), cifar_c=("cifar10", tmp_path),
+                    max_samples=2, progress=False)
+    assert skip["corruptions"] is None
+    with pytest.raises(ValueError, match="at least one"):
+        corruption_accuracy(model, small_test_set, corruptions=[])
+    with pytest.raises(TypeError, match="sequence of names"):
+        cifar_c_accuracy(model, "cifar10", tmp_path, corruptions="fog")
+    with pytest.raises(ValueError, match="max_samples"):
+        cifar_c_accuracy(model, "cifar10", tmp_path, max_samples=-1)
+
+
+def test_autoattack_is_recorded_as_skipped_below_four_classes(small_test_set):
+    # torchattacks' targeted APGD ranks four logits: with fewer classes it fails mid-run.
+    ds = ImageDataset(small_test_set.images[:4], torch.tensor([0, 1, 2, 0]), name="three classes")
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 3))
+    report = evaluate(model, ds, eps=(), pgd_steps=(), fgsm=False, corruptions=(), autoattack=True, progress=False)
+    assert "at least 4 classes" in report["autoattack"]["skipped"] and "has 3" in report["autoattack"]["skipped"]
+    pytest.importorskip("torchattacks")
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        autoattack_accuracy(model, ds)
+
+
 def test_autoattack_gets_the_class_count():
     pytest.importorskip("torchattacks")
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
@@ -174,6 +222,11 @@ def test_command_line(tmp_path, capsys):
     assert report["num_samples"] == 24 and report["model"] == str(ckpt) and report["dataset"] == "digits/test"
     assert report["eps"] == pytest.approx([4 / 255, 0.0314])
     assert (out / "accuracy_vs_eps.png").is_file() and (out / "corruption_accuracy.png").is_file()
+    # An ε of 0 on the command line is an ε of 0, not "the default".
+    cli.main(["evaluate", "--checkpoint", str(ckpt), "--max-samples", "4", "--eps", "0", "--pgd-steps", "--no-fgsm",
+              "--corruptions", "--autoattack", "--autoattack-eps", "0", "--out", str(tmp_path / "zero"), "--no-progress"])
+    report = json.loads((tmp_path / "zero" / "report.json").read_text())
+    assert report["eps"] == [0.0] and report["autoattack"]["eps"] == 0.0
     with pytest.raises(SystemExit):
         cli.main(["evaluate", "--checkpoint", str(ckpt), "--arch", "smallcnn", "--out", str(out)])
     with pytest.raises(SystemExit):
