@@ -14,9 +14,10 @@ import sys
 
 DESCRIPTION = "fast LIME explanations, attacks and attribution-aware refinement of image classifiers"
 # What a user's mistake raises: the argument checks (ValueError, TypeError for a value of the
-# wrong type), the file system (OSError: missing or unwritable paths) and torch on values it
-# cannot take (RuntimeError, also BackendUnavailable's base).
-USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+# wrong type), the file system (OSError: missing or unwritable paths), torch on values it
+# cannot take (RuntimeError, also BackendUnavailable's base) and a training run whose settings
+# make the loss diverge (FloatingPointError, saying which setting to change).
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
 
 # name -> (module, one-line help)
 COMMANDS = {

@@ -24,7 +24,7 @@ NAMES = {"erm": "ERM", "pgd_at": "PGD-AT", "refine": "Refined", "no_flags": "NoF
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="folder of report.json, the PNGs and the runs")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per model (default 10; --quick: 2)")
-    parser.add_argument("--cycles", type=int, default=None, help="refinement cycles the epochs are split into; must divide --epochs (default: the most up to 5, --quick 2, that do)")
+    parser.add_argument("--cycles", type=int, default=None, help="refinement cycles the epochs are split into, >= 2 (the refinement explains from its second cycle on); must divide --epochs (default: the most up to 5, --quick 2, that do)")
     parser.add_argument("--eps", type=float, default=0.05, help="L-inf training attack radius shared by PGD-AT and refinement")
     parser.add_argument("--eval-samples", type=int, default=None, help="test images evaluated (default 450: all; --quick: 32)")
     parser.add_argument("--bound-samples", type=int, default=None, help="test images for the bound (default 64; --quick: 8)")
@@ -59,9 +59,16 @@ def _given(args, name: str, default: int) -> int:
 
 def _cycles(epochs: int, given: int | None, default: int) -> int:
     """The cycles the epochs are split into: as given (which must divide them), else the most
-    cycles up to the default that divide them."""
+    cycles up to the default that divide them; at least 2, since the refinement explains from its
+    second cycle on (with one it would train as the no-flags ablation, under the refined name)."""
     if given is None:
-        return max(c for c in range(1, min(default, epochs) + 1) if epochs % c == 0)
+        fits = [c for c in range(2, min(default, epochs) + 1) if epochs % c == 0]
+        if not fits:
+            raise ValueError(f"--epochs {epochs} does not split into 2 to {default} equal cycles, and the refinement "
+                             "explains from its second cycle on: give --cycles (>= 2, dividing --epochs) or other --epochs")
+        return max(fits)
+    if given < 2:
+        raise ValueError(f"--cycles must be >= 2: the refinement explains from its second cycle on, got {given}")
     if epochs % given:
         raise ValueError(f"--epochs {epochs} must be a multiple of --cycles {given} (every cycle has the same epochs)")
     return given

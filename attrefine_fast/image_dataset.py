@@ -1,6 +1,7 @@
 """ImageDataset: images and labels held as tensors, the type every loader of the package returns."""
 from __future__ import annotations
 
+import numbers
 from typing import Iterator, Sequence
 
 import torch
@@ -57,8 +58,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def subset(self, indices) -> "ImageDataset":
         """A new dataset of the given rows (an int n takes the first n)."""
-        if isinstance(indices, int):
-            indices = torch.arange(min(indices, len(self)))
+        if isinstance(indices, numbers.Integral) and not isinstance(indices, bool):  # a NumPy int too
+            indices = torch.arange(min(int(indices), len(self)))
         indices = torch.as_tensor(indices, dtype=torch.long)
         return ImageDataset(self.images[indices], self.labels[indices], self.classes, self.name)
 

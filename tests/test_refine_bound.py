@@ -79,6 +79,9 @@ def test_misclassified_and_unbreakable_samples():
     emp, flipped = empirical_min_eps(model, x, y, eps_max=1e-6, iterations=3, steps=3)
     assert emp[0] == 0 and flipped[0]
     assert (emp[1:] == 1e-6).all() and not flipped[1:].any()  # censored at eps_max
+    for kwargs, match in (({"steps": 0}, "steps"), ({"eps_max": float("nan")}, "eps_max"), ({"eps_max": 0.0}, "eps_max")):
+        with pytest.raises(ValueError, match=match):
+            empirical_min_eps(model, x, y, **{"eps_max": 0.1, **kwargs})
 
 
 def test_correlation():

@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,6 +127,8 @@ def test_a_fresh_run_in_a_used_folder_leaves_no_checkpoint_of_the_previous_run(t
     (["demo", "--quick", "--eval-samples", "0"], "--eval-samples must be >= 1"),
     (["refine", "--spurious-patch", "1.5"], "spurious_patch must be a correlation in [0, 1]"),
     (["demo", "--quick", "--spurious-patch", "nan"], "--spurious-patch must be a correlation in [0, 1]"),
+    (["refine", "--mode", "erm", "--train-subset", "16", "--lr", "1e30", "--grad-clip", "1e30", "--width", "4", "--no-progress"],
+     "the loss became"),
 ])
 def test_the_command_line_names_a_bad_value_in_one_line(argv, match, capsys, tmp_path):
     from attrefine_fast.cli import main
@@ -147,7 +150,13 @@ def test_demo_splits_its_epochs_into_equal_cycles():
                                                "bound_samples": None, **given}))
 
     assert (settings()["epochs"], settings()["cycles"]) == (10, 5)
-    assert (settings(epochs=12)["cycles"], settings(epochs=7)["cycles"], settings(epochs=6, cycles=3)["cycles"]) == (4, 1, 3)
+    assert (settings(epochs=12)["cycles"], settings(epochs=7, cycles=7)["cycles"], settings(epochs=6, cycles=3)["cycles"]) == (4, 7, 3)
+    # One cycle would never explain (the refinement explains from its second cycle on): refused.
+    for given, match in (({"epochs": 7}, "does not split into 2 to 5 equal cycles"), ({"epochs": 1}, "does not split"),
+                         ({"epochs": 4, "cycles": 1}, "--cycles must be >= 2"),
+                         ({"quick": True, "epochs": 3}, "does not split into 2 to 2")):
+        with pytest.raises(ValueError, match=match):
+            settings(**given)
 
 
 @pytest.mark.parametrize("mode", ["erm", "pgd_at"])
@@ -224,6 +233,26 @@ def test_final_model_reloads_by_name_with_its_channels_and_a_custom_model_says_i
     torch.testing.assert_close(fresh(x), custom(x))
 
 
+def test_config_validation_keeps_plain_numbers_and_refuses_what_would_fail_later(tmp_path):
+    # NumPy numbers (from a sweep over np.logspace, say) become plain ones: the checkpoint must
+    # load in torch.load's safe mode, and a NumPy int subset size is a size, not a row index.
+    cfg = RefineConfig(lr=np.float64(0.05), train_subset=np.int64(24), cycles=np.int64(1), epochs_per_cycle=1,
+                       amp=np.bool_(False), out=str(tmp_path), **TINY).validate()
+    assert type(cfg.lr) is float and type(cfg.train_subset) is int and type(cfg.amp) is bool
+    Refiner(cfg, train=digits_subset(48)).fit(stop_after=1)
+    resumed = Refiner(RefineConfig(**{**cfg.to_dict(), "lr": np.float64(0.05)}), train=digits_subset(48))
+    resumed.fit(resume=True)
+    assert resumed.epoch == 1
+    for kwargs, error, match in [
+        ({"progress": "false"}, TypeError, "progress must be true or false"),
+        ({"amp": "no"}, TypeError, "amp must be true or false"),
+        ({"instability": "runs", "instability_runs": 1}, ValueError, "instability_runs >= 2"),
+        ({"dataset": "cifar10", "image_size": 64}, ValueError, "image_size must be 32"),
+    ]:
+        with pytest.raises(error, match=match):
+            RefineConfig(**kwargs).validate()
+
+
 def test_config_files_and_flags(tmp_path):
     import yaml
 
@@ -249,6 +278,14 @@ def test_config_files_and_flags(tmp_path):
         RefineConfig(refresh_fraction=0.0).validate()
     with pytest.raises(FileNotFoundError):
         RefineConfig.from_file(tmp_path / "missing.yaml")
+    # A file that does not parse names itself; the extension's case does not matter.
+    (tmp_path / "broken.yaml").write_text("mode: [erm\n")
+    (tmp_path / "broken.json").write_text("{mode: erm}")
+    (tmp_path / "upper.YML").write_text("lam: 2.0\n")
+    for name, kind in (("broken.yaml", "YAML"), ("broken.json", "JSON")):
+        with pytest.raises(ValueError, match=f"broken.{kind.lower()} is not valid {kind}"):
+            RefineConfig.from_file(tmp_path / name)
+    assert RefineConfig.from_file(tmp_path / "upper.YML").lam == 2.0
     # the command line end to end, stopped after one epoch and resumed
     argv = ["refine", "--mode", "erm", "--train-subset", "32", "--cycles", "1", "--epochs-per-cycle", "2", "--batch-size", "16",
             "--width", "4", "--no-progress", "--out", str(tmp_path / "run")]

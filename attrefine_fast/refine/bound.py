@@ -18,7 +18,7 @@ from scipy.stats import rankdata
 import torch
 
 from ..attacks import check_batch, frozen, pgd, predict
-from ..checks import check_int
+from ..checks import check_int, check_real
 
 
 def margin_and_gradient(model, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,9 +68,9 @@ def empirical_min_eps(model, images: torch.Tensor, labels: torch.Tensor, *, eps_
     steps of 2.5 * eps / steps from a random start, the worst iterate kept. Each bisection round
     groups the samples by their (dyadic) midpoint, one PGD call per distinct midpoint.
     """
-    if not eps_max > 0:
-        raise ValueError(f"eps_max must be > 0, got {eps_max}")
+    check_real("eps_max", eps_max, positive=True)
     check_int("iterations", iterations, 0)
+    check_int("steps", steps, 1)
     labels = check_batch(images, labels)
     b = images.shape[0]
     result = torch.zeros(b, dtype=torch.float64)

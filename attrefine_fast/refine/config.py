@@ -11,6 +11,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..checks import check_int, check_real
 
 MODES = ("erm", "pgd_at", "refine")
@@ -97,7 +99,8 @@ class RefineConfig:
 
     def validate(self) -> "RefineConfig":
         """Raise ValueError on any inconsistent setting (TypeError on a value of the wrong type,
-        such as YAML's string for ``1e-1``); returns self."""
+        such as YAML's string for ``1e-1``); returns self, its numbers made plain Python ints and
+        floats (a NumPy number would make the checkpoint unreadable to ``torch.load``'s safe mode)."""
         for name, value, choices in (
             ("mode", self.mode, MODES), ("fill", self.fill, FILLS), ("adv_region", self.adv_region, ADV_REGIONS),
             ("instability", self.instability, INSTABILITIES), ("explain_label", self.explain_label, EXPLAIN_LABELS),
@@ -105,27 +108,37 @@ class RefineConfig:
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        for name in ("cycles", "epochs_per_cycle", "batch_size", "detect_batch_size", "instability_runs", "width", "penalty_samples",
-                     "image_size"):
-            check_int(name, getattr(self, name), 1)
-        check_int("lime_samples", self.lime_samples, 2)
-        check_int("attack_steps", self.attack_steps, 0)
-        check_int("explain_from_cycle", self.explain_from_cycle, 0)
-        check_int("seed", self.seed)
-        if self.train_subset is not None:
-            check_int("train_subset", self.train_subset, 1)
+        minimums = {"cycles": 1, "epochs_per_cycle": 1, "batch_size": 1, "detect_batch_size": 1, "instability_runs": 1,
+                    "width": 1, "penalty_samples": 1, "image_size": 1, "lime_samples": 2, "attack_steps": 0,
+                    "explain_from_cycle": 0, "seed": None}
+        for name, minimum in minimums.items():
+            setattr(self, name, check_int(name, getattr(self, name), minimum))
         for name in ("lr", "eps", "alpha", "lam", "weight_decay", "momentum", "tau", "eps_s", "delta"):
-            check_real(name, getattr(self, name), minimum=0.0)
-        if self.spurious_patch is not None and not 0.0 <= check_real("spurious_patch", self.spurious_patch) <= 1.0:
-            raise ValueError(f"spurious_patch must be a correlation in [0, 1], got {self.spurious_patch}")
-        if not 0.0 < check_real("refresh_fraction", self.refresh_fraction) <= 1.0:
+            setattr(self, name, check_real(name, getattr(self, name), minimum=0.0))
+        for name in ("amp", "progress"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
+        if self.train_subset is not None:
+            self.train_subset = check_int("train_subset", self.train_subset, 1)
+        if self.spurious_patch is not None:
+            self.spurious_patch = check_real("spurious_patch", self.spurious_patch)
+            if not 0.0 <= self.spurious_patch <= 1.0:
+                raise ValueError(f"spurious_patch must be a correlation in [0, 1], got {self.spurious_patch}")
+        self.refresh_fraction = check_real("refresh_fraction", self.refresh_fraction)
+        if not 0.0 < self.refresh_fraction <= 1.0:
             raise ValueError(f"refresh_fraction must be in (0, 1], got {self.refresh_fraction}")
-        if not 0.0 <= check_real("max_flagged_fraction", self.max_flagged_fraction) <= 1.0:
+        self.max_flagged_fraction = check_real("max_flagged_fraction", self.max_flagged_fraction)
+        if not 0.0 <= self.max_flagged_fraction <= 1.0:
             raise ValueError(f"max_flagged_fraction must be in [0, 1], got {self.max_flagged_fraction}")
         if self.grad_clip is not None:
-            check_real("grad_clip", self.grad_clip, positive=True)
+            self.grad_clip = check_real("grad_clip", self.grad_clip, positive=True)
         if self.attack_step_size is not None:
-            check_real("attack_step_size", self.attack_step_size, minimum=0.0)
+            self.attack_step_size = check_real("attack_step_size", self.attack_step_size, minimum=0.0)
+        if self.instability == "runs" and self.instability_runs < 2:
+            raise ValueError(f"instability='runs' measures the spread over instability_runs >= 2 explanations, got {self.instability_runs}")
+        if self.dataset in ("cifar10", "cifar100") and self.image_size != 32:
+            raise ValueError(f"{self.dataset} images are 32x32: image_size must be 32, got {self.image_size}")
         if not isinstance(self.segmentation_params, dict):
             raise TypeError(f"segmentation_params must be a mapping, e.g. {{\"n_segments\": 25}}, got {self.segmentation_params!r}")
         return self
@@ -159,12 +172,18 @@ class RefineConfig:
             raise FileNotFoundError(f"config file not found: {path}")
         with open(path) as f:
             text = f.read()
-        if path.endswith((".yaml", ".yml")):
+        if path.lower().endswith((".yaml", ".yml")):
             import yaml
 
-            values = yaml.safe_load(text) or {}
+            try:
+                values = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path} is not valid YAML: {e}") from None
         else:
-            values = json.loads(text)
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); a .yaml or .yml name reads YAML") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
         return cls.from_dict(values)

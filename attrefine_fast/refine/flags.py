@@ -1,5 +1,5 @@
-"""The flagged superpixels of the whole training set, stored compactly (segments + one bit per
-superpixel), refreshed on a fraction of the set each cycle and shared by every DDP rank."""
+"""The flagged superpixels of the whole training set, stored compactly (segments + one bool, a
+byte, per superpixel), refreshed on a fraction of the set each cycle and shared by every DDP rank."""
 from __future__ import annotations
 
 import torch
