@@ -106,7 +106,7 @@ def _forward(model: Callable, inputs: torch.Tensor, expected_rows: int, output: 
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != expected_rows:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model must return a (batch, classes) tensor; for {expected_rows} inputs it returned {shape}")
-    out = out.float()
+    out = out.to(torch.promote_types(out.dtype, torch.float32))  # a float64 model's outputs stay float64
     if not bool(torch.isfinite(out).all()):
         raise ValueError("the model returned NaN or infinite values")
     return out.softmax(dim=1) if output == "softmax" else out
@@ -204,6 +204,8 @@ def explain(
         check_same_device(images=images, masks=masks)
         if masks.shape[0] != b or masks.shape[2] != m or masks.shape[1] < 2:
             raise ValueError(f"masks must have shape (B, N, M) = ({b}, N >= 2, {m}), got {tuple(masks.shape)}")
+        if masks.dtype != torch.bool and bool(((masks != 0) & (masks != 1)).any()):
+            raise ValueError("masks must hold 0 and 1 only (segment off / on)")
         masks = masks != 0
     n = masks.shape[1]
 
@@ -237,7 +239,10 @@ def explain(
         top_labels = 5
     if fixed_labels is None:
         check_int("top_labels", top_labels, 1)
-        if masks_given and not bool(masks[:, 0].all()):  # drawn masks start with the image itself
+        # Drawn masks start with the image itself: all ones in each image's own columns (an image
+        # with fewer segments than M may pad its row with anything, zeros as well).
+        padding = torch.arange(m, device=device) >= counts[:, None]
+        if masks_given and not bool((masks[:, 0] | padding).all()):
             raise ValueError("masks[:, 0] must be all ones (the image itself, as lime draws it): the top labels are "
                              "read from that sample; or pass labels=")
 

@@ -5,7 +5,8 @@ Same constructor, same ``explain_instance`` arguments, same random draws: with t
 perturbed images come from the ``perturb`` op in chunks, the ridge fits of all labels from one
 ``lime_fit`` solve. ``classifier_fn`` is lime's numpy function ((n, H, W, C) array in the
 image's dtype -> (n, classes)) or a torch module, which then receives (n, C, H, W) tensors on
-its own device (float64 for float64 images, else float32; values as in the image) and whose
+its own device (float32 for uint8, float16 and float32 images, float64 for the others; values
+as in the image) and whose
 output is used as it is, like lime uses classifier_fn's.
 """
 from __future__ import annotations
@@ -289,7 +290,9 @@ class LimeImageExplainer:
             idx = torch.as_tensor(columns, dtype=torch.long, device=device)
             counts = torch.tensor([len(columns)], device=device)
             targets = y[:, label_idx].unsqueeze(0)
-            return exact_constant_fits(targets, *fit(masks[:, :, idx], targets, counts, w.unsqueeze(0), self.kernel_width, alpha))
+            # The weights come from kernel_fn; the op's width (unused with weights) is any valid
+            # one, since lime takes widths (inf, 0 with a custom kernel) the op would refuse.
+            return exact_constant_fits(targets, *fit(masks[:, :, idx], targets, counts, w.unsqueeze(0), 1.0, alpha))
 
         method = self.feature_selection
         if method == "auto":

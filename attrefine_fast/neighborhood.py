@@ -34,7 +34,8 @@ def fudge_images(images: torch.Tensor, segments: torch.Tensor, num_segments: int
         return hide_color.to(device=images.device, dtype=images.dtype)
     value = torch.as_tensor(np.asarray(hide_color, dtype=np.float64)).flatten()
     if value.numel() not in (1, c) or not bool(torch.isfinite(value).all()):
-        raise ValueError(f"hide_color must be one finite value or {c} (one per channel), got {hide_color!r}")
+        raise ValueError(f"hide_color must be \"mean\" (each segment's mean colour, lime's hide_color=None), one "
+                         f"finite value, {c} (one per channel) or an image, got {hide_color!r}")
     return value.to(images.device).view(1, -1, 1, 1).expand(b, c, h, w).to(images.dtype).contiguous()
 
 

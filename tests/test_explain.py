@@ -86,6 +86,31 @@ def test_given_labels_hide_color_and_fit_dtype():
     assert not hasattr(lime_view, "top_labels")
 
 
+def test_given_masks_may_pad_with_zeros_and_a_float64_model_is_fitted_in_float64():
+    model = SmallCNN(num_classes=4, width=8).eval()
+    images, segments, counts = batch()
+    masks = draw_masks(counts, 40, 0, "cpu")
+    padded = masks.clone()
+    padded[1, :, 3:] = False  # image 1 has 3 segments: its columns 3..8 are padding
+    a = af.explain(model, images, segments=segments, masks=masks, top_labels=2)
+    b = af.explain(model, images, segments=segments, masks=padded, top_labels=2)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.coef, b.coef)
+    bad = masks.clone()
+    bad[1, 0, 2] = False  # a real segment off in the image's own row
+    with pytest.raises(ValueError, match="must be all ones"):
+        af.explain(model, images, segments=segments, masks=bad, top_labels=2)
+    with pytest.raises(ValueError, match="0 and 1 only"):
+        af.explain(model, images, segments=segments, masks=masks.to(torch.uint8) * 2, top_labels=2)
+    # A float64 model's outputs reach the float64 fit unrounded: on 1000 + a linear signal,
+    # rounding them to float32 (steps of 6e-5) would swamp coefficients of about 0.01.
+    exp = af.explain(lambda x: 1000 + x.double().mean(dim=(2, 3)), images, segments=segments, num_samples=60,
+                     output="identity", labels=[0], hide_color=0.0, alpha=1e-9)
+    hw = images.shape[2] * images.shape[3]
+    for i in range(3):
+        share = torch.zeros(9, dtype=torch.float64).index_add_(0, segments[i].flatten(), images[i, 0].flatten().double()) / hw
+        torch.testing.assert_close(exp.coef[i, 0, : int(counts[i])], share[: int(counts[i])], atol=1e-9, rtol=0)
+
+
 def test_segments_computed_when_not_given():
     model = SmallCNN(num_classes=3, width=8)
     images = torch.rand(2, 3, 32, 32)

@@ -88,6 +88,17 @@ def test_explicit_labels_hide_color_kernel_and_distance_match_lime():
     assert_same_explanation(mine, ref)
 
 
+@pytest.mark.parametrize("explainer_kwargs", [
+    {"kernel_width": float("inf")},  # every sample weighs 1
+    {"kernel_width": 0.0, "kernel": lambda d, kernel_width: np.exp(-d)},  # a kernel ignoring the width
+], ids=["infinite-width", "zero-width-custom-kernel"])
+def test_kernel_widths_that_lime_takes_and_the_fit_op_would_refuse(explainer_kwargs):
+    # The drop-in hands the fit lime's own weights, so the op never judges the width.
+    mine, ref = both(photo("coffee", 48), numpy_classifier(PooledLinear(seed=2)), {"random_state": 3, **explainer_kwargs},
+                     num_samples=120, top_labels=2)
+    assert_same_explanation(mine, ref)
+
+
 def test_model_regressor_and_custom_segmentation_match_lime():
     from lime.wrappers.scikit_image import SegmentationAlgorithm
     from sklearn.linear_model import Ridge

@@ -39,7 +39,7 @@ class Spec:
 
     @property
     def label(self) -> str:
-        """e.g. ``explain/model=small_cnn/samples=256/size=32/batch=1`` (what --only matches)."""
+        """e.g. ``explain/batch=1/model=small_cnn/samples=256/size=32``, the keys sorted (what --only matches)."""
         return "/".join([self.setup] + [f"{k}={v}" for k, v in self.kwargs])
 
 
