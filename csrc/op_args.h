@@ -49,7 +49,9 @@ inline at::ScalarType check_perturb_args(const at::Tensor& images, const at::Ten
                     "fudge must match images in shape and dtype: ", shape_of(images), " ", images.scalar_type(),
                     ", got ", shape_of(fudge), " ", fudge.scalar_type());
   const int64_t n = masks.size(1);
-  TORCH_CHECK_VALUE(offset >= 0 && count >= 1 && offset + count <= n, "need offset >= 0, count >= 1 and offset + count <= N=",
+  // (count <= n - offset, not offset + count <= n: the sum wraps for an offset near INT64_MAX)
+  TORCH_CHECK_VALUE(offset >= 0 && count >= 1 && offset <= n && count <= n - offset,
+                    "need offset >= 0, count >= 1 and offset + count <= N=",
                     n, ", got offset=", offset, ", count=", count);
   TORCH_CHECK_VALUE(mean.has_value() == std.has_value(), "give both mean and std, or neither");
   const bool normalized = mean.has_value();
@@ -80,22 +82,26 @@ inline at::ScalarType check_perturb_args(const at::Tensor& images, const at::Ten
 // the contiguous or the channels-last layout, on the images' device and sharing no memory with the
 // inputs. Returns count; out's dtype is the output dtype and its layout the output layout.
 inline int64_t check_perturb_out(const at::Tensor& images, const at::Tensor& segments, const at::Tensor& masks,
-                                 const at::Tensor& fudge, const at::Tensor& out) {
+                                 const at::Tensor& fudge, const std::optional<at::Tensor>& mean,
+                                 const std::optional<at::Tensor>& std, const at::Tensor& out) {
   check_dim(images, "images", 4, "(B, C, H, W)");
   check_dim(out, "out", 4, "(B * count, C, H, W)");
   check_same_device(images, "images", out, "out");
   const int64_t b = images.size(0);
   TORCH_CHECK_VALUE(b >= 1 && out.size(0) >= b && out.size(0) % b == 0 && out.size(1) == images.size(1) &&
                         out.size(2) == images.size(2) && out.size(3) == images.size(3),
-                    "out must have shape (B * count, C, H, W) with B=", b, " images of shape ",
-                    shape_of(images.select(0, 0)), " and count >= 1, got ", shape_of(out));
+                    "out must have shape (B * count, C, H, W) with images of shape (B, C, H, W) = ", shape_of(images),
+                    ", B >= 1 and count >= 1, got ", shape_of(out));
   TORCH_CHECK_VALUE(out.is_contiguous() || out.is_contiguous(at::MemoryFormat::ChannelsLast),
                     "out must be contiguous or channels-last, got strides ", out.strides());
+  // (mean and std as well: a kernel reads them while it writes out)
   const std::pair<const at::Tensor*, const char*> inputs[] = {
-      {&images, "images"}, {&segments, "segments"}, {&masks, "masks"}, {&fudge, "fudge"}};
+      {&images, "images"}, {&segments, "segments"}, {&masks, "masks"}, {&fudge, "fudge"},
+      {mean.has_value() ? &*mean : nullptr, "mean"}, {std.has_value() ? &*std : nullptr, "std"}};
   for (const auto& input : inputs) {
     const auto* t = input.first;
     const char* name = input.second;
+    if (t == nullptr) continue;
     const auto overlap = at::get_overlap_status(out, *t);
     TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
                       "out shares memory with ", name);
@@ -108,7 +114,7 @@ inline int64_t check_perturb_into_args(const at::Tensor& images, const at::Tenso
                                        const at::Tensor& fudge, int64_t offset, const std::optional<at::Tensor>& mean,
                                        const std::optional<at::Tensor>& std, const at::Tensor& out,
                                        at::DeviceType device, bool check_ids = true) {
-  const int64_t count = check_perturb_out(images, segments, masks, fudge, out);
+  const int64_t count = check_perturb_out(images, segments, masks, fudge, mean, std, out);
   check_perturb_args(images, segments, masks, fudge, offset, count, mean, std, out.scalar_type(), device, check_ids);
   return count;
 }
@@ -195,6 +201,10 @@ inline bool check_masked_pgd_step_args(const at::Tensor& x_adv, const at::Tensor
   check_dim(x_adv, "x_adv", 4, "(B, C, H, W)");
   check_dtype_in(x_adv, "x_adv", kFloatDtypes);
   check_device_type(x_adv, "x_adv", device);
+  // written in place: an element that shares its memory with another (a stride 0) would be written twice
+  for (int64_t d = 0; d < 4; ++d)
+    TORCH_CHECK_VALUE(x_adv.stride(d) != 0 || x_adv.size(d) <= 1, "x_adv has overlapping elements (strides ",
+                      x_adv.strides(), "): the step writes it in place");
   for (const auto* t : {&x, &grad}) {
     const char* name = t == &x ? "x" : "grad";
     check_same_device(x_adv, "x_adv", *t, name);

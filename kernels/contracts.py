@@ -72,7 +72,7 @@ def check_perturb(images, segments, masks, fudge, offset: int, count: int, mean,
 def check_perturb_into(images, segments, masks, fudge, offset: int, mean, std, out) -> int:
     """perturb_into's contract; returns the number of samples per image out holds."""
     check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES)
-    count = check_perturb_out(out, images, segments, masks, fudge)
+    count = check_perturb_out(out, images, segments, masks, fudge, mean, std)
     check_perturb(images, segments, masks, fudge, offset, count, mean, std, out.dtype)
     return count
 
@@ -120,6 +120,8 @@ def check_masked_pgd_step(x_adv, x, grad, weight, step_size: float, eps: float, 
         if t.shape != x_adv.shape:
             raise ValueError(f"{name} must have the shape of x_adv {tuple(x_adv.shape)}, got {tuple(t.shape)}")
     check_same_device(x_adv=x_adv, x=x, grad=grad, weight=weight)
+    if any(st == 0 and n > 1 for st, n in zip(x_adv.stride(), x_adv.shape)):
+        raise ValueError(f"x_adv has overlapping elements (strides {x_adv.stride()}): the step writes it in place")
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if not (step_size >= 0 and eps >= 0 and lo <= hi):

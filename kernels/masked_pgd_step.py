@@ -3,7 +3,7 @@
 x_adv, x, grad (B, C, H, W) float; optional weight (B, H, W) broadcast over channels.
 Matches attrefine_fast.ops.masked_pgd_step.masked_pgd_step_ref:
     L-inf: δ = clamp(x_adv + step·w·sign(grad) - x, -ε, ε)                     (one launch)
-    L2:    g = w·grad, δ = x_adv + step·g/(‖g‖+1e-10) - x, δ ·= min(1, ε/‖δ‖)  (three launches:
+    L2:    g = w·grad, δ = x_adv + step·(g/(‖g‖+1e-10)) - x, δ ·= min(1, ε/‖δ‖)  (three launches:
            partial sums of ‖g‖², then of ‖δ‖², then the update; each launch adds up the
            row of partial sums of its sample itself, so the result is deterministic)
     then x_adv = clamp(x + δ, lo, hi).
@@ -130,8 +130,8 @@ def _masked_pgd_kernel(
                 # torch's norm is rounded to the dtype, then its sum with the guard
                 guard = _FLOAT16_EPS_FOR_DIVISION if T == tl.float16 else _EPS_FOR_DIVISION
                 g_norm = _rnd(_rnd(tl.sqrt_rn(_row_total(g_partial_ptr, b, num_blocks, 128, F64)), T) + guard, T)
-            # ((a + (step·g) / ‖g‖) - x), each result rounded as the reference's ops round it
-            delta = _rnd(_rnd(a + _rnd(_div(_rnd(step_size * g, T), g_norm, T), T), T) - x, T)
+            # ((a + step·(g / ‖g‖)) - x), each result rounded as the reference's ops round it
+            delta = _rnd(_rnd(a + _rnd(step_size * _rnd(_div(g, g_norm, T), T), T), T) - x, T)
             delta = tl.where(inside, delta, 0)
             if STAGE == 1:
                 tl.store(d_partial_ptr + b * num_blocks + blk, tl.sum(delta * delta, axis=0))

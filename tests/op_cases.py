@@ -160,6 +160,14 @@ def _overlapping_out():
     return x[:2], _seg(), torch.ones(2, 1, 3, dtype=torch.bool), x[:2].clone(), 0, None, None, x[1:3]
 
 
+def _mean_in_out():
+    # mean and std inside the output buffer: a kernel would read them while it writes there
+    out = torch.empty(4, 3, 5, 4)
+    mean, std = out.view(-1)[:3], out.view(-1)[3:6]
+    mean.zero_(), std.fill_(1.0)
+    return _img(), _seg(), torch.ones(2, 2, 3, dtype=torch.bool), _img(), 0, mean, std, out
+
+
 # name -> (op, positional arguments, error, message): every backend's op raises these, never
 # crashing or answering on bad input.
 BAD_CALLS = {
@@ -173,6 +181,8 @@ BAD_CALLS = {
     "perturb masks dtype": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3), _img(), 0, 3, None, None, None, False), TypeError, "masks"),
     "perturb fudge dtype": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img().double(), 0, 3, None, None, None, False), ValueError, "fudge"),
     "perturb chunk": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 2, 2, None, None, None, False), ValueError, "count >= 1 and offset"),
+    # an offset whose sum with count wraps around int64 must not pass the range check
+    "perturb offset overflow": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 2**63 - 1, 1, None, None, None, False), ValueError, "count >= 1 and offset"),
     "perturb empty chunk": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 1, 0, None, None, None, False), ValueError, "got offset=1, count=0"),
     "perturb mean only": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, torch.zeros(3), None, None, False), ValueError, "mean and std"),
     "perturb mean size": ("perturb", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, 3, torch.zeros(2), torch.ones(2), None, False), ValueError, "per channel"),
@@ -184,6 +194,8 @@ BAD_CALLS = {
     "perturb_into out dtype": ("perturb_into", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, None, None, torch.empty(4, 3, 5, 4, dtype=torch.int32)), TypeError, "out_dtype"),
     "perturb_into out chunk": ("perturb_into", lambda: (_img(), _seg(), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 1, None, None, torch.empty(6, 3, 5, 4)), ValueError, "count >= 1 and offset"),
     "perturb_into out overlaps": ("perturb_into", lambda: _overlapping_out(), ValueError, "shares memory with images"),
+    "perturb_into mean in out": ("perturb_into", lambda: _mean_in_out(), ValueError, "shares memory with mean"),
+    "perturb_into no images": ("perturb_into", lambda: (_img(b=0), _seg(b=0), torch.ones(0, 3, 3, dtype=torch.bool), _img(b=0), 0, None, None, torch.empty(0, 3, 5, 4)), ValueError, "out must have shape"),
     "perturb_into id >= M": ("perturb_into", lambda: (_img(), _seg(m=4), torch.ones(2, 3, 3, dtype=torch.bool), _img(), 0, None, None, torch.empty(4, 3, 5, 4)), ValueError, "segment ids"),
     "lime_fit counts": ("lime_fit", lambda: (torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 4, 1), torch.tensor([3, 4]), None, 0.25, 1.0), ValueError, "num_segments"),
     "lime_fit zero count": ("lime_fit", lambda: (torch.ones(2, 4, 3, dtype=torch.bool), torch.rand(2, 4, 1), torch.tensor([0, 3]), None, 0.25, 1.0), ValueError, "num_segments"),
@@ -197,6 +209,7 @@ BAD_CALLS = {
     "lime_fit alpha": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.25, -1.0), ValueError, "alpha"),
     "lime_fit alpha inf": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, 0.25, float("inf")), ValueError, "alpha"),
     "lime_fit kernel width nan": ("lime_fit", lambda: (torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 1), torch.tensor([3]), None, float("nan"), 1.0), ValueError, "kernel_width"),
+    "pgd expanded x_adv": ("masked_pgd_step", lambda: (_img(b=1).expand(2, 3, 5, 4), _img(), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "overlapping elements"),
     "pgd norm": ("masked_pgd_step", lambda: (_img(), _img(), _img(), None, 0.1, 0.1, 0.0, 1.0, "l3"), ValueError, "norm"),
     "pgd shape": ("masked_pgd_step", lambda: (_img(), _img(h=6), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "shape of x_adv"),
     "pgd dtype": ("masked_pgd_step", lambda: (_img(), _img(dtype=torch.float64), _img(), None, 0.1, 0.1, 0.0, 1.0, "linf"), TypeError, "dtype"),

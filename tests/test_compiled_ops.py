@@ -312,6 +312,63 @@ def test_masked_pgd_step_l2_with_a_zero_ball_and_a_zero_step_is_the_clean_input(
         assert torch.equal(x_adv, x), impl
 
 
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_masked_pgd_step_l2_in_float16_normalizes_before_it_steps(backend):
+    # A step longer than 1 times a large float16 gradient overflows (2 * 40000 > 65504) when the
+    # product comes first: the reference wrote NaN there and the kernels 1 or 0. Normalized
+    # first (|g| / ‖g‖ <= 1, as torchattacks' PGDL2 does) it is finite, close to float32's.
+    if not backends.status("masked_pgd_step", backend, "cpu")[0]:
+        pytest.skip(f"no {backend} backend on the CPU here")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 5, 6, generator=gen)
+    grad = torch.randn(2, 3, 5, 6, generator=gen)
+    grad[0, 1, 2, 3] = 40000.0
+    x[0, 1, 2, 3] = 0.1  # (moved by about eps = 0.5: inside the range, no clamp hides the step)
+    wide = (x.clone(), x, grad, None, 2.0, 0.5, 0.0, 1.0, "l2")
+    expected = masked_pgd_step_ref(*wide)
+    x_adv, x, grad, weight, step, eps, lo, hi, norm = [t.half() if isinstance(t, torch.Tensor) else t for t in wide]
+    reference = masked_pgd_step_ref(x_adv.clone(), x, grad, weight, step, eps, lo, hi, norm)
+    out = masked_pgd_step(x_adv, x, grad, weight, step_size=step, eps=eps, lo=lo, hi=hi, norm=norm, backend=backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=0)
+    torch.testing.assert_close(out, reference)
+
+
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # Triton's interpreter, rounding 1e39 to inf
+def test_masked_pgd_step_takes_bounds_beyond_a_half_dtype_and_empty_batches_on_every_backend(backend):
+    # A bound a float16/bfloat16 cannot hold is what the dtype rounds it to (its largest value or
+    # infinity): the reference's clamp refused it, the kernels took it.
+    if not backends.status("masked_pgd_step", backend, "cpu")[0]:
+        pytest.skip(f"no {backend} backend on the CPU here")
+    gen = torch.Generator().manual_seed(6)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.rand(2, 3, 4, 5, generator=gen).to(dtype)
+        grad = torch.randn(2, 3, 4, 5, generator=gen).to(dtype)
+        for norm in ("linf", "l2"):
+            for step, eps, lo, hi in ((0.1, 1e5, 0.0, 1.0), (0.1, 0.2, -1e5, 1e5), (3e5, 1e39, -65510.0, 65510.0)):
+                expected = masked_pgd_step_ref(x.clone(), x, grad, None, step, eps, lo, hi, norm)
+                out = masked_pgd_step(x.clone(), x, grad, step_size=step, eps=eps, lo=lo, hi=hi, norm=norm, backend=backend)
+                assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), (dtype, norm, step, eps, lo, hi)
+    for norm in ("linf", "l2"):  # no samples: nothing to do, on every backend
+        empty = torch.rand(0, 3, 4, 5)
+        assert masked_pgd_step(empty.clone(), empty, empty, step_size=0.1, eps=0.2, norm=norm, backend=backend).shape == empty.shape
+
+
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_lime_fit_judges_weights_in_the_dtype_it_fits_in(backend):
+    # float64 weights of 1e-50 are all 0 in float32 targets' dtype: refused, not fitted to NaN
+    if not backends.status("lime_fit", backend, "cpu")[0]:
+        pytest.skip(f"no {backend} backend on the CPU here")
+    masks = torch.ones(1, 5, 3, dtype=torch.bool)
+    masks[0, 1:, 0], masks[0, 2:, 1] = False, False
+    args = (masks, torch.rand(1, 5, 2), torch.tensor([3]))
+    with pytest.raises(ValueError, match="positive sum"):
+        lime_fit(*args, weights=torch.full((1, 5), 1e-50, dtype=torch.float64), backend=backend)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        lime_fit(*args, weights=torch.full((1, 5), 1e300, dtype=torch.float64), backend=backend)
+
+
 def test_masked_pgd_step_zero_weight_leaves_pixels_alone():
     x = torch.rand(1, 3, 6, 6)
     x_adv = x.clone()

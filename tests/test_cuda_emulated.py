@@ -370,6 +370,22 @@ def test_emulated_masked_pgd_step_l2_on_large_samples(simt, dtype, channels_last
     torch.testing.assert_close(mine[0], expected, atol=PGD_TOLERANCES[("l2", dtype)][0], rtol=PGD_TOLERANCES[("l2", dtype)][1])
 
 
+def test_emulated_masked_pgd_step_l2_in_float16_normalizes_before_it_steps(simt):
+    # 2 * 40000 overflows float16: the gradient is normalized first (test_compiled_ops has the
+    # same case on the other backends).
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 5, 6, generator=gen)
+    grad = torch.randn(2, 3, 5, 6, generator=gen)
+    grad[0, 1, 2, 3] = 40000.0
+    x[0, 1, 2, 3] = 0.1  # (moved by about eps = 0.5: inside the range, no clamp hides the step)
+    args = [t.half() for t in (x, x, grad)] + [None, 2.0, 0.5, 0.0, 1.0, "l2"]
+    expected = masked_pgd_step_ref(*clone_args(args))
+    mine = clone_args(args)
+    assert emulated_masked_pgd_step(simt, *mine) == 0
+    assert torch.isfinite(mine[0]).all()
+    torch.testing.assert_close(mine[0], expected, atol=PGD_TOLERANCES[("l2", torch.float16)][0], rtol=PGD_TOLERANCES[("l2", torch.float16)][1])
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_emulated_masked_pgd_step_writes_nothing_for_a_non_finite_gradient(simt, norm):
     args = clone_args(dict(masked_pgd_step_cases(torch.float32))[f"{norm}-prime"])

@@ -159,6 +159,8 @@ def lime_fit(
         check_tensor("weights", weights, ndim=2, dtypes=(torch.float32, torch.float64))
         if tuple(weights.shape) != (b, n):
             raise ValueError(f"weights must have shape (B, N) = ({b}, {n}), got {tuple(weights.shape)}")
+        # checked as the fit reads them: in the targets' dtype (float64 1e-50 is 0 in float32)
+        weights = weights.to(targets.dtype)
         check_finite("weights", weights)
         require((weights >= 0).all() & (weights.sum(dim=1) > 0).all(), "weights must be non-negative with a positive sum per image")
     kernel_width = check_real("kernel_width", kernel_width, positive=True)
@@ -166,7 +168,5 @@ def lime_fit(
     if masks.dtype != torch.bool:
         require(((masks == 0) | (masks == 1)).all(), "masks must be binary: 0 or 1 (or bool)")
         masks = masks != 0
-    if weights is not None:
-        weights = weights.to(targets.dtype)
     impl = backends.resolve("lime_fit", backend, masks.device)
     return exact_constant_fits(targets, *impl(masks, targets, num_segments.long(), weights, kernel_width, alpha))

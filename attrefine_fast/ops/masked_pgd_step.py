@@ -1,13 +1,14 @@
 """masked_pgd_step: one PGD update restricted to / weighted by a per-pixel mask, in place.
 
     L-inf:  x_adv += step_size * weight * sign(grad)
-    L2:     g = weight * grad;  x_adv += step_size * g / (‖g‖₂ + 1e-10)      (per sample;
+    L2:     g = weight * grad;  x_adv += step_size * (g / (‖g‖₂ + 1e-10))    (per sample;
             2^-24 instead of 1e-10 in float16, where 1e-10 rounds to 0)
     then    δ = x_adv - x projected to the ε-ball (clamp to [-ε, ε] for L-inf, scaled by
             min(1, ε / ‖δ‖₂) for L2, 1 where ‖δ‖₂ = 0), and x_adv = clamp(x + δ, lo, hi).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -26,6 +27,17 @@ FLOAT16_EPS_FOR_DIVISION = 2.0**-24
 def division_guard(dtype: torch.dtype) -> float:
     """What is added to ‖g‖ before dividing by it, in tensors of ``dtype``."""
     return FLOAT16_EPS_FOR_DIVISION if dtype == torch.float16 else EPS_FOR_DIVISION
+
+
+def in_range(value: float, dtype: torch.dtype) -> float:
+    """``value`` as a bound for tensors of ``dtype``: beyond the largest finite value it is that
+    value, or ±inf where it rounds to infinity (as the kernels round their bounds); clamp would
+    refuse a Python float the dtype cannot hold."""
+    info = torch.finfo(dtype)
+    if abs(value) <= info.max:
+        return value
+    half_ulp = 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
+    return math.copysign(math.inf if abs(value) >= info.max + half_ulp else info.max, value)
 
 
 def masked_pgd_step_ref(
@@ -56,15 +68,18 @@ def masked_pgd_step_ref(
         step = grad.sign()
         if w is not None:
             step = step * w
-        delta = (x_adv + step_size * step - x).clamp(-eps, eps)
+        bound = in_range(eps, x_adv.dtype)
+        delta = (x_adv + step_size * step - x).clamp(-bound, bound)
     else:
         g = grad if w is None else grad * w
-        g_norm = g.reshape(b, -1).norm(dim=1).view(b, 1, 1, 1) + division_guard(g.dtype)
-        delta = x_adv + step_size * g / g_norm - x
-        d_norm = delta.reshape(b, -1).norm(dim=1).view(b, 1, 1, 1)
+        g_norm = g.flatten(1).norm(dim=1).view(b, 1, 1, 1) + division_guard(g.dtype)
+        # Normalized first, then stepped (as torchattacks' PGDL2): |g| / ‖g‖ <= 1, so no step
+        # overflows float16 where step_size * g would.
+        delta = x_adv + step_size * (g / g_norm) - x
+        d_norm = delta.flatten(1).norm(dim=1).view(b, 1, 1, 1)
         # ε = ‖δ‖ = 0 gives 0 / 0: δ is zero then, and stays zero with a factor of 1.
         delta = delta * torch.clamp(eps / d_norm, max=1.0).nan_to_num(nan=1.0)
-    x_adv.copy_((x + delta).clamp(lo, hi))
+    x_adv.copy_((x + delta).clamp(in_range(lo, x_adv.dtype), in_range(hi, x_adv.dtype)))
     return x_adv
 
 

@@ -158,7 +158,7 @@ def check_perturb_args(images, segments, masks, fudge, offset, count, mean, std,
     check_output_dtype(images.dtype, mean is not None, out_dtype)
 
 
-def check_perturb_out(out, images, segments, masks, fudge) -> int:
+def check_perturb_out(out, images, segments, masks, fudge, mean=None, std=None) -> int:
     """Validation of perturb_into's ``out``; returns the number of samples it holds per image."""
     check_tensor("out", out, ndim=4)
     check_same_device(images=images, out=out)
@@ -171,7 +171,9 @@ def check_perturb_out(out, images, segments, masks, fudge) -> int:
         raise ValueError("out must not require grad: perturb is not differentiable")
     if torch.compiler.is_compiling():  # a traced tensor has no address to compare
         return out.shape[0] // b
-    for name, t in (("images", images), ("segments", segments), ("masks", masks), ("fudge", fudge)):
+    # (mean and std as well: a kernel reads them while it writes out)
+    inputs = (("images", images), ("segments", segments), ("masks", masks), ("fudge", fudge), ("mean", mean), ("std", std))
+    for name, t in inputs:
         if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
             raise ValueError(f"out shares memory with {name}")
     return out.shape[0] // b
@@ -201,7 +203,7 @@ def perturb(
     """
     if out is not None:
         check_images("images", images)
-        out_count = check_perturb_out(out, images, segments, masks, fudge)
+        out_count = check_perturb_out(out, images, segments, masks, fudge, mean, std)
         if count is not None and count != out_count:
             raise ValueError(f"count={count} but out holds {out_count} samples per image")
         if out_dtype is not None and out_dtype != out.dtype:

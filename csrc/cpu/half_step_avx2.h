@@ -137,7 +137,7 @@ ATTREFINE_TARGET_F16C int64_t l2_norm_sums(int64_t n, const T* xa, const T* x, c
   return i;
 }
 
-// L2's second pass: g = R(grad * w); x_adv = clamp(R(x + R(R(R(x_adv + R(R(step * g) / gn)) - x) * f)),
+// L2's second pass: g = R(grad * w); x_adv = clamp(R(x + R(R(R(x_adv + R(step * R(g / gn))) - x) * f)),
 // lo, hi), with gn the sample's rounded ‖g‖ + guard and f its projection factor.
 template <typename T>
 ATTREFINE_TARGET_F16C int64_t l2_write(int64_t n, T* xa, const T* x, const T* g, const T* w, float step, float gn, float f,
@@ -147,7 +147,7 @@ ATTREFINE_TARGET_F16C int64_t l2_write(int64_t n, T* xa, const T* x, const T* g,
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 gm = round8<T>(_mm256_mul_ps(load8(g + i), weight8(w, i)));
-    const __m256 moved = round8<T>(_mm256_add_ps(load8(xa + i), round8<T>(_mm256_div_ps(round8<T>(_mm256_mul_ps(vstep, gm)), vgn))));
+    const __m256 moved = round8<T>(_mm256_add_ps(load8(xa + i), round8<T>(_mm256_mul_ps(vstep, round8<T>(_mm256_div_ps(gm, vgn))))));
     const __m256 xe = load8(x + i);
     const __m256 delta = round8<T>(_mm256_mul_ps(round8<T>(_mm256_sub_ps(moved, xe)), vf));
     store8(xa + i, clamp8(round8<T>(_mm256_add_ps(xe, delta)), vlo, vhi));

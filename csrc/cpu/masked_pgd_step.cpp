@@ -3,7 +3,7 @@
 //   x_adv, x, grad (B, C, H, W) float16 / bfloat16 / float32 / float64 (same dtype and shape),
 //   contiguous or channels-last;  weight: optional (B, H, W) in [0, 1], broadcast over channels
 //   L-inf:  x_adv = clamp(x + clamp(x_adv + step * weight * sign(grad) - x, -eps, eps), lo, hi)
-//   L2:     g = weight * grad;  δ = x_adv + step * g / (‖g‖ + 1e-10) - x;  δ *= min(1, eps / ‖δ‖)
+//   L2:     g = weight * grad;  δ = x_adv + step * (g / (‖g‖ + 1e-10)) - x;  δ *= min(1, eps / ‖δ‖)
 //           (2^-24 for 1e-10 in float16, where 1e-10 rounds to 0;
 //           the factor is 1 for eps = ‖δ‖ = 0)
 //           x_adv = clamp(x + δ, lo, hi)
@@ -264,7 +264,7 @@ void l2_step(const StepArgs<scalar_t>& a) {
     over_tiles(a, b, begin, end, weight, true, span, [&](int64_t n, auto* xa, const auto* x, const auto* g, const auto* w) {
       for_weights(n, w, [&](int64_t i, op_t wi) {
         const op_t gm = R(static_cast<op_t>(g[i]) * wi);
-        const op_t moved = R(static_cast<op_t>(xa[i]) + R(R(step * gm) / gn));
+        const op_t moved = R(static_cast<op_t>(xa[i]) + R(step * R(gm / gn)));
         const op_t xe = static_cast<op_t>(x[i]);
         const op_t delta = R(R(moved - xe) * f);
         xa[i] = std::min(std::max(R(xe + delta), lo), hi);

@@ -177,7 +177,7 @@ __global__ void l2_write_kernel(Step<T> s, const double* __restrict__ sums, cons
     const int64_t e = e0 + static_cast<int64_t>(u) * blockDim.x;
     if (e >= s.per_sample) break;
     const int64_t i = b * s.per_sample + e;
-    const op_t scaled = rnd<T>(rnd<T>(step * masked_grad(s, b, e)) / gn);
+    const op_t scaled = rnd<T>(mul_rn(step, rnd<T>(masked_grad(s, b, e) / gn)));
     const op_t moved = rnd<T>(load(s.x_adv + i) + scaled);
     const op_t xe = load(s.x + i);
     const op_t delta = rnd<T>(mul_rn(rnd<T>(moved - xe), factor));
