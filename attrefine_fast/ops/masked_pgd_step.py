@@ -29,7 +29,7 @@ def division_guard(dtype: torch.dtype) -> float:
     return FLOAT16_EPS_FOR_DIVISION if dtype == torch.float16 else EPS_FOR_DIVISION
 
 
-def in_range(value: float, dtype: torch.dtype) -> float:
+def bound_in_dtype(value: float, dtype: torch.dtype) -> float:
     """``value`` as a bound for tensors of ``dtype``: beyond the largest finite value it is that
     value, or ±inf where it rounds to infinity (as the kernels round their bounds); clamp would
     refuse a Python float the dtype cannot hold."""
@@ -68,7 +68,7 @@ def masked_pgd_step_ref(
         step = grad.sign()
         if w is not None:
             step = step * w
-        bound = in_range(eps, x_adv.dtype)
+        bound = bound_in_dtype(eps, x_adv.dtype)
         delta = (x_adv + step_size * step - x).clamp(-bound, bound)
     else:
         g = grad if w is None else grad * w
@@ -79,7 +79,7 @@ def masked_pgd_step_ref(
         d_norm = delta.flatten(1).norm(dim=1).view(b, 1, 1, 1)
         # ε = ‖δ‖ = 0 gives 0 / 0: δ is zero then, and stays zero with a factor of 1.
         delta = delta * torch.clamp(eps / d_norm, max=1.0).nan_to_num(nan=1.0)
-    x_adv.copy_((x + delta).clamp(in_range(lo, x_adv.dtype), in_range(hi, x_adv.dtype)))
+    x_adv.copy_((x + delta).clamp(bound_in_dtype(lo, x_adv.dtype), bound_in_dtype(hi, x_adv.dtype)))
     return x_adv
 
 
