@@ -22,16 +22,15 @@ Conventions, shared by every attack here:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .checks import FLOAT_DTYPES, check_choice, check_int, check_tensor
+from .model_state import frozen
 from .models import Normalize, NormalizedModel
 from .ops.masked_pgd_step import NORMS, division_guard, resolve_step
 
@@ -39,27 +38,6 @@ __all__ = [
     "Attack", "FGSM", "PGD", "PGDL2", "Normalize", "NormalizedModel",
     "fgsm", "frozen", "masked_pgd", "pgd", "predict",
 ]
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and ``requires_grad=False`` for the parameters inside the block; each module's
-    ``training`` flag and each parameter's ``requires_grad`` are restored on exit."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (it is switched to eval mode and its parameters frozen), "
-                        f"got {type(model).__name__}")
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in grads:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, requires_grad in grads:
-            p.requires_grad_(requires_grad)
 
 
 def check_batch(images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:

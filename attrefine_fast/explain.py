@@ -12,6 +12,7 @@ from . import backends
 from .checks import (
     FLOAT_DTYPES, check_choice, check_images, check_int, check_real, check_same_device, check_segments, check_tensor,
 )
+from .model_state import evaluating
 from .neighborhood import draw_masks, fudge_images, perturbed_chunks
 from .ops.lime_fit import exact_constant_fits
 from .segmentation import segment
@@ -91,14 +92,8 @@ def eval_mode(model):
         with torch.no_grad():
             yield
         return
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with evaluating(model), torch.no_grad():
+        yield
 
 
 def _forward(model: Callable, inputs: torch.Tensor, expected_rows: int, output: str) -> torch.Tensor:

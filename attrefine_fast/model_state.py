@@ -1,0 +1,92 @@
+"""The model state that attacks and explanations change while they run: each module's train/eval
+mode (eval for explanations and attacks) and each parameter's ``requires_grad`` (off for attacks,
+which need gradients of the input only).
+
+The first caller to hold a model saves that state and the last one to let go restores it, under
+one lock: calls on one model from several threads, or nested calls, leave the model as it was
+before any of them (each restoring what it saw on entry would freeze the model for good when two
+threads overlap, and let one thread's exit switch another's forward passes back to train mode).
+
+    with frozen(model):          # eval mode, parameters without requires_grad
+        ...
+    with evaluating(model):      # eval mode only
+        ...
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Callable, Iterator
+
+from torch import nn
+
+_lock = threading.Lock()
+# model -> {aspect: [holders, saved state]}, aspect "mode" or "grad"
+_held: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (it is switched to eval mode and its parameters frozen), "
+                        f"got {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def _holding(model: nn.Module, aspect: str, save: Callable, apply: Callable, restore: Callable) -> Iterator[None]:
+    with _lock:
+        entry = _held.setdefault(model, {})
+        if aspect in entry:
+            entry[aspect][0] += 1
+        else:
+            entry[aspect] = [1, save()]
+        apply()
+    try:
+        yield
+    finally:
+        with _lock:
+            slot = entry[aspect]
+            slot[0] -= 1
+            if slot[0] == 0:
+                del entry[aspect]
+                if not entry:
+                    _held.pop(model, None)
+                restore(slot[1])
+
+
+def _modes(model: nn.Module):
+    return _holding(
+        model, "mode",
+        save=lambda: [(m, m.training) for m in model.modules()],
+        apply=model.eval,
+        restore=lambda saved: [setattr(m, "training", training) for m, training in saved],
+    )
+
+
+def _grads(model: nn.Module):
+    params = list(model.parameters())
+    return _holding(
+        model, "grad",
+        save=lambda: [(p, p.requires_grad) for p in params],
+        apply=lambda: [p.requires_grad_(False) for p in params],
+        restore=lambda saved: [p.requires_grad_(requires_grad) for p, requires_grad in saved],
+    )
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block; each module's ``training`` flag as it was before restored by the
+    last block holding the model."""
+    _check_module(model)
+    with _modes(model):
+        yield model
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and ``requires_grad=False`` for the parameters inside the block; each module's
+    ``training`` flag and each parameter's ``requires_grad`` as they were before restored by the
+    last block holding the model."""
+    _check_module(model)
+    with _modes(model), _grads(model):
+        yield model
