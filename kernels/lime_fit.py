@@ -37,6 +37,10 @@ from .device_checks import flag_pass, new_flag, raise_if_flagged
 from .op_registration import TritonOp, autotune_configs, next_power_of_2, scalars, wrap_triton
 
 MAX_SEGMENTS = 256
+# Labels: the shared memory of tl.dot's operands grows with BLOCK_L; compiled for sm_90 (Triton 3.9,
+# float32) the tile at BLOCK_L = 256 takes 164 kB at M = 256 (16 warps, BLOCK_N = 32), within an
+# H100's 227 kB, and at BLOCK_L = 512 262 kB, past it.
+MAX_LABELS = 256
 FUSED, NORMAL_EQUATIONS, FINISH = 0, 1, 2  # the PHASE of a launch
 # the same, readable inside the kernels (Triton reads only constexpr globals)
 _FUSED, _NORMAL_EQUATIONS, _FINISH = tl.constexpr(FUSED), tl.constexpr(NORMAL_EQUATIONS), tl.constexpr(FINISH)
@@ -273,6 +277,11 @@ def _lime_fit_launcher(
         raise ValueError(
             f"the Triton lime_fit keeps the M x M system of an image in registers and takes at most "
             f"{MAX_SEGMENTS} segments, got M={m}; use backend='cuda', 'cpp' or 'torch' for more"
+        )
+    if l > MAX_LABELS:
+        raise ValueError(
+            f"the Triton lime_fit fits at most {MAX_LABELS} labels per call (its tiles' shared memory), got L={l}; "
+            "split the labels or use backend='cuda', 'cpp' or 'torch'"
         )
     # int(): the block sizes are compile-time constants, so a symbolic size is specialized here
     block_m = max(16, next_power_of_2(int(m)))

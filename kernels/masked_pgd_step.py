@@ -23,7 +23,7 @@ from attrefine_fast.ops.masked_pgd_step import EPS_FOR_DIVISION, FLOAT16_EPS_FOR
 
 from .contracts import check_masked_pgd_step
 from .device_checks import flag_pass, new_flag, raise_if_flagged
-from .op_registration import TritonOp, cdiv, scalars, wrap_triton
+from .op_registration import TritonOp, cdiv, grid_axis, scalars, wrap_triton
 
 # An elementwise pass: 1024 elements per program keeps 32x32x3 images at 3 programs per sample.
 # Not measured (no GPU when written), so no autotuning; an in-place kernel would also need its
@@ -105,57 +105,58 @@ def _masked_pgd_kernel(
 ):
     """STAGE 0: L2 partial sums of g²; STAGE 1: L2 partial sums of δ²; STAGE 2: the update."""
     b = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    # a non-finite grad (flag set by the pass before): nothing is read or written
-    inside = offs < tl.where(tl.load(flag_ptr) == 0, C * HW, 0)
-    step_size = tl.load(params_ptr)
-    eps = tl.load(params_ptr + 1)
-    lo = tl.load(params_ptr + 2)
-    hi = tl.load(params_ptr + 3)
-    a, x, g, wt = _load_step(
-        x_adv_ptr, x_ptr, grad_ptr, weight_ptr, b, offs, inside, C, HW, W,
-        sa_b, sa_c, sa_h, sa_w, sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sw_b, sw_h, sw_w,
-        HAS_WEIGHT, F64, FLAT,
-    )
-    T = x_adv_ptr.dtype.element_ty
-    if L2:
-        g = _rnd(g * wt, T)
-        if STAGE == 0:
-            tl.store(g_partial_ptr + b * num_blocks + blk, tl.sum(g * g, axis=0))
-        else:
-            if F64:
-                g_norm = tl.sqrt(_row_total(g_partial_ptr, b, num_blocks, 128, F64)) + _EPS_FOR_DIVISION
-            else:
-                # torch's norm is rounded to the dtype, then its sum with the guard
-                guard = _FLOAT16_EPS_FOR_DIVISION if T == tl.float16 else _EPS_FOR_DIVISION
-                g_norm = _rnd(_rnd(tl.sqrt_rn(_row_total(g_partial_ptr, b, num_blocks, 128, F64)), T) + guard, T)
-            # ((a + step·(g / ‖g‖)) - x), each result rounded as the reference's ops round it
-            delta = _rnd(_rnd(a + _rnd(step_size * _rnd(_div(g, g_norm, T), T), T), T) - x, T)
-            delta = tl.where(inside, delta, 0)
-            if STAGE == 1:
-                tl.store(d_partial_ptr + b * num_blocks + blk, tl.sum(delta * delta, axis=0))
+    # a stride over the element blocks: CUDA allows at most 65,535 programs on grid axis 1
+    for blk in tl.range(tl.program_id(1), num_blocks, tl.num_programs(1)):
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        # a non-finite grad (flag set by the pass before): nothing is read or written
+        inside = offs < tl.where(tl.load(flag_ptr) == 0, C * HW, 0)
+        step_size = tl.load(params_ptr)
+        eps = tl.load(params_ptr + 1)
+        lo = tl.load(params_ptr + 2)
+        hi = tl.load(params_ptr + 3)
+        a, x, g, wt = _load_step(
+            x_adv_ptr, x_ptr, grad_ptr, weight_ptr, b, offs, inside, C, HW, W,
+            sa_b, sa_c, sa_h, sa_w, sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sw_b, sw_h, sw_w,
+            HAS_WEIGHT, F64, FLAT,
+        )
+        T = x_adv_ptr.dtype.element_ty
+        if L2:
+            g = _rnd(g * wt, T)
+            if STAGE == 0:
+                tl.store(g_partial_ptr + b * num_blocks + blk, tl.sum(g * g, axis=0))
             else:
                 if F64:
-                    d_norm = tl.sqrt(_row_total(d_partial_ptr, b, num_blocks, 128, F64))
+                    g_norm = tl.sqrt(_row_total(g_partial_ptr, b, num_blocks, 128, F64)) + _EPS_FOR_DIVISION
                 else:
-                    d_norm = _rnd(tl.sqrt_rn(_row_total(d_partial_ptr, b, num_blocks, 128, F64)), T)
-                # d_norm = 0 (then delta = 0): a factor of 1, with no 0 / 0 computed on the way
-                moved = d_norm > 0
-                if T == tl.float16 or T == tl.bfloat16:
-                    # the reference's eps / ‖δ‖ is Tensor.__rdiv__: reciprocal, then a product
-                    ratio = _rnd(eps * _rnd(tl.div_rn(1.0, tl.where(moved, d_norm, 1.0)), T), T)
+                    # torch's norm is rounded to the dtype, then its sum with the guard
+                    guard = _FLOAT16_EPS_FOR_DIVISION if T == tl.float16 else _EPS_FOR_DIVISION
+                    g_norm = _rnd(_rnd(tl.sqrt_rn(_row_total(g_partial_ptr, b, num_blocks, 128, F64)), T) + guard, T)
+                # ((a + step·(g / ‖g‖)) - x), each result rounded as the reference's ops round it
+                delta = _rnd(_rnd(a + _rnd(step_size * _rnd(_div(g, g_norm, T), T), T), T) - x, T)
+                delta = tl.where(inside, delta, 0)
+                if STAGE == 1:
+                    tl.store(d_partial_ptr + b * num_blocks + blk, tl.sum(delta * delta, axis=0))
                 else:
-                    ratio = eps / tl.where(moved, d_norm, 1.0)
-                delta = _rnd(delta * tl.where(moved, tl.minimum(ratio, 1.0), 1.0), T)
-    else:
-        sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(g.dtype)
-        delta = _rnd(_rnd(a + _rnd(step_size * (sign * wt), T), T) - x, T)
-        delta = _rnd(tl.minimum(tl.maximum(delta, -eps), eps), T)
-    if STAGE == 2:
-        out = _rnd(tl.minimum(tl.maximum(_rnd(x + delta, T), lo), hi), T)
-        target = _element(x_adv_ptr, b, offs, HW, W, sa_b, sa_c, sa_h, sa_w, FLAT)
-        tl.store(target, out.to(T), mask=inside)
+                    if F64:
+                        d_norm = tl.sqrt(_row_total(d_partial_ptr, b, num_blocks, 128, F64))
+                    else:
+                        d_norm = _rnd(tl.sqrt_rn(_row_total(d_partial_ptr, b, num_blocks, 128, F64)), T)
+                    # d_norm = 0 (then delta = 0): a factor of 1, with no 0 / 0 computed on the way
+                    moved = d_norm > 0
+                    if T == tl.float16 or T == tl.bfloat16:
+                        # the reference's eps / ‖δ‖ is Tensor.__rdiv__: reciprocal, then a product
+                        ratio = _rnd(eps * _rnd(tl.div_rn(1.0, tl.where(moved, d_norm, 1.0)), T), T)
+                    else:
+                        ratio = eps / tl.where(moved, d_norm, 1.0)
+                    delta = _rnd(delta * tl.where(moved, tl.minimum(ratio, 1.0), 1.0), T)
+        else:
+            sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(g.dtype)
+            delta = _rnd(_rnd(a + _rnd(step_size * (sign * wt), T), T) - x, T)
+            delta = _rnd(tl.minimum(tl.maximum(delta, -eps), eps), T)
+        if STAGE == 2:
+            out = _rnd(tl.minimum(tl.maximum(_rnd(x + delta, T), lo), hi), T)
+            target = _element(x_adv_ptr, b, offs, HW, W, sa_b, sa_c, sa_h, sa_w, FLAT)
+            tl.store(target, out.to(T), mask=inside)
 
 
 def _masked_pgd_step_launcher(
@@ -186,7 +187,7 @@ def _masked_pgd_step_launcher(
     flag = new_flag(x_adv.device)
     flag_pass(grad, flag)
     for stage in stages:
-        wrap_triton(_masked_pgd_kernel)[(b, num_blocks)](
+        wrap_triton(_masked_pgd_kernel)[(b, grid_axis(num_blocks))](
             x_adv, x, grad, wt, params, g_partial, d_partial, flag,
             c, h * w, w, num_blocks,
             *x_adv.stride(), *x.stride(), *grad.stride(), *weight_strides,

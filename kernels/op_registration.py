@@ -21,6 +21,7 @@ differentiable" error behave exactly as for ``torch.ops.attrefine_fast.<op>_trit
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -66,9 +67,11 @@ class TritonOp:
 
         @functools.wraps(launch)
         def checked(*args):
-            if concrete(*args):
-                check(*args)
-            return launch(*args)
+            if not concrete(*args):  # traced: the compiled graph sets the device itself
+                return launch(*args)
+            check(*args)
+            with device_of(args):
+                return launch(*args)
 
         qualname = f"{NAMESPACE}::{name}"
         if _HAS_TRITON_OP:
@@ -84,12 +87,23 @@ class TritonOp:
         outer = getattr(_launching, "direct", False)
         _launching.direct = True
         try:
-            result = self.launch(*args)
+            with device_of(args):
+                result = self.launch(*args)
         finally:
             _launching.direct = outer
         for i in self._mutated:  # written through pointers: tell autograd, as an in-place op does
             torch.autograd.graph.increment_version(args[i])
         return result
+
+
+def device_of(args):
+    """The tensors' CUDA device made current for the launches: Triton launches on the current
+    device and its stream, not on its arguments' device (a cuda:1 tensor would be read by a
+    kernel running on cuda:0)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.device.type == "cuda":
+            return torch.cuda.device(a.device)
+    return contextlib.nullcontext()
 
 
 # vmap / grad of torch.func wrap tensors in ways a type check does not see
@@ -127,6 +141,17 @@ def cdiv(a, b):
     """ceil(a / b) for sizes on the host (triton.cdiv is a constexpr function, several times
     slower to call from Python; this one also takes symbolic sizes)."""
     return (a + b - 1) // b
+
+
+# CUDA allows at most 65,535 programs on grid axes 1 and 2; a kernel with more blocks than that
+# on axis 1 strides over them.
+GRID_AXIS_LIMIT = 65535
+
+
+def grid_axis(n: int):
+    """The programs to launch on grid axis 1 for ``n`` blocks (the kernel strides over the rest);
+    ``n`` may be a symbolic size."""
+    return torch.sym_min(n, GRID_AXIS_LIMIT)
 
 
 def next_power_of_2(n: int) -> int:

@@ -23,7 +23,7 @@ from attrefine_fast.ops.perturb import perturb_output_dtype
 
 from .contracts import check_perturb, check_perturb_into, check_segment_ids
 from .device_checks import flag_pass, new_flag, raise_if_flagged
-from .op_registration import TritonOp, autotune_configs, cdiv, wrap_triton
+from .op_registration import TritonOp, autotune_configs, cdiv, grid_axis, wrap_triton
 
 # Not measured: no GPU was available when these were written. BLOCK counts elements of a sample
 # (C * H * W: 3,072 at 32x32, 150,528 at 224x224, RGB); 8 elements per thread give two 16-byte
@@ -57,42 +57,44 @@ def _perturb_kernel(
     groups = tl.cdiv(count, SAMPLES)  # sample groups per image
     b = (tl.program_id(0) // groups).to(tl.int64)
     first = (tl.program_id(0) % groups) * SAMPLES
-    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # element of a sample, in the output's order
     # a segment id out of range (flag set by the pass before): nothing is read or written
     limit = tl.where(tl.load(flag_ptr) == 0, PER_SAMPLE, 0)
-    inside = e < limit
-    if CHANNELS_LAST:
-        pix = e // C
-        ch = e % C
-    else:
-        pix = e % HW
-        ch = e // HW
-    y = pix // W
-    x = pix % W
-    seg = tl.load(segments_ptr + b * ss_b + y * ss_h + x * ss_w, mask=inside, other=0)
-    kept = tl.load(images_ptr + b * si_b + ch * si_c + y * si_h + x * si_w, mask=inside, other=0)
-    replaced = tl.load(fudge_ptr + b * sf_b + ch * sf_c + y * sf_h + x * sf_w, mask=inside, other=0)
-    if NORMALIZE:
-        mean = tl.load(mean_ptr + ch, mask=inside, other=0)
-        std = tl.load(std_ptr + ch, mask=inside, other=1)
-        if COMPUTE_F64:
-            kept = (kept.to(tl.float64) - mean) / std
-            replaced = (replaced.to(tl.float64) - mean) / std
+    # a stride over the element blocks: CUDA allows at most 65,535 programs on grid axis 1
+    for blk in tl.range(tl.program_id(1), tl.cdiv(PER_SAMPLE, BLOCK), tl.num_programs(1)):
+        e = blk * BLOCK + tl.arange(0, BLOCK)  # element of a sample, in the output's order
+        inside = e < limit
+        if CHANNELS_LAST:
+            pix = e // C
+            ch = e % C
         else:
-            kept = (kept.to(tl.float32) - mean) / std
-            replaced = (replaced.to(tl.float32) - mean) / std
-    if HALF_OUT:  # float64 -> 16 bits goes through float32, as torch's conversion does
-        kept = kept.to(tl.float32)
-        replaced = replaced.to(tl.float32)
-    kept = kept.to(out_ptr.dtype.element_ty)
-    replaced = replaced.to(out_ptr.dtype.element_ty)
-    mask_row = masks_ptr + b * sm_b + offset * sm_n + seg * sm_m
+            pix = e % HW
+            ch = e // HW
+        y = pix // W
+        x = pix % W
+        seg = tl.load(segments_ptr + b * ss_b + y * ss_h + x * ss_w, mask=inside, other=0)
+        kept = tl.load(images_ptr + b * si_b + ch * si_c + y * si_h + x * si_w, mask=inside, other=0)
+        replaced = tl.load(fudge_ptr + b * sf_b + ch * sf_c + y * sf_h + x * sf_w, mask=inside, other=0)
+        if NORMALIZE:
+            mean = tl.load(mean_ptr + ch, mask=inside, other=0)
+            std = tl.load(std_ptr + ch, mask=inside, other=1)
+            if COMPUTE_F64:
+                kept = (kept.to(tl.float64) - mean) / std
+                replaced = (replaced.to(tl.float64) - mean) / std
+            else:
+                kept = (kept.to(tl.float32) - mean) / std
+                replaced = (replaced.to(tl.float32) - mean) / std
+        if HALF_OUT:  # float64 -> 16 bits goes through float32, as torch's conversion does
+            kept = kept.to(tl.float32)
+            replaced = replaced.to(tl.float32)
+        kept = kept.to(out_ptr.dtype.element_ty)
+        replaced = replaced.to(out_ptr.dtype.element_ty)
+        mask_row = masks_ptr + b * sm_b + offset * sm_n + seg * sm_m
 
-    for s in range(0, SAMPLES):
-        i = first + s
-        live = e < tl.where(i < count, limit, 0)  # no element of a sample past count
-        keep = tl.load(mask_row + i * sm_n, mask=live, other=0) != 0
-        tl.store(out_ptr + (b * count + i) * PER_SAMPLE + e, tl.where(keep, kept, replaced), mask=live)
+        for s in range(0, SAMPLES):
+            i = first + s
+            live = e < tl.where(i < count, limit, 0)  # no element of a sample past count
+            keep = tl.load(mask_row + i * sm_n, mask=live, other=0) != 0
+            tl.store(out_ptr + (b * count + i) * PER_SAMPLE + e, tl.where(keep, kept, replaced), mask=live)
 
 
 def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out) -> None:
@@ -111,7 +113,7 @@ def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out
         mean, std = mean.to(compute).contiguous(), std.to(compute).contiguous()  # read at mean_ptr + channel
     else:  # never read: NORMALIZE is off
         mean = std = images
-    grid = lambda meta: (b * cdiv(count, meta["SAMPLES"]), cdiv(c * h * w, meta["BLOCK"]))  # noqa: E731
+    grid = lambda meta: (b * cdiv(count, meta["SAMPLES"]), grid_axis(cdiv(c * h * w, meta["BLOCK"])))  # noqa: E731
     wrap_triton(_perturb_kernel)[grid](
         images, fudge, segments, masks, mean, std, out, flag,
         c, w, h * w, c * h * w, offset, count,

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .contracts import check_segment_ids, check_segments_layout
 from .device_checks import flag_pass, new_flag, raise_if_flagged
-from .op_registration import TritonOp, cdiv, wrap_triton
+from .op_registration import TritonOp, cdiv, grid_axis, wrap_triton
 
 # Not measured (no GPU when written). BLOCK x BLOCK_M is the one-hot tile; with 8 warps ptxas
 # gives the kernel 130 registers per thread for sm_90 (202 with 4 warps), without spills.
@@ -38,24 +38,26 @@ def _segment_sums_kernel(
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = pix < HW
-    y = pix // W
-    x = pix % W
-    seg = tl.load(segments_ptr + b * ss_b + y * ss_h + x * ss_w, mask=inside, other=-1)
-    image_at = images_ptr + b * si_b + y * si_h + x * si_w
-    for m0 in range(0, M, BLOCK_M):
-        labels = m0 + tl.arange(0, BLOCK_M)
-        hit = seg[:, None] == labels[None, :]  # (BLOCK, BLOCK_M) one-hot
-        count = tl.sum(hit.to(tl.float64), axis=0)
-        # skip the atomics of segments with no pixel in this block; labels >= M (past the last
-        # block of M) are written by no valid id, and an invalid one is flagged, not written
-        present = (count > 0) & (labels < M)
-        tl.atomic_add(counts_ptr + b * M + labels, count, mask=present)
-        for ch in range(0, C):
-            v = tl.load(image_at + ch * si_c, mask=inside, other=0).to(tl.float64)
-            total = tl.sum(tl.where(hit, v[:, None], 0.0), axis=0)
-            tl.atomic_add(sums_ptr + (b * M + labels) * C + ch, total, mask=present)
+    # a stride over the pixel blocks: CUDA allows at most 65,535 programs on grid axis 1
+    for blk in tl.range(tl.program_id(1), tl.cdiv(HW, BLOCK), tl.num_programs(1)):
+        pix = blk * BLOCK + tl.arange(0, BLOCK)
+        inside = pix < HW
+        y = pix // W
+        x = pix % W
+        seg = tl.load(segments_ptr + b * ss_b + y * ss_h + x * ss_w, mask=inside, other=-1)
+        image_at = images_ptr + b * si_b + y * si_h + x * si_w
+        for m0 in range(0, M, BLOCK_M):
+            labels = m0 + tl.arange(0, BLOCK_M)
+            hit = seg[:, None] == labels[None, :]  # (BLOCK, BLOCK_M) one-hot
+            count = tl.sum(hit.to(tl.float64), axis=0)
+            # skip the atomics of segments with no pixel in this block; labels >= M (past the last
+            # block of M) are written by no valid id, and an invalid one is flagged, not written
+            present = (count > 0) & (labels < M)
+            tl.atomic_add(counts_ptr + b * M + labels, count, mask=present)
+            for ch in range(0, C):
+                v = tl.load(image_at + ch * si_c, mask=inside, other=0).to(tl.float64)
+                total = tl.sum(tl.where(hit, v[:, None], 0.0), axis=0)
+                tl.atomic_add(sums_ptr + (b * M + labels) * C + ch, total, mask=present)
 
 
 def _segment_mean_launcher(images: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -65,7 +67,7 @@ def _segment_mean_launcher(images: torch.Tensor, segments: torch.Tensor, num_seg
     counts = torch.zeros((b, num_segments), dtype=torch.float64, device=images.device)
     flag = new_flag(images.device)
     flag_pass(segments, flag, within=(0, num_segments))
-    wrap_triton(_segment_sums_kernel)[(b, cdiv(h * w, BLOCK))](
+    wrap_triton(_segment_sums_kernel)[(b, grid_axis(cdiv(h * w, BLOCK)))](
         images, segments, sums, counts,
         c, w, h * w, num_segments,
         *images.stride(), *segments.stride(),

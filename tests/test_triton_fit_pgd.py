@@ -120,10 +120,13 @@ def test_lime_fit_autotunes_float32_and_float64_apart():
     assert all(c.kwargs["BLOCK_N"] <= 4 for c in module._F64_CONFIGS)
 
 
-def test_lime_fit_too_many_segments_is_a_clear_error():
+def test_lime_fit_too_many_segments_or_labels_is_a_clear_error():
     masks = torch.ones(1, 4, 257, dtype=torch.bool)
     with pytest.raises(ValueError, match="at most 256 segments"):
         ops.lime_fit(masks, torch.rand(1, 4, 1), backend="triton")
+    # and labels: the tiles of 512 labels need more shared memory than an H100 has
+    with pytest.raises(ValueError, match="at most 256 labels"):
+        ops.lime_fit(torch.ones(1, 4, 3, dtype=torch.bool), torch.rand(1, 4, 257), backend="triton")
 
 
 LIME_FIT_TUNED = [("_lime_fit_kernel", "_CONFIGS", torch.float32, i) for i in range(8)] + [

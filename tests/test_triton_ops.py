@@ -44,6 +44,50 @@ def test_interpreter_is_on_where_there_is_no_gpu():
         assert backends.status(op, "triton", "cpu")[0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_stride_over_more_blocks_than_grid_axis_1_holds(device, monkeypatch):
+    # CUDA allows 65,535 programs on grid axis 1: a 4096x4096 image has more pixel blocks than
+    # that. With the limit lowered to 2, every kernel strides over 5 to 7 blocks per program row.
+    from attrefine_fast.kernels import op_registration
+
+    monkeypatch.setattr(op_registration, "GRID_AXIS_LIMIT", 2)
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 40, 40, generator=gen).to(device)
+    segments, m = make_segments(2, 40, 40, [7, 3], gen, device), 7
+    means = ops.segment_mean(images, segments, m, backend="triton")
+    torch.testing.assert_close(means, ops.segment_mean(images, segments, m, backend="torch"))
+    masks = (torch.rand(2, 5, m, generator=gen) > 0.5).to(device)
+    fudge = torch.rand(2, 3, 40, 40, generator=gen).to(device)
+    for channels_last in (False, True):
+        args = (images, segments, masks, fudge, 1, 3)
+        got = ops.perturb(*args, channels_last=channels_last, backend="triton")
+        assert torch.equal(got, ops.perturb(*args, channels_last=channels_last, backend="torch"))
+    x = torch.rand(2, 3, 40, 40, generator=gen).to(device)
+    grad = torch.randn(2, 3, 40, 40, generator=gen).to(device)
+    for norm in ("linf", "l2"):
+        got = ops.masked_pgd_step(x.clone(), x, grad, step_size=0.05, eps=0.1, norm=norm, backend="triton")
+        want = ops.masked_pgd_step(x.clone(), x, grad, step_size=0.05, eps=0.1, norm=norm, backend="torch")
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_launch_on_their_tensors_device_not_the_current_one():
+    # Triton launches on the current device: the ops make their tensors' device current.
+    assert torch.cuda.current_device() == 0
+    gen = torch.Generator().manual_seed(5)
+    images = torch.rand(2, 3, 16, 16, generator=gen)
+    segments = make_segments(2, 16, 16, [5, 4], gen, "cpu")
+    masks = torch.rand(2, 4, 5, generator=gen) > 0.5
+    x, grad = torch.rand(2, 3, 16, 16, generator=gen), torch.randn(2, 3, 16, 16, generator=gen)
+    on1 = [t.to("cuda:1") for t in (images, segments, masks, x, grad)]
+    torch.testing.assert_close(ops.segment_mean(*on1[:2], 5, backend="triton").cpu(), ops.segment_mean(images, segments, 5))
+    torch.testing.assert_close(ops.perturb(on1[0], on1[1], on1[2], on1[0], 0, 4, backend="triton").cpu(),
+                               ops.perturb(images, segments, masks, images, 0, 4))
+    got = ops.masked_pgd_step(on1[3].clone(), on1[3], on1[4], step_size=0.05, eps=0.1, norm="l2", backend="triton")
+    torch.testing.assert_close(got.cpu(), ops.masked_pgd_step(x.clone(), x, grad, step_size=0.05, eps=0.1, norm="l2"))
+    assert torch.cuda.current_device() == 0
+
+
 @pytest.mark.parametrize("module,kernel,configs", [
     ("perturb", "_perturb_kernel", "_CONFIGS"),
     ("lime_fit", "_lime_fit_kernel", "_CONFIGS"),
