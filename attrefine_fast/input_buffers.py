@@ -2,14 +2,18 @@
 
 A chunk of perturbed images is large (256 samples of a 224x224 RGB image: 154 MB), and a fresh
 CPU allocation of that size comes straight from the operating system: the page faults of its
-first touch cost about as much as writing it. Each thread therefore keeps its last buffer and lends
-it to one consumer at a time (a second consumer while it is lent gets a fresh tensor), the way
-PyTorch's caching allocator keeps freed blocks on CUDA, where nothing is cached here.
+first touch cost about as much as writing it. Each thread therefore keeps the memory of its last
+buffer and lends it to one consumer at a time (a second consumer while it is lent gets a fresh
+tensor), the way PyTorch's caching allocator keeps freed blocks on CUDA, where nothing is cached
+here. The memory is lent as whatever shape, dtype and layout the consumer asks for, when it is
+large enough: our explainer's channels-last batches and the lime drop-in's NCHW ones, on the same
+thread, take turns in it rather than each replacing the other's.
 :func:`release_buffers` frees the calling thread's buffer.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Iterator
 
@@ -18,11 +22,10 @@ import torch
 _local = threading.local()
 
 
-def _fits(buffer: torch.Tensor | None, rows: int, shape: tuple, dtype: torch.dtype, memory_format) -> bool:
-    return (
-        buffer is not None and buffer.shape[0] >= rows and tuple(buffer.shape[1:]) == shape
-        and buffer.dtype == dtype and buffer.is_contiguous(memory_format=memory_format)
-    )
+def _view(storage: torch.UntypedStorage, size: tuple, dtype: torch.dtype, memory_format) -> torch.Tensor:
+    """A tensor of ``size``, dense in ``memory_format``, on the first bytes of ``storage``."""
+    stride = torch.empty(size, dtype=dtype, device="meta", memory_format=memory_format).stride()
+    return torch.empty(0, dtype=dtype).set_(storage, 0, size, stride)
 
 
 @contextlib.contextmanager
@@ -43,17 +46,19 @@ def lent_buffer(rows: int, shape: tuple, dtype: torch.dtype, device: torch.devic
     if torch.device(device).type != "cpu" or getattr(_local, "lent", False):
         yield new()
         return
-    kept = getattr(_local, "buffer", None)
-    if not _fits(kept, rows, shape, dtype, memory_format):
-        _local.buffer = None  # free the old one before allocating its successor
-        kept = _local.buffer = new()
+    size = (rows, *shape)
+    needed = rows * math.prod(shape) * dtype.itemsize
+    kept = getattr(_local, "storage", None)
+    if kept is None or kept.nbytes() < needed:
+        _local.storage = None  # free the old one before allocating its successor
+        kept = _local.storage = new().untyped_storage()
     _local.lent = True
     try:
-        yield kept[:rows]
+        yield _view(kept, size, dtype, memory_format)
     finally:
         _local.lent = False
 
 
 def release_buffers() -> None:
     """Free the calling thread's kept buffer (the next explanation allocates a new one)."""
-    _local.buffer = None
+    _local.storage = None

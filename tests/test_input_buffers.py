@@ -19,10 +19,18 @@ def test_the_buffer_is_kept_between_calls_and_lent_once():
             assert second.data_ptr() != ptr
     with lent_buffer(6, (3, 4, 5), torch.float32, torch.device("cpu")) as again:  # its leading rows
         assert again.data_ptr() == ptr and again.shape == (6, 3, 4, 5)
-    with lent_buffer(6, (3, 4, 5), torch.float64, torch.device("cpu")) as other:  # another dtype
+    with lent_buffer(6, (3, 4, 5), torch.float64, torch.device("cpu")) as other:  # more bytes: a new one
         assert other.data_ptr() != ptr and other.dtype == torch.float64
-    with lent_buffer(4, (3, 4, 5), torch.float32, torch.device("cpu"), torch.channels_last) as cl:
-        assert cl.is_contiguous(memory_format=torch.channels_last)
+        ptr = other.data_ptr()
+    # Anything that fits in its bytes reuses it, in the shape, dtype and layout asked for: the
+    # explainer's channels-last batches and the drop-in's NCHW ones take turns in one buffer.
+    for _ in range(2):
+        with lent_buffer(4, (3, 4, 5), torch.float32, torch.device("cpu"), torch.channels_last) as cl:
+            assert cl.data_ptr() == ptr and cl.shape == (4, 3, 4, 5) and cl.is_contiguous(memory_format=torch.channels_last)
+            cl.copy_(torch.arange(240.0).view(4, 3, 4, 5))
+            assert torch.equal(cl, torch.arange(240.0).view(4, 3, 4, 5))
+        with lent_buffer(3, (5, 2, 7), torch.bfloat16, torch.device("cpu")) as nchw:
+            assert nchw.data_ptr() == ptr and nchw.dtype == torch.bfloat16 and nchw.is_contiguous()
     release_buffers()
 
 
