@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -44,6 +45,11 @@ def run(args: argparse.Namespace) -> None:
         try:  # numpy's BLAS too, which lime and scikit-learn use: the same limit for every provider
             from threadpoolctl import threadpool_limits
 
+            # threadpoolctl limits the runtimes already loaded: load the peers' first (lime's
+            # ridge runs on SciPy's OpenBLAS, scikit-learn brings its own OpenMP)
+            for module in ("scipy.linalg", "sklearn.linear_model"):
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(module)
             limits = threadpool_limits(limits=args.threads)
         except ImportError:
             pass

@@ -11,6 +11,8 @@ which is fairer on a shared machine. The files are named bench_*.py so the defau
 """
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -91,11 +93,19 @@ def measure(benchmark, bench_case, provider_name, bench_environment, pytestconfi
             params=bench_case.params, provider=provider.detail, device=bench_environment["gpu"] or bench_environment["cpu"],
             versions=bench_environment["versions"],
         )
-        if provider.stopwatch is not None:
-            provider.stopwatch.reset()
-        benchmark.pedantic(provider.fn, rounds=rounds.min_repeats, iterations=1, warmup_rounds=rounds.warmup)
-        if provider.stopwatch is not None:
-            calls = rounds.min_repeats + rounds.warmup
-            benchmark.extra_info["model_seconds_per_call"] = provider.stopwatch.seconds / calls
+        model_seconds = []  # per call, warm-up calls first
+
+        def call():
+            if provider.stopwatch is not None:
+                provider.stopwatch.reset()
+            provider.fn()
+            if provider.stopwatch is not None:
+                model_seconds.append(provider.stopwatch.seconds)
+
+        benchmark.pedantic(call, rounds=rounds.min_repeats, iterations=1, warmup_rounds=rounds.warmup)
+        if model_seconds:
+            # the median over the timed calls, as pytest-benchmark's own statistics (with
+            # --benchmark-disable the one call made)
+            benchmark.extra_info["model_seconds_per_call"] = statistics.median(model_seconds[rounds.warmup:] or model_seconds)
 
     return run

@@ -5,8 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,7 +39,8 @@ def test_run_case_interleaves_and_rotates():
     order = []
     providers = [Provider(n, "ours", fn=lambda n=n: order.append(n)) for n in "abc"] + [skip("d", "peer", "absent")]
     timings = run_case(_case("op", providers), min_repeats=3, max_repeats=3, budget_s=0, warmup=1, min_sample_s=0)
-    assert order == list("abc") + list("abc") + list("bca") + list("cab")
+    # the warm-up round calls each provider twice (the second call sizes its samples)
+    assert order == list("aabbcc") + list("abc") + list("bca") + list("cab")
     assert set(timings) == {"a", "b", "c"}
     assert all(len(t.seconds) == 3 and t.calls_per_sample == 1 for t in timings.values())
 
@@ -49,6 +52,30 @@ def test_run_case_fits_rounds_to_the_budget():
     assert calls_for(0.001, 0.05, 200) == 50
     assert calls_for(1.0, 0.05, 200) == 1
     assert calls_for(0.0, 0.05, 200) == 200
+
+
+def test_calls_per_sample_are_sized_from_a_warm_call():
+    # A first call that pays a one-time cost must not shorten every timed sample.
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.05 if len(calls) == 1 else 0.002)
+
+    timings = run_case(_case("op", [Provider("a", "ours", fn=fn)]), min_repeats=1, max_repeats=1, min_sample_s=0.02)
+    assert timings["a"].calls_per_sample >= 5  # 20 ms of 2 ms calls at most (sleep may overshoot), not 1
+
+
+def test_lime_kernel_for_captum_weighs_samples_as_lime():
+    from sklearn.metrics import pairwise_distances
+
+    from attrefine_fast.benchmarking.explain_cases import lime_kernel_on_samples
+
+    z = np.random.RandomState(0).randint(0, 2, (30, 9))
+    z[0], z[5] = 1, 0
+    d = pairwise_distances(z, np.ones((1, 9)), metric="cosine").ravel()
+    mine = [lime_kernel_on_samples(None, None, torch.from_numpy(row).view(1, -1)) for row in z]
+    np.testing.assert_allclose(mine, np.sqrt(np.exp(-(d**2) / 0.25**2)), rtol=1e-12)
 
 
 def test_stopwatch_counts_only_the_wrapped_calls():

@@ -161,8 +161,8 @@ def run_case(
 ) -> dict[str, Timing]:
     """Time every runnable provider of ``case``, interleaved.
 
-    ``warmup`` untimed rounds come first (the first also sets each provider's calls per sample
-    and measures a round); then timed rounds, each calling every provider once in an order
+    ``warmup`` untimed rounds come first (the first also calls each provider a second time, to set
+    its calls per sample and measure a round from a warm call); then timed rounds, each calling every provider once in an order
     rotated by one from the previous round. The number of timed rounds fits ``budget_s``
     within [min_repeats, max_repeats], so heavy cases take a few rounds and light ones many.
     """
@@ -173,8 +173,9 @@ def run_case(
     round_s = 0.0
     for r in range(warmup):
         for p in active:
-            elapsed, _ = _sample(p, case.device, 1)
-            if r == 0:
+            _sample(p, case.device, 1)
+            if r == 0:  # sized from a second call: the first pays one-time costs (compilation, allocation)
+                elapsed, _ = _sample(p, case.device, 1)
                 calls[p.name] = calls_for(elapsed, min_sample_s, max_calls)
                 round_s += elapsed * calls[p.name]
     repeats = min_repeats

@@ -20,6 +20,8 @@ as they do by default.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..explain import explain
@@ -114,20 +116,29 @@ def _lime(images_np, seg_np, model, samples, labels, device) -> Provider:
     return Provider("lime", "peer", fn=run, stopwatch=watch, detail=f"lime.lime_image, per image, batch_size={FORWARD_BATCH}")
 
 
+def lime_kernel_on_samples(original_input, perturbed_input, interpretable_sample, **kwargs) -> float:
+    """LIME's weight of a sample, for captum's ``similarity_func``: lime's kernel of width 0.25 on
+    the cosine distance between the on/off sample and the all-ones one, d = 1 - sqrt(k / M) for
+    k segments on (captum's own cosine kernel compares the perturbed images' pixels instead: a
+    different explanation, and a pass over every perturbed image)."""
+    m = interpretable_sample.numel()
+    k = float(interpretable_sample.sum())
+    d = 1.0 - math.sqrt(k / m) if k > 0 else 1.0
+    return math.sqrt(math.exp(-(d**2) / 0.25**2))
+
+
 def _captum(images, seg, fudge, model, samples, labels, device) -> Provider:
     """captum's Lime set up as LIME: the hide-colour image as baseline, the superpixels as the
-    feature mask, a ridge fit (alpha=1) and an exponential cosine kernel of width 0.25; one call
-    per explained label."""
+    feature mask, a ridge fit (alpha=1) and lime's kernel on the on/off samples
+    (:func:`lime_kernel_on_samples`); one call per explained label."""
     try:
         from captum._utils.models.linear_model import SkLearnRidge
         from captum.attr import Lime
-        from captum.attr._core.lime import get_exp_kernel_similarity_function
     except ImportError as e:
         return skip("captum", "peer", f"captum is not importable ({e}); install it with `pip install captum`")
     watch = Stopwatch(device)
     forward = _softmax(TimedModel(model, watch))
-    explainer = Lime(forward, interpretable_model=SkLearnRidge(alpha=1.0),
-                     similarity_func=get_exp_kernel_similarity_function("cosine", kernel_width=0.25))
+    explainer = Lime(forward, interpretable_model=SkLearnRidge(alpha=1.0), similarity_func=lime_kernel_on_samples)
 
     def run():
         for i in range(images.shape[0]):

@@ -71,9 +71,10 @@ def setup_segment_mean(device: torch.device, size: int, batch: int, segments: in
 
 def setup_perturb(device: torch.device, size: int, batch: int, samples: int, segments: int) -> Case:
     """All N perturbed images of every image, produced in chunks of FORWARD_BATCH model inputs,
-    as explain() produces them: written chunk after chunk into one buffer (perturb_into),
-    allocated once per call, and dropped (the model is not run). lime: its ``data_labels`` with
-    a classifier that returns zeros, one image at a time (it also draws the samples: negligible)."""
+    as explain() produces them: written chunk after chunk into one buffer (perturb_into), kept
+    between calls on the CPU as explain() keeps it, and dropped (the model is not run). lime: its
+    ``data_labels`` with a classifier that returns zeros, one image at a time (it also draws the
+    samples: negligible)."""
     images = photo_batch(size, batch).to(device)
     seg, counts = grid_batch(batch, size, segments)
     seg, counts = seg.to(device), counts.to(device)
