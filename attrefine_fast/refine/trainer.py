@@ -48,7 +48,7 @@ def _distributed_context(device_name: str):
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    use_cuda = torch.cuda.is_available() and (device_name == "auto" or str(device_name).startswith("cuda"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if dist.is_available() and dist.is_initialized():
@@ -228,6 +228,7 @@ class Refiner:
             if self.store is not None and first_of_cycle and cycle >= cfg.explain_from_cycle:
                 self.refresh(cycle)
             record = self.train_epoch(self.epoch)
+            self._share_buffers()
             self.epoch += 1
             if self.store is not None and self.epoch % cfg.epochs_per_cycle == 0 and (self.store.refreshed >= 0).any():
                 record.update({k + "_end": v for k, v in self._flagged_mass().items()})
@@ -241,6 +242,18 @@ class Refiner:
             save_checkpoint(os.path.join(self.out, FINAL), self.module, self.arch, self.train.num_classes,
                             normalization=norm, model_kwargs=self.model_kwargs, epoch=self.epoch, mode=cfg.mode)
         return self.module
+
+    def _share_buffers(self) -> None:
+        """Rank 0's buffers (batch-norm running statistics) on every rank. DDP sends them at each
+        of its forward passes, but every rank then updates its own from its shard (and in the
+        penalty's forward of the bare module): without this the ranks would end each epoch with
+        different statistics, read by the next refresh (flags of no single model), by the eval-mode
+        attacks, and saved from rank 0 alone (a resumed run would continue from other values)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            for buffer in self.module.buffers():
+                dist.broadcast(buffer, 0)
 
     def _progress(self, total: int, desc: str):
         from tqdm.auto import tqdm
