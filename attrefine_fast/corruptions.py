@@ -50,7 +50,7 @@ SEVERITY_PARAMS = {
     "saturate": ((0.3, 0.0), (0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2)),  # HSV saturation * a + b
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),  # downsampling factor
     "jpeg_compression": (80, 65, 58, 50, 40),  # JPEG quality
-    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),  # sigma, swap distance, passes
+    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),  # sigma, move distance, passes
     "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),  # radius, sigma (pixels); angle U(-45, 45) degrees
     # Gaussian flakes (mean, std), zoom, threshold, motion blur radius and sigma, share of the scene kept
     "snow": (
@@ -217,7 +217,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int | torch
         name: one of :data:`CORRUPTIONS`.
         severity: 1..5.
         seed: an int or a CPU ``torch.Generator`` for the random corruptions: the noises, and the
-            angles, fractals, swaps and fields of the structured ones (default 0: the same call
+            angles, fractals, pixel moves and fields of the structured ones (default 0: the same call
             gives the same images); None uses the global RNG.
 
     Returns:

@@ -6,12 +6,15 @@ Each function has the signature of the other corruptions, ``f(x, c, gen)``: ``x`
 float in [0, 1], ``c`` one severity's entry of
 :data:`attrefine_fast.corruptions.SEVERITY_PARAMS` and ``gen`` a CPU ``torch.Generator`` (None:
 the global RNG) that draws every random number, per image: a blur angle, a fractal, a
-displacement field, the pixel swaps. The results are unclipped (``corrupt`` clips them).
+displacement field, glass blur's pixel moves. The results are unclipped (``corrupt`` clips them).
 
 They follow the algorithms of the benchmark's reference implementation, written here in torch:
-ImageMagick's motion blur becomes a one-sided Gaussian along a line of integer pixel offsets, the
-sequential pixel swaps of glass blur run as independent groups, and values stay float (the
-reference rounds to 8 bits between steps).
+ImageMagick's motion blur becomes a one-sided Gaussian along a line of integer pixel offsets,
+glass blur's sequential pixel moves run as independent groups, and values stay float (the
+reference truncates to 8 bits between steps and at the end). Glass blur's moves are what the
+reference's code does, not what it reads as: its ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` on an
+(H, W, 3) array assigns from views, so pixel (h, w) receives a copy of its neighbour and the
+neighbour stays (a swap of whole pixels would carry pixels further and change more of them).
 """
 from __future__ import annotations
 
@@ -89,13 +92,13 @@ def motion_blur(x, c, gen):
     return _motion_blur(x, radius, sigma, _uniform(x.shape[0], gen, -45.0, 45.0))
 
 
-def _swap_groups(h: int, w: int, delta: int):
+def _visit_groups(h: int, w: int, delta: int):
     """The reference visits rows h - delta .. delta + 1 and in each the columns w - delta .. delta + 1,
-    backwards, and swaps each pixel with one up to ``delta`` rows and columns away. Two visits that
-    can touch the same pixel are less than 2 * delta rows and columns apart, so ordering the visits by
-    2 * delta * row + column keeps every such pair in the reference's order, and visits with equal
-    keys touch disjoint pixels: each key's swaps run at once. Returns the flat visit indices per key,
-    highest key first, and each visit's rank in the reference's order."""
+    backwards, and copies into each pixel the one up to ``delta`` rows and columns away. Two visits
+    that can touch the same pixel are less than 2 * delta rows and columns apart, so ordering the
+    visits by 2 * delta * row + column keeps every such pair in the reference's order, and visits
+    with equal keys touch disjoint pixels: each key's copies run at once. Returns the flat visit
+    indices per key, highest key first, and each visit's rank in the reference's order."""
     rows = torch.arange(max(h - delta, delta), delta, -1)  # empty for images of 2 * delta or fewer rows
     cols = torch.arange(max(w - delta, delta), delta, -1)
     rr, cc = torch.meshgrid(rows, cols, indexing="ij")
@@ -108,8 +111,9 @@ def _swap_groups(h: int, w: int, delta: int):
     return groups
 
 
-def local_swaps(source: torch.Tensor, h: int, w: int, delta: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """One pass of the reference's pixel swaps, in place on ``source`` and returned.
+def local_copies(source: torch.Tensor, h: int, w: int, delta: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """One pass of the reference's pixel moves, in place on ``source`` and returned: each visited
+    pixel takes the pixel (dy, dx) away, as it is at that point of the pass.
 
     Args:
         source: (H * W, B) int64; ``source[p, b]``: the input pixel of image b now at pixel p.
@@ -118,16 +122,12 @@ def local_swaps(source: torch.Tensor, h: int, w: int, delta: int, dy: torch.Tens
     """
     moves = [oy * w + ox for oy in range(-delta, delta) for ox in range(-delta, delta) if oy or ox]
     offsets = (dy * w + dx).to(source.device)
-    for pos, rank in _swap_groups(h, w, delta):
+    for pos, rank in _visit_groups(h, w, delta):
         pos, rank = pos.to(source.device), rank.to(source.device)
         move = offsets.index_select(0, rank)  # (n, B)
-        here = source.index_select(0, pos)
-        arriving = here
+        arriving = source.index_select(0, pos)
         for m in moves:
-            there = source.index_select(0, pos + m)
-            hit = move == m
-            arriving = torch.where(hit, there, arriving)
-            source.index_copy_(0, pos + m, torch.where(hit, here, there))
+            arriving = torch.where(move == m, source.index_select(0, pos + m), arriving)
         source.index_copy_(0, pos, arriving)
     return source
 
@@ -137,14 +137,15 @@ def glass_blur(x, c, gen):
     b, ch, h, w = x.shape
     x = gaussian_filter(x, sigma)
     visits = max(h - 2 * delta, 0) * max(w - 2 * delta, 0)
-    # Swap pixel indices, not pixels, with the images along the fast axis: each group of swaps
-    # reads and writes whole contiguous rows (the swaps of 1000 32x32 images, two passes, one
-    # thread: 120 ms, against 330 ms with the images first).
+    # Move pixel indices, not pixels, with the images along the fast axis: each group of moves
+    # reads and writes whole contiguous rows (measured on the swaps these copies replaced, which
+    # wrote twice as much: 1000 32x32 images, two passes, one thread, 120 ms against 330 ms with
+    # the images first).
     source = torch.arange(h * w, device=x.device)[:, None].repeat(1, b)
     for _ in range(passes):
         # The reference draws offsets with numpy's randint(-delta, delta): the high end is excluded.
         dy, dx = torch.randint(-delta, delta, (2, visits, b), generator=gen)
-        local_swaps(source, h, w, delta, dy, dx)
+        local_copies(source, h, w, delta, dy, dx)
     pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, ch)
     pixels = pixels[(source.T + torch.arange(0, b * h * w, h * w, device=x.device)[:, None]).flatten()]
     return gaussian_filter(pixels.reshape(b, h, w, ch).permute(0, 3, 1, 2), sigma)
