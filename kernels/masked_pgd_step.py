@@ -105,21 +105,22 @@ def _masked_pgd_kernel(
 ):
     """STAGE 0: L2 partial sums of g²; STAGE 1: L2 partial sums of δ²; STAGE 2: the update."""
     b = tl.program_id(0).to(tl.int64)
+    # a non-finite grad (flag set by the pass before): nothing is read or written
+    limit = tl.where(tl.load(flag_ptr) == 0, C * HW, 0)
+    step_size = tl.load(params_ptr)
+    eps = tl.load(params_ptr + 1)
+    lo = tl.load(params_ptr + 2)
+    hi = tl.load(params_ptr + 3)
+    T = x_adv_ptr.dtype.element_ty
     # a stride over the element blocks: CUDA allows at most 65,535 programs on grid axis 1
     for blk in tl.range(tl.program_id(1), num_blocks, tl.num_programs(1)):
         offs = blk * BLOCK + tl.arange(0, BLOCK)
-        # a non-finite grad (flag set by the pass before): nothing is read or written
-        inside = offs < tl.where(tl.load(flag_ptr) == 0, C * HW, 0)
-        step_size = tl.load(params_ptr)
-        eps = tl.load(params_ptr + 1)
-        lo = tl.load(params_ptr + 2)
-        hi = tl.load(params_ptr + 3)
+        inside = offs < limit
         a, x, g, wt = _load_step(
             x_adv_ptr, x_ptr, grad_ptr, weight_ptr, b, offs, inside, C, HW, W,
             sa_b, sa_c, sa_h, sa_w, sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sw_b, sw_h, sw_w,
             HAS_WEIGHT, F64, FLAT,
         )
-        T = x_adv_ptr.dtype.element_ty
         if L2:
             g = _rnd(g * wt, T)
             if STAGE == 0:
