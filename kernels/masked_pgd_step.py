@@ -149,7 +149,10 @@ def _masked_pgd_kernel(
                         ratio = _rnd(eps * _rnd(tl.div_rn(1.0, tl.where(moved, d_norm, 1.0)), T), T)
                     else:
                         ratio = eps / tl.where(moved, d_norm, 1.0)
-                    delta = _rnd(delta * tl.where(moved, tl.minimum(ratio, 1.0), 1.0), T)
+                    # min(ratio, 1), a NaN ratio (eps / inf as inf * 0) taken as 1 as the reference's
+                    # nan_to_num does: spelled out, since Triton 3.0's interpreter's tl.minimum
+                    # propagates a NaN that the GPU's and later interpreters' drop
+                    delta = _rnd(delta * tl.where(moved & (ratio < 1.0), ratio, 1.0), T)
         else:
             sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(g.dtype)
             delta = _rnd(_rnd(a + _rnd(step_size * (sign * wt), T), T) - x, T)
