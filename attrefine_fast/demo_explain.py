@@ -96,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> None:
     import attrefine_fast
     from . import lime as ours
+    from .benchmarking.inputs import quiet_lime
     from .explain import explain
 
     if args.size < 8 or args.num_samples < 2:
@@ -116,13 +117,10 @@ def run(args) -> None:
     for name, image in zip(PHOTOS, photos):
         exps, times = {}, {}
         if use_lime:
-            from tqdm import tqdm
-            from functools import partialmethod
-
-            tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)  # lime's per-sample bar
             t = time.perf_counter()
-            exps["lime"] = lime_image.LimeImageExplainer(random_state=args.seed).explain_instance(
-                image, classifier_fn, num_samples=args.num_samples, top_labels=5)
+            with quiet_lime():  # lime's per-sample bar, for this call only
+                exps["lime"] = lime_image.LimeImageExplainer(random_state=args.seed).explain_instance(
+                    image, classifier_fn, num_samples=args.num_samples, top_labels=5)
             times["lime"] = time.perf_counter() - t
         t = time.perf_counter()
         exps["attrefine_fast"] = ours.LimeImageExplainer(random_state=args.seed).explain_instance(

@@ -1,4 +1,5 @@
 """``attrefine-fast explain-demo``: its rows, the batched call on the same superpixels, the overlays."""
+import io
 import re
 
 import pytest
@@ -21,3 +22,7 @@ def test_explain_demo_rows_and_the_batched_call_agree(tmp_path, capsys, with_lim
     batched = re.search(r"batched API: .* segments \[([\d, ]+)\]", printed)
     assert batched and [int(v) for v in batched.group(1).split(",")] == [int(cols[0]) for cols in rows.values()]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name}.png" for name in PHOTOS)
+    # lime's progress bar was quieted for its calls only: the process's other bars still show
+    from tqdm import tqdm
+
+    assert not tqdm(range(1), file=io.StringIO()).disable
