@@ -62,6 +62,12 @@ def check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on the same device, got {listing}")
 
 
+def check_written_in_place(name: str, t: torch.Tensor) -> None:
+    """``t`` will be written in place: no two of its elements may share memory (a stride 0)."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        raise ValueError(f"{name} has overlapping elements (strides {t.stride()}): the step writes it in place; pass {name}.clone()")
+
+
 def check_images(name: str, images: torch.Tensor, *, channels: int | None = None) -> None:
     """images: (B, C, H, W) with a float or uint8 dtype and finite values."""
     check_tensor(name, images, ndim=4, dtypes=IMAGE_DTYPES)

@@ -146,6 +146,17 @@ def clone_args(args):
     return tuple(a.clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor) else a for a in args)
 
 
+def l2_step_overflow_case(dtype=torch.float32):
+    """(x_adv, x, grad, weight, step, eps, lo, hi, norm) of an L2 step longer than 1 times a large
+    gradient (2 * 40000 overflows float16 where the product comes before the normalization)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 5, 6, generator=gen)
+    grad = torch.randn(2, 3, 5, 6, generator=gen)
+    grad[0, 1, 2, 3] = 40000.0
+    x[0, 1, 2, 3] = 0.1  # (moved by about eps = 0.5: inside the range, no clamp hides the step)
+    return x.clone().to(dtype), x.to(dtype), grad.to(dtype), None, 2.0, 0.5, 0.0, 1.0, "l2"
+
+
 # ---- bad input ----
 def _img(b=2, c=3, h=5, w=4, dtype=torch.float32):
     return torch.rand(b, c, h, w, dtype=dtype)

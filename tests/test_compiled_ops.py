@@ -30,6 +30,7 @@ from attrefine_fast.ops import (
 from op_cases import (
     BAD_CALLS,
     clone_args,
+    l2_step_overflow_case,
     labels,
     lime_fit_cases,
     masked_pgd_step_cases,
@@ -319,14 +320,8 @@ def test_masked_pgd_step_l2_in_float16_normalizes_before_it_steps(backend):
     # first (|g| / ‖g‖ <= 1, as torchattacks' PGDL2 does) it is finite, close to float32's.
     if not backends.status("masked_pgd_step", backend, "cpu")[0]:
         pytest.skip(f"no {backend} backend on the CPU here")
-    gen = torch.Generator().manual_seed(4)
-    x = torch.rand(2, 3, 5, 6, generator=gen)
-    grad = torch.randn(2, 3, 5, 6, generator=gen)
-    grad[0, 1, 2, 3] = 40000.0
-    x[0, 1, 2, 3] = 0.1  # (moved by about eps = 0.5: inside the range, no clamp hides the step)
-    wide = (x.clone(), x, grad, None, 2.0, 0.5, 0.0, 1.0, "l2")
-    expected = masked_pgd_step_ref(*wide)
-    x_adv, x, grad, weight, step, eps, lo, hi, norm = [t.half() if isinstance(t, torch.Tensor) else t for t in wide]
+    expected = masked_pgd_step_ref(*l2_step_overflow_case())
+    x_adv, x, grad, weight, step, eps, lo, hi, norm = l2_step_overflow_case(torch.float16)
     reference = masked_pgd_step_ref(x_adv.clone(), x, grad, weight, step, eps, lo, hi, norm)
     out = masked_pgd_step(x_adv, x, grad, weight, step_size=step, eps=eps, lo=lo, hi=hi, norm=norm, backend=backend)
     assert torch.isfinite(out).all()

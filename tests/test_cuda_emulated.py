@@ -16,7 +16,9 @@ from attrefine_fast.ops.lime_fit import lime_fit_ref
 from attrefine_fast.ops.masked_pgd_step import masked_pgd_step_ref
 from attrefine_fast.ops.perturb import perturb_output_dtype, perturb_ref
 from attrefine_fast.ops.segment_mean import segment_mean_ref
-from op_cases import clone_args, labels, lime_fit_cases, masked_pgd_step_cases, perturb_cases, segment_mean_cases
+from op_cases import (
+    clone_args, l2_step_overflow_case, labels, lime_fit_cases, masked_pgd_step_cases, perturb_cases, segment_mean_cases,
+)
 import simt_build
 
 pytestmark = pytest.mark.skipif(simt_build.compiler() is None, reason="needs a C++ compiler")
@@ -373,12 +375,7 @@ def test_emulated_masked_pgd_step_l2_on_large_samples(simt, dtype, channels_last
 def test_emulated_masked_pgd_step_l2_in_float16_normalizes_before_it_steps(simt):
     # 2 * 40000 overflows float16: the gradient is normalized first (test_compiled_ops has the
     # same case on the other backends).
-    gen = torch.Generator().manual_seed(4)
-    x = torch.rand(2, 3, 5, 6, generator=gen)
-    grad = torch.randn(2, 3, 5, 6, generator=gen)
-    grad[0, 1, 2, 3] = 40000.0
-    x[0, 1, 2, 3] = 0.1  # (moved by about eps = 0.5: inside the range, no clamp hides the step)
-    args = [t.half() for t in (x, x, grad)] + [None, 2.0, 0.5, 0.0, 1.0, "l2"]
+    args = l2_step_overflow_case(torch.float16)
     expected = masked_pgd_step_ref(*clone_args(args))
     mine = clone_args(args)
     assert emulated_masked_pgd_step(simt, *mine) == 0

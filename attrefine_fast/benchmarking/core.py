@@ -162,8 +162,8 @@ def run_case(
     """Time every runnable provider of ``case``, interleaved.
 
     ``warmup`` untimed rounds come first (the first also calls each provider a second time, to set
-    its calls per sample and measure a round from a warm call); then timed rounds, each calling every provider once in an order
-    rotated by one from the previous round. The number of timed rounds fits ``budget_s``
+    its calls per sample and measure a round from a warm call); then timed rounds, each calling
+    every provider once in an order rotated by one from the previous round. The number of timed rounds fits ``budget_s``
     within [min_repeats, max_repeats], so heavy cases take a few rounds and light ones many.
     """
     active = [p for p in case.providers if p.fn is not None]

@@ -121,10 +121,11 @@ def lime_kernel_on_samples(original_input, perturbed_input, interpretable_sample
     the cosine distance between the on/off sample and the all-ones one, d = 1 - sqrt(k / M) for
     k segments on (captum's own cosine kernel compares the perturbed images' pixels instead: a
     different explanation, and a pass over every perturbed image)."""
+    from ..lime import lime_kernel
+
     m = interpretable_sample.numel()
     k = float(interpretable_sample.sum())
-    d = 1.0 - math.sqrt(k / m) if k > 0 else 1.0
-    return math.sqrt(math.exp(-(d**2) / 0.25**2))
+    return float(lime_kernel(1.0 - math.sqrt(k / m) if k > 0 else 1.0, 0.25))
 
 
 def _captum(images, seg, fudge, model, samples, labels, device) -> Provider:

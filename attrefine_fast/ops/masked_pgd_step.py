@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 
 from .. import backends
-from ..checks import FLOAT_DTYPES, check_choice, check_finite, check_real, check_same_device, check_tensor, require
+from ..checks import (
+    FLOAT_DTYPES, check_choice, check_finite, check_real, check_same_device, check_tensor, check_written_in_place, require,
+)
 
 NORMS = ("linf", "l2")
 # The same guard torchattacks uses against a zero gradient or a zero perturbation.
@@ -111,8 +113,7 @@ def masked_pgd_step(
     check_same_device(x_adv=x_adv, x=x, grad=grad, weight=weight)
     if x_adv.requires_grad:
         raise ValueError("x_adv requires grad: the step writes it in place and is not differentiable; pass x_adv.detach()")
-    if any(st == 0 and n > 1 for st, n in zip(x_adv.stride(), x_adv.shape)):
-        raise ValueError(f"x_adv has overlapping elements (strides {x_adv.stride()}): the step writes it in place; pass x_adv.clone()")
+    check_written_in_place("x_adv", x_adv)
     check_finite("x_adv", x_adv)
     check_finite("x", x)
     if weight is not None:

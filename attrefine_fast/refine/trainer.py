@@ -7,8 +7,9 @@ progress bars and DDP.
 
 Reproducibility: the epoch's order is drawn from (seed, epoch), one order shared by every rank
 before it takes its shard; the epoch's other draws (attack starts, noise fills, dropout) come
-from generators seeded by (seed, epoch, rank), and every LIME refresh from (seed, cycle, chunk); so a run resumed from an epoch checkpoint (model, optimizer, scheduler, flags, epoch)
-continues exactly as the uninterrupted run would have.
+from generators seeded by (seed, epoch, rank), and every LIME refresh from (seed, cycle, chunk);
+so a run resumed from an epoch checkpoint (model, optimizer, scheduler, flags, epoch) continues
+exactly as the uninterrupted run would have.
 """
 from __future__ import annotations
 
