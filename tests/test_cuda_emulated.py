@@ -33,6 +33,7 @@ def simt(tmp_path_factory):
     i64, dbl, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
     lib.simt_error.restype = ctypes.c_char_p
     lib.simt_set_optin_shared_bytes.argtypes = [i64]
+    lib.simt_set_max_grid_y.argtypes = [i64]
     lib.simt_set_schedule.argtypes = [cint]
     lib.simt_lime_fit_scratch_doubles.restype = i64
     lib.simt_lime_fit_scratch_doubles.argtypes = [i64] * 4
@@ -93,6 +94,16 @@ def test_emulated_lime_fit_matches_the_reference(simt, name, dtype, atol, rtol, 
     assert torch.all(status == 0)
     for g, w in zip(got, lime_fit_ref(*args)):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
+@contextlib.contextmanager
+def max_grid_rows(lib, rows):
+    """The emulated device allows rows blocks on the grid's y axis (65,535 otherwise)."""
+    lib.simt_set_max_grid_y(rows)
+    try:
+        yield
+    finally:
+        lib.simt_set_max_grid_y(65535)
 
 
 @pytest.mark.parametrize("optin_kib, schedule", [(48, "reverse"), (227, "shuffled")])
@@ -390,6 +401,47 @@ def test_emulated_masked_pgd_step_writes_nothing_for_a_non_finite_gradient(simt,
     before = args[0].clone()
     assert emulated_masked_pgd_step(simt, *args) != 0
     assert torch.equal(args[0], before)
+
+
+# Images (or perturb's tasks) on the grid's y axis beyond its limit: a device limit of 2 rows runs
+# the kernels' loops over them with 5 images, as 65,536 images would on a GPU.
+@pytest.mark.parametrize("m", [10, 2000])
+def test_emulated_segment_mean_loops_over_more_images_than_grid_rows(simt, m):
+    gen = torch.Generator().manual_seed(21)
+    images = torch.rand(5, 3, 50, 41, generator=gen, dtype=torch.float64)  # 2050 pixels: 3 blocks
+    segments = labels(5, 50, 41, [m, 1, m // 2, 7, m], gen)
+    with max_grid_rows(simt, 2):
+        got = emulated_segment_mean(simt, images, segments, m)
+    torch.testing.assert_close(got, segment_mean_ref(images, segments, m), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_emulated_perturb_loops_over_more_tasks_than_grid_rows(simt, channels_last):
+    gen = torch.Generator().manual_seed(22)
+    images, fudge = torch.rand(5, 3, 7, 5, generator=gen), torch.rand(5, 3, 7, 5, generator=gen)
+    segments = labels(5, 7, 5, [4, 1, 3, 4, 2], gen)
+    masks = torch.rand(5, 11, 4, generator=gen) > 0.5
+    args = (images, segments, masks, fudge, 2, 9, None, None, None, channels_last)
+    with max_grid_rows(simt, 2):
+        got, flag = emulated_perturb(simt, *args)
+    assert flag == 0
+    torch.testing.assert_close(got, perturb_ref(*args), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_emulated_masked_pgd_step_loops_over_more_images_than_grid_rows(simt, norm, weighted):
+    gen = torch.Generator().manual_seed(23)
+    x = torch.rand(5, 3, 6, 7, generator=gen, dtype=torch.float64)
+    x_adv = (x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    weight = torch.rand(5, 6, 7, generator=gen, dtype=torch.float64) if weighted else None
+    args = (x_adv, x, grad, weight, 0.1, 0.3, 0.0, 1.0, norm)
+    expected = masked_pgd_step_ref(*clone_args(args))
+    mine = clone_args(args)
+    with max_grid_rows(simt, 2):
+        assert emulated_masked_pgd_step(simt, *mine) == 0
+    torch.testing.assert_close(mine[0], expected, atol=1e-12, rtol=1e-12)
 
 
 # ---- the emulator's own float16 / bfloat16 conversions, against torch's ----

@@ -14,6 +14,8 @@
 // since a NaN or an infinity in grad (or in x_adv - x) makes its sample's Σg² (or Σa², Σa·g)
 // non-finite. Either way a flag is set, the writing pass then writes nothing, and the glue reads
 // the flag once, after the launches, to raise the error.
+//
+// Grids: x over a sample's tiles, y over the samples, looping past the y limit (grid_rows.cuh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -21,6 +23,7 @@
 
 #include "block_reduce.cuh"
 #include "flag_pass.cuh"
+#include "grid_rows.cuh"
 #include "launchers.h"
 
 namespace attrefine_fast {
@@ -64,7 +67,7 @@ template <typename T>
 struct Step {
   T* x_adv;
   const T *x, *grad, *weight;
-  int64_t channels, pixels, per_sample;
+  int64_t batch, channels, pixels, per_sample;
   bool channels_last;
 };
 
@@ -110,49 +113,51 @@ __global__ void linf_kernel(Step<T> s, const int* __restrict__ flag, double step
                             double hi) {
   using op_t = typename Op<T>::type;
   if (*flag) return;  // non-finite grad: nothing is written
-  const int64_t b = blockIdx.y;
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * blockDim.x * kElemsPerThread + threadIdx.x;
   const op_t step = static_cast<op_t>(step_size), ep = static_cast<op_t>(eps);
+  for (int64_t b = blockIdx.y; b < s.batch; b += gridDim.y) {
 #pragma unroll
-  for (int u = 0; u < kElemsPerThread; ++u) {
-    const int64_t e = e0 + static_cast<int64_t>(u) * blockDim.x;
-    if (e >= s.per_sample) break;
-    const int64_t i = b * s.per_sample + e;
-    const op_t g = load(s.grad + i);
-    op_t sg = static_cast<op_t>((op_t(0) < g) - (g < op_t(0)));
-    if (s.weight != nullptr) {
-      sg = rnd<T>(mul_rn(sg, load(s.weight + b * s.pixels + pixel_of(s, e))));
+    for (int u = 0; u < kElemsPerThread; ++u) {
+      const int64_t e = e0 + static_cast<int64_t>(u) * blockDim.x;
+      if (e >= s.per_sample) break;
+      const int64_t i = b * s.per_sample + e;
+      const op_t g = load(s.grad + i);
+      op_t sg = static_cast<op_t>((op_t(0) < g) - (g < op_t(0)));
+      if (s.weight != nullptr) {
+        sg = rnd<T>(mul_rn(sg, load(s.weight + b * s.pixels + pixel_of(s, e))));
+      }
+      const op_t moved = rnd<T>(load(s.x_adv + i) + rnd<T>(mul_rn(step, sg)));
+      const op_t xe = load(s.x + i);
+      const op_t delta = fmin(fmax(rnd<T>(moved - xe), -ep), ep);
+      const op_t out = rnd<T>(xe + rnd<T>(delta));  // the reference clamps in T: delta is rounded to T
+      store(s.x_adv + i, fmin(fmax(out, static_cast<op_t>(lo)), static_cast<op_t>(hi)));
     }
-    const op_t moved = rnd<T>(load(s.x_adv + i) + rnd<T>(mul_rn(step, sg)));
-    const op_t xe = load(s.x + i);
-    const op_t delta = fmin(fmax(rnd<T>(moved - xe), -ep), ep);
-    const op_t out = rnd<T>(xe + rnd<T>(delta));  // the reference clamps in T: delta is rounded to T
-    store(s.x_adv + i, fmin(fmax(out, static_cast<op_t>(lo)), static_cast<op_t>(hi)));
   }
 }
 
 template <typename T, int ELEMS>
 __global__ void l2_sums_kernel(Step<T> s, double* __restrict__ sums) {
   __shared__ double partial[kThreads / 32];
-  const int64_t b = blockIdx.y;
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * blockDim.x * ELEMS + threadIdx.x;
-  double gg = 0.0, ag = 0.0, aa = 0.0;
+  for (int64_t b = blockIdx.y; b < s.batch; b += gridDim.y) {
+    double gg = 0.0, ag = 0.0, aa = 0.0;
 #pragma unroll
-  for (int u = 0; u < ELEMS; ++u) {
-    const int64_t e = e0 + static_cast<int64_t>(u) * blockDim.x;
-    if (e >= s.per_sample) break;
-    const int64_t i = b * s.per_sample + e;
-    const double g = static_cast<double>(masked_grad(s, b, e));
-    const double a = static_cast<double>(load(s.x_adv + i)) - static_cast<double>(load(s.x + i));
-    gg += g * g, ag += a * g, aa += a * a;
-  }
-  gg = block_sum(gg, partial);
-  ag = block_sum(ag, partial);
-  aa = block_sum(aa, partial);
-  if (threadIdx.x == 0) {
-    atomicAdd(&sums[3 * b], gg);
-    atomicAdd(&sums[3 * b + 1], ag);
-    atomicAdd(&sums[3 * b + 2], aa);
+    for (int u = 0; u < ELEMS; ++u) {
+      const int64_t e = e0 + static_cast<int64_t>(u) * blockDim.x;
+      if (e >= s.per_sample) break;
+      const int64_t i = b * s.per_sample + e;
+      const double g = static_cast<double>(masked_grad(s, b, e));
+      const double a = static_cast<double>(load(s.x_adv + i)) - static_cast<double>(load(s.x + i));
+      gg += g * g, ag += a * g, aa += a * a;
+    }
+    gg = block_sum(gg, partial);
+    ag = block_sum(ag, partial);
+    aa = block_sum(aa, partial);
+    if (threadIdx.x == 0) {
+      atomicAdd(&sums[3 * b], gg);
+      atomicAdd(&sums[3 * b + 1], ag);
+      atomicAdd(&sums[3 * b + 2], aa);
+    }
   }
 }
 
@@ -161,28 +166,29 @@ __global__ void l2_write_kernel(Step<T> s, const double* __restrict__ sums, cons
                                 double step_size, double eps, double lo, double hi) {
   using op_t = typename Op<T>::type;
   if (*flag) return;  // some sample's sums are not finite: nothing is written
-  const int64_t b = blockIdx.y;
-  const double gg = sums[3 * b], ag = sums[3 * b + 1], aa = sums[3 * b + 2];
   // 1e-10 rounds to 0 in float16: its smallest subnormal there (ops/masked_pgd_step.py).
   const op_t guard = std::is_same<T, __half>::value ? static_cast<op_t>(5.9604644775390625e-08) : static_cast<op_t>(1e-10);
-  const op_t gn = rnd<T>(rnd<T>(static_cast<op_t>(sqrt(gg))) + guard);
-  const double c = step_size / static_cast<double>(gn);
-  const double d_norm = sqrt(fmax(0.0, aa + 2.0 * c * ag + c * c * gg));
-  const op_t ratio = rnd<T>(static_cast<op_t>(eps) / rnd<T>(static_cast<op_t>(d_norm)));
-  const op_t factor = isnan(ratio) ? op_t(1) : fmin(ratio, op_t(1));  // 0 / 0: δ = 0 stays 0
   const op_t step = static_cast<op_t>(step_size);
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * blockDim.x * kElemsPerThread + threadIdx.x;
+  for (int64_t b = blockIdx.y; b < s.batch; b += gridDim.y) {
+    const double gg = sums[3 * b], ag = sums[3 * b + 1], aa = sums[3 * b + 2];
+    const op_t gn = rnd<T>(rnd<T>(static_cast<op_t>(sqrt(gg))) + guard);
+    const double c = step_size / static_cast<double>(gn);
+    const double d_norm = sqrt(fmax(0.0, aa + 2.0 * c * ag + c * c * gg));
+    const op_t ratio = rnd<T>(static_cast<op_t>(eps) / rnd<T>(static_cast<op_t>(d_norm)));
+    const op_t factor = isnan(ratio) ? op_t(1) : fmin(ratio, op_t(1));  // 0 / 0: δ = 0 stays 0
 #pragma unroll
-  for (int u = 0; u < kElemsPerThread; ++u) {
-    const int64_t e = e0 + static_cast<int64_t>(u) * blockDim.x;
-    if (e >= s.per_sample) break;
-    const int64_t i = b * s.per_sample + e;
-    const op_t scaled = rnd<T>(mul_rn(step, rnd<T>(masked_grad(s, b, e) / gn)));
-    const op_t moved = rnd<T>(load(s.x_adv + i) + scaled);
-    const op_t xe = load(s.x + i);
-    const op_t delta = rnd<T>(mul_rn(rnd<T>(moved - xe), factor));
-    const op_t out = rnd<T>(xe + delta);
-    store(s.x_adv + i, fmin(fmax(out, static_cast<op_t>(lo)), static_cast<op_t>(hi)));
+    for (int u = 0; u < kElemsPerThread; ++u) {
+      const int64_t e = e0 + static_cast<int64_t>(u) * blockDim.x;
+      if (e >= s.per_sample) break;
+      const int64_t i = b * s.per_sample + e;
+      const op_t scaled = rnd<T>(mul_rn(step, rnd<T>(masked_grad(s, b, e) / gn)));
+      const op_t moved = rnd<T>(load(s.x_adv + i) + scaled);
+      const op_t xe = load(s.x + i);
+      const op_t delta = rnd<T>(mul_rn(rnd<T>(moved - xe), factor));
+      const op_t out = rnd<T>(xe + delta);
+      store(s.x_adv + i, fmin(fmax(out, static_cast<op_t>(lo)), static_cast<op_t>(hi)));
+    }
   }
 }
 
@@ -191,9 +197,9 @@ void launch(void* x_adv, const void* x, const void* grad, const void* weight, in
             int64_t pixels, bool channels_last, double step_size, double eps, double lo, double hi, bool linf,
             double* sums, int* flag, cudaStream_t stream) {
   Step<T> s{static_cast<T*>(x_adv), static_cast<const T*>(x), static_cast<const T*>(grad),
-            static_cast<const T*>(weight), channels, pixels, channels * pixels, channels_last};
+            static_cast<const T*>(weight), batch, channels, pixels, channels * pixels, channels_last};
   const int64_t tile = kThreads * kElemsPerThread;
-  const dim3 grid(static_cast<unsigned>((s.per_sample + tile - 1) / tile), static_cast<unsigned>(batch));
+  const dim3 grid(static_cast<unsigned>((s.per_sample + tile - 1) / tile), grid_rows(batch));
   if (linf) {
     const int64_t numel = batch * s.per_sample;
     flag_pass_kernel<T, NonFinite><<<flag_pass_blocks(numel), kFlagThreads, 0, stream>>>(s.grad, numel, NonFinite{}, flag);
@@ -202,7 +208,7 @@ void launch(void* x_adv, const void* x, const void* grad, const void* weight, in
   }
   const int64_t sum_tile = kThreads * kSumElemsPerThread;
   if (s.per_sample >= kManyTiles * sum_tile) {
-    const dim3 sum_grid(static_cast<unsigned>((s.per_sample + sum_tile - 1) / sum_tile), static_cast<unsigned>(batch));
+    const dim3 sum_grid(static_cast<unsigned>((s.per_sample + sum_tile - 1) / sum_tile), grid_rows(batch));
     l2_sums_kernel<T, kSumElemsPerThread><<<sum_grid, kThreads, 0, stream>>>(s, sums);
   } else {
     l2_sums_kernel<T, kElemsPerThread><<<grid, kThreads, 0, stream>>>(s, sums);

@@ -37,7 +37,6 @@ at::Tensor segment_mean_cuda(const at::Tensor& images, const at::Tensor& segment
   const auto seg = segments.to(at::kInt).contiguous();
   auto sums = at::zeros({b, c, num_segments}, images.options().dtype(at::kDouble));
   auto counts = at::zeros({b, num_segments}, images.options().dtype(at::kDouble));
-  TORCH_CHECK_VALUE(b <= 65535, "segment_mean on CUDA supports at most 65535 images per call, got ", b);
   if (pixels > 0 && b > 0) {
     cuda::segment_sums(img.data_ptr(), elem_of(img), seg.data_ptr<int32_t>(), b, c, pixels, num_segments,
                        sums.data_ptr<double>(), counts.data_ptr<double>(), c10::cuda::getCurrentCUDAStream());
@@ -168,7 +167,6 @@ void masked_pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& x, const at::Tens
   const int64_t b = x_adv.size(0), c = x_adv.size(1), h = x_adv.size(2), w = x_adv.size(3);
   const at::Tensor wt = weight.has_value() ? weight->contiguous() : at::Tensor();
   TORCH_CHECK_VALUE(c * h * w < (int64_t(1) << 31), "masked_pgd_step on CUDA needs fewer than 2^31 elements per sample");
-  TORCH_CHECK_VALUE(b <= 65535, "masked_pgd_step on CUDA supports at most 65535 images per call, got ", b);
   if (x_adv.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x_adv.device());
   const auto work = dense_work(x_adv);

@@ -21,6 +21,7 @@
 #include <cstring>
 
 #include "flag_pass.cuh"
+#include "grid_rows.cuh"
 #include "launchers.h"
 
 namespace attrefine_fast {
@@ -83,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) perturb_select_kernel(
   const int32_t e0 = (static_cast<int32_t>(blockIdx.x) * kThreads + static_cast<int32_t>(threadIdx.x)) * VEC;
   if (e0 >= per_sample) return;
   const int64_t groups = (count + kSamplesPerThread - 1) / kSamplesPerThread;
-  // Tasks along y, in a grid-stride loop: B * groups can exceed the 65535 limit of gridDim.y.
+  // Tasks along y, in a grid-stride loop: B * groups can exceed the y limit (grid_rows.cuh).
   for (int64_t task = blockIdx.y; task < tasks; task += gridDim.y) {
     const int64_t b = task / groups, i0 = (task % groups) * kSamplesPerThread;
     const int64_t i1 = i0 + kSamplesPerThread < count ? i0 + kSamplesPerThread : count;
@@ -121,7 +122,7 @@ void launch_runs(const bits_t* kept, const bits_t* replaced, const seg_t* segmen
                  int64_t count, bool channels_last, const int* flag, cudaStream_t stream) {
   const int64_t runs = channels * pixels / VEC;
   const int64_t tasks = batch * ((count + kSamplesPerThread - 1) / kSamplesPerThread);
-  const dim3 grid(static_cast<unsigned>((runs + kThreads - 1) / kThreads), static_cast<unsigned>(tasks < 65535 ? tasks : 65535));
+  const dim3 grid(static_cast<unsigned>((runs + kThreads - 1) / kThreads), grid_rows(tasks));
   const auto c = static_cast<int32_t>(channels), p = static_cast<int32_t>(pixels);
   if (channels_last)
     perturb_select_kernel<bits_t, seg_t, VEC, true><<<grid, kThreads, 0, stream>>>(

@@ -5,11 +5,13 @@
 //
 // Each block takes a tile of one image's pixels and accumulates into a shared-memory histogram
 // when the image's M * (C + 1) sums fit, flushing with one global atomic per bin; otherwise it
-// adds straight to global memory. float64 atomics: sums do not depend on the summation order
+// adds straight to global memory. Images on the grid's y axis, looping past its limit
+// (grid_rows.cuh). float64 atomics: sums do not depend on the summation order
 // beyond float64 rounding (the reference also sums in float64).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "grid_rows.cuh"
 #include "launchers.h"
 
 namespace attrefine_fast {
@@ -29,43 +31,45 @@ __device__ __forceinline__ double to_double(float v) { return static_cast<double
 __device__ __forceinline__ double to_double(double v) { return v; }
 
 template <typename T, bool SHARED>
-__global__ void segment_sums_kernel(const T* __restrict__ images, const int32_t* __restrict__ segments,
+__global__ void segment_sums_kernel(const T* __restrict__ images, const int32_t* __restrict__ segments, int64_t batch,
                                     int64_t channels, int64_t pixels, int64_t num_segments,
                                     double* __restrict__ sums, double* __restrict__ counts) {
   extern __shared__ double bins[];  // (C + 1) * M: C channel sums then the count
-  const int64_t b = blockIdx.y;
   const int64_t nbins = (channels + 1) * num_segments;
-  if (SHARED) {
-    for (int64_t k = threadIdx.x; k < nbins; k += blockDim.x) bins[k] = 0.0;
-    __syncthreads();
-  }
   const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kPixelsPerBlock;
   const int64_t p1 = min(pixels, p0 + kPixelsPerBlock);
-  const int32_t* seg = segments + b * pixels;
-  for (int64_t p = p0 + threadIdx.x; p < p1; p += blockDim.x) {
-    const int64_t s = seg[p];
-    for (int64_t c = 0; c < channels; ++c) {
-      const double v = to_double(images[(b * channels + c) * pixels + p]);
-      if (SHARED)
-        atomicAdd(&bins[c * num_segments + s], v);
-      else
-        atomicAdd(&sums[(b * channels + c) * num_segments + s], v);
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    if (SHARED) {
+      for (int64_t k = threadIdx.x; k < nbins; k += blockDim.x) bins[k] = 0.0;
+      __syncthreads();
     }
-    if (SHARED)
-      atomicAdd(&bins[channels * num_segments + s], 1.0);
-    else
-      atomicAdd(&counts[b * num_segments + s], 1.0);
-  }
-  if (SHARED) {
-    __syncthreads();
-    for (int64_t k = threadIdx.x; k < nbins; k += blockDim.x) {
-      const double v = bins[k];
-      if (v == 0.0) continue;
-      const int64_t c = k / num_segments, s = k % num_segments;
-      if (c < channels)
-        atomicAdd(&sums[(b * channels + c) * num_segments + s], v);
+    const int32_t* seg = segments + b * pixels;
+    for (int64_t p = p0 + threadIdx.x; p < p1; p += blockDim.x) {
+      const int64_t s = seg[p];
+      for (int64_t c = 0; c < channels; ++c) {
+        const double v = to_double(images[(b * channels + c) * pixels + p]);
+        if (SHARED)
+          atomicAdd(&bins[c * num_segments + s], v);
+        else
+          atomicAdd(&sums[(b * channels + c) * num_segments + s], v);
+      }
+      if (SHARED)
+        atomicAdd(&bins[channels * num_segments + s], 1.0);
       else
-        atomicAdd(&counts[b * num_segments + s], v);
+        atomicAdd(&counts[b * num_segments + s], 1.0);
+    }
+    if (SHARED) {
+      __syncthreads();
+      for (int64_t k = threadIdx.x; k < nbins; k += blockDim.x) {
+        const double v = bins[k];
+        if (v == 0.0) continue;
+        const int64_t c = k / num_segments, s = k % num_segments;
+        if (c < channels)
+          atomicAdd(&sums[(b * channels + c) * num_segments + s], v);
+        else
+          atomicAdd(&counts[b * num_segments + s], v);
+      }
+      __syncthreads();  // the next image zeroes the bins this one's flush reads
     }
   }
 }
@@ -73,15 +77,15 @@ __global__ void segment_sums_kernel(const T* __restrict__ images, const int32_t*
 template <typename T>
 void launch(const void* images, const int32_t* segments, int64_t batch, int64_t channels, int64_t pixels,
             int64_t num_segments, double* sums, double* counts, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((pixels + kPixelsPerBlock - 1) / kPixelsPerBlock), static_cast<unsigned>(batch));
+  const dim3 grid(static_cast<unsigned>((pixels + kPixelsPerBlock - 1) / kPixelsPerBlock), grid_rows(batch));
   const int64_t nbins = (channels + 1) * num_segments;
   const T* img = static_cast<const T*>(images);
   if (nbins <= kSharedBins)
-    segment_sums_kernel<T, true><<<grid, kThreads, nbins * sizeof(double), stream>>>(img, segments, channels, pixels,
-                                                                                    num_segments, sums, counts);
+    segment_sums_kernel<T, true><<<grid, kThreads, nbins * sizeof(double), stream>>>(img, segments, batch, channels,
+                                                                                    pixels, num_segments, sums, counts);
   else
-    segment_sums_kernel<T, false><<<grid, kThreads, 0, stream>>>(img, segments, channels, pixels, num_segments, sums,
-                                                                 counts);
+    segment_sums_kernel<T, false><<<grid, kThreads, 0, stream>>>(img, segments, batch, channels, pixels, num_segments,
+                                                                 sums, counts);
 }
 
 }  // namespace

@@ -35,6 +35,8 @@ void simt_set_schedule(int mode) { simt::schedule() = mode; }
 
 void simt_set_optin_shared_bytes(int64_t bytes) { simt::optin_shared_bytes() = static_cast<std::size_t>(bytes); }
 
+void simt_set_max_grid_y(int64_t rows) { simt::max_grid_y() = static_cast<unsigned>(rows); }
+
 int64_t simt_lime_fit_scratch_doubles(int64_t batch, int64_t samples, int64_t segments, int64_t labels) {
   return ac::lime_fit_scratch_doubles(batch, samples, segments, labels);
 }

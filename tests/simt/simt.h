@@ -59,6 +59,11 @@ inline std::size_t& optin_shared_bytes() {
   return bytes;
 }
 
+inline unsigned& max_grid_y() {
+  static unsigned rows = 65535;  // every GPU's gridDim.y limit; tests lower it to run the kernels' loops
+  return rows;
+}
+
 // The order in which the fibers of a block run between two barriers: 0 by thread index, 1 the
 // reverse, any other value a fresh pseudo-random order every time (seeded by the value). A missing
 // barrier shows up as a result that depends on the order.
@@ -186,7 +191,7 @@ inline bool run_block(Block& b) {
 inline void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, const void* kernel, std::function<void()> body) {
   if (!error().empty()) return;  // a failed launch stops the sequence, as a sticky error would
   const std::size_t threads = std::size_t(block.x) * block.y * block.z;
-  if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
+  if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > max_grid_y() ||
       grid.z > 65535) {
     fail("invalid launch configuration: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
          std::to_string(grid.z) + "), " + std::to_string(threads) + " threads per block");
@@ -400,9 +405,11 @@ inline cudaError_t cudaGetDevice(int* device) {
 }
 
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
-  *value = static_cast<int>(simt::optin_shared_bytes());
-  return cudaSuccess;
+  switch (attr) {
+    case cudaDevAttrMaxGridDimY: *value = static_cast<int>(simt::max_grid_y()); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(simt::optin_shared_bytes()); return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename F>
