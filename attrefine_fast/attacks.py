@@ -229,13 +229,18 @@ def masked_pgd(
     step = resolve_step(backend, images.device)
 
     x = images.detach()
-    if eps == 0:
-        return x.clone()
+    # Whether the final iterate must be scored (one forward without gradient).
+    score_last = keep_best or restarts > 1
+    if eps == 0 or (steps == 0 and not score_last):
+        # No step needs the model: one forward still checks its outputs and the labels against
+        # them, as every other setting does.
+        with frozen(model), torch.no_grad():
+            _forward(model, x, amp_dtype, labels)
+        if eps == 0:
+            return x.clone()
     best = x.clone()
     best_obj = torch.full((x.shape[0],), -float("inf"), device=x.device)
     best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    # Whether the final iterate must be scored (one forward without gradient).
-    score_last = keep_best or restarts > 1
 
     with frozen(model):
         for restart in range(restarts):

@@ -210,6 +210,16 @@ def test_eps_zero_returns_a_copy(test_set):
     assert adv.equal(x) and adv.data_ptr() != x.data_ptr()
 
 
+@pytest.mark.parametrize("settings", [dict(eps=0.0), dict(steps=0, keep_best=False), dict(steps=0, random_start=False)])
+def test_attacks_that_need_no_step_still_check_the_labels_against_the_model(test_set, settings):
+    model = trained_mlp()  # 10 classes
+    x = test_set[0][:4]
+    with pytest.raises(ValueError, match="num_classes"):
+        pgd(model, x, torch.tensor([1, 2, 10, 3]), **settings)
+    with pytest.raises(ValueError, match="num_classes"):
+        fgsm(model, x, torch.tensor([1, 2, 10, 3]), eps=0.0)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
