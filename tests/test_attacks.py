@@ -210,6 +210,17 @@ def test_eps_zero_returns_a_copy(test_set):
     assert adv.equal(x) and adv.data_ptr() != x.data_ptr()
 
 
+
+def test_attacks_on_a_compiled_model_match_the_eager_model():
+    # Compile the model, not the attack: the attack's input checks break the graph, and dynamo
+    # on Python 3.11 fails to resume masked_pgd after that break (README, Robustness evaluation).
+    model = SmallCNN(num_classes=10, width=4)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    compiled = torch.compile(model)
+    for attack in (lambda m: pgd(m, x, y, steps=2, seed=0), lambda m: fgsm(m, x, y, norm="l2", eps=0.5)):
+        torch.testing.assert_close(attack(compiled), attack(model), atol=1e-6, rtol=0)
+    assert model.training
+
 @pytest.mark.parametrize("settings", [dict(eps=0.0), dict(steps=0, keep_best=False), dict(steps=0, random_start=False)])
 def test_attacks_that_need_no_step_still_check_the_labels_against_the_model(test_set, settings):
     model = trained_mlp()  # 10 classes
