@@ -364,6 +364,31 @@ def test_lime_fit_judges_weights_in_the_dtype_it_fits_in(backend):
         lime_fit(*args, weights=torch.full((1, 5), 1e300, dtype=torch.float64), backend=backend)
 
 
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_lime_fit_refuses_kernel_widths_that_leave_no_weight(backend):
+    # A narrow kernel with no sample near the all-ones one weighs every sample 0 (scikit-learn
+    # refuses such a fit; the backends raised LinAlgError, an internal assertion, or returned
+    # NaN); kw² beyond the dtype's range made 0 / 0 weights or an OverflowError.
+    if not backends.status("lime_fit", backend, "cpu")[0]:
+        pytest.skip(f"no {backend} backend on the CPU here")
+    gen = torch.Generator().manual_seed(5)
+    masks = torch.rand(2, 12, 4, generator=gen) > 0.5
+    masks[:, :, 0] = False  # no row is all ones: every distance is >= 1 - sqrt(3/4)
+    targets = torch.rand(2, 12, 3, generator=gen, dtype=torch.float64)
+    with pytest.raises(ValueError, match="kernel weight of 0"):
+        lime_fit(masks, targets, kernel_width=1e-3, backend=backend)
+    masks[1, 0] = True  # image 1 has the all-ones sample (weight 1); image 0 still has none
+    with pytest.raises(ValueError, match="kernel weight of 0"):
+        lime_fit(masks, targets, kernel_width=1e-3, backend=backend)
+    masks[0, 3] = True
+    got = lime_fit(masks, targets, kernel_width=1e-3, backend=backend)  # one sample weighs: β = 0
+    for g, w in zip(got, lime_fit_ref(masks, targets, torch.tensor([4, 4]), None, 1e-3, 1.0)):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+    for kw, dtype in ((1e200, torch.float64), (1e-170, torch.float64), (1e-20, torch.float32), (1e20, torch.float32)):
+        with pytest.raises(ValueError, match="kernel_width must lie in"):
+            lime_fit(masks, targets.to(dtype), kernel_width=kw, backend=backend)
+
+
 def test_masked_pgd_step_zero_weight_leaves_pixels_alone():
     x = torch.rand(1, 3, 6, 6)
     x_adv = x.clone()

@@ -14,6 +14,8 @@ all-ones sample: d_i = 1 - sqrt(k_i / M_b) (k_i = ones in z_i), w_i = sqrt(exp(-
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backends
@@ -113,6 +115,28 @@ def lime_fit_ref(
     return beta.transpose(1, 2).contiguous(), intercept, score, local_pred
 
 
+def _check_kernel_width(masks, num_segments, kernel_width: float, dtype: torch.dtype) -> None:
+    """kw² must be a normal number of the fit's dtype (it divides every squared distance), and
+    every image needs a sample whose kernel weight does not underflow to 0 (a fit of samples that
+    all weigh 0 is undefined; scikit-learn refuses it)."""
+    finfo = torch.finfo(dtype)
+    kw2 = kernel_width * kernel_width  # (a float product: inf where ** would raise OverflowError)
+    if not finfo.tiny <= kw2 <= finfo.max:
+        raise ValueError(
+            f"kernel_width must lie in [{finfo.tiny ** 0.5:.3g}, {finfo.max ** 0.5:.3g}] for a {dtype} fit "
+            f"(its square divides the distances), got {kernel_width}"
+        )
+    # The farthest sample (distance 1) keeps a positive weight when exp(-1 / kw²) is a normal
+    # number of the dtype; only a narrower kernel needs the pass over the masks.
+    if math.exp(-1.0 / kw2) < finfo.tiny:
+        weights = lime_kernel_weights(masks != 0, num_segments, kernel_width, dtype)
+        require(
+            (weights.sum(dim=1) > 0).all(),
+            f"kernel_width={kernel_width} gives every sample of an image a kernel weight of 0 (none lies near enough "
+            "the all-ones sample); use a larger kernel_width",
+        )
+
+
 # lime_fit_ref's two solves. torch.cond needs its branches' outputs with the same strides,
 # size-1 dimensions included (which contiguous() leaves as they are): a fresh row-major copy.
 def _cholesky(gram, rhs, chol):
@@ -165,6 +189,8 @@ def lime_fit(
         require((weights >= 0).all() & (weights.sum(dim=1) > 0).all(), "weights must be non-negative with a positive sum per image")
     kernel_width = check_real("kernel_width", kernel_width, positive=True)
     alpha = check_real("alpha", alpha, minimum=0.0)
+    if weights is None:
+        _check_kernel_width(masks, num_segments, kernel_width, targets.dtype)
     if masks.dtype != torch.bool:
         require(((masks == 0) | (masks == 1)).all(), "masks must be binary: 0 or 1 (or bool)")
         masks = masks != 0
