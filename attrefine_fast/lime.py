@@ -169,7 +169,8 @@ class LimeImageExplainer:
         device = model_device if model_device is not None else torch.device("cpu")
 
         # The engine's ops take uint8 and float images; other integer images go through float64,
-        # which holds their values exactly, and reach lime's function in their own dtype again.
+        # which holds their values exactly up to 2^53 in magnitude (64-bit pixels beyond it are
+        # rounded), and reach lime's function in their own dtype again.
         engine = image if image.dtype in ENGINE_DTYPES else image.astype(np.float64)
         image_t = torch.from_numpy(engine.copy()).permute(2, 0, 1).unsqueeze(0).contiguous().to(device)
         segments_t = torch.from_numpy(segments.astype(np.int64)).unsqueeze(0).to(device)
@@ -189,6 +190,7 @@ class LimeImageExplainer:
 
         distances = pairwise_distances(data, data[0].reshape(1, -1), metric=distance_metric).ravel()
         weights = np.asarray(self.kernel_fn(distances), dtype=np.float64)
+        _check_kernel_weights(weights, num_samples)
 
         exp = ImageExplanation(image, segments)
         if top_labels:
@@ -337,6 +339,17 @@ class LimeImageExplainer:
         score = regressor.score(x, y, sample_weight=weights)
         local_pred = regressor.predict(data[0, columns].reshape(1, -1))[0]
         return columns, np.asarray(regressor.coef_).ravel(), float(np.ravel(regressor.intercept_)[0]), score, local_pred
+
+
+def _check_kernel_weights(weights: np.ndarray, rows: int) -> None:
+    """The kernel's sample weights, as scikit-learn's fit would judge them (every feature
+    selection method then gets the same clear error)."""
+    if weights.shape != (rows,):
+        raise ValueError(f"the kernel must return one weight per sample: {rows} samples, got shape {weights.shape}")
+    if not np.isfinite(weights).all():
+        raise ValueError("the kernel returned NaN or infinite sample weights")
+    if not weights.any():
+        raise ValueError("the kernel weighs every sample 0: kernel_width is too small for these samples")
 
 
 def _check_output(out, rows: int) -> None:

@@ -126,6 +126,17 @@ class TestDropIn:
             with pytest.raises(error, match=match):
                 explainer.explain_instance(image, self.clf, num_samples=10, **kwargs)
 
+    @pytest.mark.parametrize("num_features", [3, 8])  # forward selection, and the highest weights
+    def test_bad_kernel_weights(self, num_features):
+        # forward selection met them first and failed with an IndexError
+        image = photo("coffee", 32)
+        for kwargs, match in [({"kernel_width": 0.0}, "weighs every sample 0"),  # lime's kernel: exp(-d² / 0)
+                              ({"kernel": lambda d, kernel_width: np.full_like(d, np.nan)}, "NaN"),
+                              ({"kernel": lambda d, kernel_width: np.ones(3)}, "one weight per sample")]:
+            explainer = ours.LimeImageExplainer(random_state=0, **kwargs)
+            with pytest.raises(ValueError, match=match):
+                explainer.explain_instance(image, self.clf, num_samples=10, num_features=num_features)
+
     def test_callers_image_untouched(self):
         image = photo("astronaut", 32).copy()
         before = image.copy()
