@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from functools import partial
 
 import numpy as np
 import torch
 
 from . import backends
-from .checks import check_int, check_segments
+from .checks import check_int
 from .explain import _model_device
 from .feature_selection import forward_selection, highest_weights, lasso_path
 from .neighborhood import fudge_images, lime_masks, perturbed_chunks
@@ -31,9 +32,11 @@ FEATURE_SELECTION = ("auto", "none", "highest_weights", "forward_selection", "la
 
 # Image dtypes the engine's ops take as they are; the others go through float64.
 ENGINE_DTYPES = (np.uint8, np.float16, np.float32, np.float64)
-# Where the fudge_images op's segment means round exactly as lime's numpy means do (float32 means
-# accumulate in float32 in numpy, integer ones are cast back to the image's own dtype).
-EXACT_MEAN_DTYPES = (np.uint8, np.float16, np.float64)
+# Where the fudge_images op's segment means round exactly as lime's numpy means do: uint8 sums are
+# exact in any order. The others take lime's own computation: numpy accumulates float32 means in
+# float32 and float64 ones pairwise (the op sums in order: an ulp apart), and casts integer ones
+# back to the image's own dtype.
+EXACT_MEAN_DTYPES = (np.uint8, np.float16)
 
 
 def hidden_image(image: np.ndarray, segments: np.ndarray, hide_color) -> np.ndarray:
@@ -48,6 +51,33 @@ def hidden_image(image: np.ndarray, segments: np.ndarray, hide_color) -> np.ndar
     else:
         fudged[:] = hide_color
     return fudged
+
+
+def lime_features(segments: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """lime's features of a segmentation, as the engine's labels.
+
+    lime counts n = the distinct labels and lets feature j switch off the pixels labelled j: with
+    labels 0..n-1 (quickshift's, or slic's with start_label=0) that is one feature per segment;
+    with others (slic's default 1-based labels, gaps, negative labels) some features switch off
+    nothing and some pixels are never switched off. Returns the engine's (H, W) int64 labels (j
+    for the pixels labelled j < n, and n for the pixels no feature reaches), n, and the engine's
+    segment count m (n, or n + 1 when some pixels are never switched off).
+    """
+    n = int(np.unique(segments).shape[0])
+    labels = segments.astype(np.int64) if segments.dtype == bool else segments
+    inside = (labels >= 0) & (labels < n)
+    if np.issubdtype(labels.dtype, np.floating):
+        inside &= labels == np.floor(labels)  # lime compares labels with the (integer) feature index
+    engine = np.where(inside, labels, n).astype(np.int64)
+    if not inside.all():
+        outside = np.unique(segments[~inside])
+        warnings.warn(
+            f"the segmentation's {n} labels are not 0..{n - 1}: as in lime, feature j switches off the pixels labelled "
+            f"j, so the pixels labelled {outside[:5].tolist()}{'...' if outside.size > 5 else ''} are never switched "
+            "off (relabel them 0..M-1, e.g. slic's start_label=0, to explain every segment)",
+            stacklevel=3,
+        )
+    return engine, n, n + 1 if not inside.all() else n
 
 
 def lime_kernel(d, kernel_width):
@@ -165,6 +195,7 @@ class LimeImageExplainer:
         if random_seed is None:  # drawn even when unused, to keep lime's random stream
             random_seed = self.random_state.randint(0, high=1000)
         segments = self._segments(image, segmentation_fn, random_seed)
+        engine_segments, n, m = lime_features(segments)
         model_device = _model_device(classifier_fn) if isinstance(classifier_fn, torch.nn.Module) else None
         device = model_device if model_device is not None else torch.device("cpu")
 
@@ -173,15 +204,17 @@ class LimeImageExplainer:
         # rounded), and reach lime's function in their own dtype again.
         engine = image if image.dtype in ENGINE_DTYPES else image.astype(np.float64)
         image_t = torch.from_numpy(engine.copy()).permute(2, 0, 1).unsqueeze(0).contiguous().to(device)
-        segments_t = torch.from_numpy(segments.astype(np.int64)).unsqueeze(0).to(device)
-        m = int(segments.max()) + 1
+        segments_t = torch.from_numpy(engine_segments).unsqueeze(0).to(device)
         if hide_color is None and image.dtype in EXACT_MEAN_DTYPES:
             fudge = fudge_images(image_t, segments_t, m, "mean", backend)
         else:  # lime's own computation (numpy's float32 mean, casting and broadcasting rules)
             fudged = hidden_image(image, segments, hide_color).astype(engine.dtype, copy=False)
             fudge = torch.from_numpy(fudged).permute(2, 0, 1).unsqueeze(0).contiguous().to(device)
-        data = lime_masks(self.random_state, num_samples, m)
-        masks = torch.from_numpy(data.astype(bool)).unsqueeze(0).to(device)
+        data = lime_masks(self.random_state, num_samples, n)
+        masks = torch.from_numpy(data.astype(bool))
+        if m > n:  # the pixels no feature switches off
+            masks = torch.cat([masks, masks.new_ones(num_samples, m - n)], dim=1)
+        masks = masks.unsqueeze(0).to(device)
 
         outputs = self._predict(classifier_fn, image_t, segments_t, masks, fudge, batch_size, backend, image.dtype, channels_last)
         first = outputs[0].detach().cpu().numpy() if isinstance(outputs, torch.Tensor) else outputs[0]
@@ -241,9 +274,11 @@ class LimeImageExplainer:
         else:
             segments = segmentation_fn(image)
         segments = np.asarray(segments)
-        if segments.shape != image.shape[:2] or not np.issubdtype(segments.dtype, np.integer):
-            raise ValueError(f"segmentation must return integer labels of shape {image.shape[:2]}, got {segments.dtype} {segments.shape}")
-        check_segments(torch.from_numpy(segments.astype(np.int64)).unsqueeze(0), torch.empty(1, 1, *segments.shape))
+        numeric = segments.dtype == bool or np.issubdtype(segments.dtype, np.integer) or np.issubdtype(segments.dtype, np.floating)
+        if segments.shape != image.shape[:2] or not numeric:
+            raise ValueError(f"segmentation must return labels (integers) of shape {image.shape[:2]}, got {segments.dtype} {segments.shape}")
+        if np.issubdtype(segments.dtype, np.floating) and not np.isfinite(segments).all():
+            raise ValueError("segmentation returned NaN or infinite labels")
         return segments
 
     @staticmethod

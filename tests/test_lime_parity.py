@@ -112,6 +112,33 @@ def test_model_regressor_and_custom_segmentation_match_lime():
     assert_same_explanation(mine, ref)
 
 
+def _raster(shape, per_label):
+    return np.arange(shape[0] * shape[1]).reshape(shape[:2]) // per_label
+
+
+@pytest.mark.parametrize("segmentation", [
+    "slic-1-based",  # lime's own wrapper, with scikit-image's default start_label=1
+    lambda im: _raster(im.shape, 300) * 2,  # gaps: labels 0, 2, 4, ...
+    lambda im: _raster(im.shape, 300) - 1,  # a negative label
+    lambda im: _raster(im.shape, 300) + 0.5 * (_raster(im.shape, 1) % 2),  # float labels, half of them fractional
+], ids=["slic-1-based", "gaps", "negative", "float"])
+def test_labels_other_than_0_to_m_minus_1_are_explained_as_lime_does(segmentation):
+    # lime's feature j switches off the pixels labelled j (j < the number of distinct labels):
+    # other labels are never switched off. The drop-in refused such segmentations.
+    from lime.wrappers.scikit_image import SegmentationAlgorithm
+
+    if segmentation == "slic-1-based":
+        segmentation = SegmentationAlgorithm("slic", n_segments=10)
+    with pytest.warns(UserWarning, match="never switched off"):
+        mine, ref = both(photo("chelsea", 48), numpy_classifier(PooledLinear(seed=6)), {"random_state": 2},
+                         segmentation_fn=segmentation, num_samples=200, random_seed=9, top_labels=2)
+    assert_same_explanation(mine, ref)
+    for label in ref.top_labels:
+        for kwargs in ({"positive_only": True, "num_features": 3}, {"positive_only": False, "hide_rest": True, "num_features": 5}):
+            for a, b in zip(mine.get_image_and_mask(label, **kwargs), ref.get_image_and_mask(label, **kwargs)):
+                np.testing.assert_array_equal(a, b)
+
+
 def test_float_and_grayscale_images_match_lime():
     clf = numpy_classifier(PooledLinear(seed=1))
     image = photo("rocket", 48).astype(np.float64)
@@ -196,6 +223,24 @@ def test_images_of_other_dtypes_reach_the_classifier_and_the_explanation_in_thei
         for kwargs in ({}, {"positive_only": False, "hide_rest": True}):
             for a, b in zip(mine.get_image_and_mask(mine.top_labels[0], **kwargs), ref.get_image_and_mask(ref.top_labels[0], **kwargs)):
                 assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_float64_images_are_perturbed_to_the_bit_as_lime_perturbs_them():
+    # numpy sums a float64 segment's pixels pairwise, the segment_mean op in order: hide colours
+    # an ulp apart (visible to a classifier that quantizes its input), so float64 takes lime's path.
+    image = np.random.RandomState(5).rand(32, 32, 3)
+    batches = {"ours": [], "lime": []}
+
+    def recording(key):
+        def classifier(batch):
+            batches[key].append(np.array(batch))
+            return _linear_logits(1.0)(batch)
+        return classifier
+
+    kwargs = dict(segmentation_fn=_grid, num_samples=40, random_seed=0, top_labels=1)
+    ours.LimeImageExplainer(random_state=0).explain_instance(image, recording("ours"), **kwargs)
+    lime_image.LimeImageExplainer(random_state=0).explain_instance(image, recording("lime"), **kwargs)
+    assert np.array_equal(np.concatenate(batches["ours"]), np.concatenate(batches["lime"]))
 
 
 def test_a_constant_classifier_output_is_fitted_exactly_as_lime_fits_it():

@@ -115,8 +115,10 @@ class TestDropIn:
             explainer.explain_instance(image, lambda x: np.zeros(len(x)), num_samples=10)
         with pytest.raises(ValueError, match="segmentation must return"):
             explainer.explain_instance(image, self.clf, segmentation_fn=lambda im: np.zeros((3, 3), int), num_samples=10)
-        with pytest.raises(ValueError, match="not numbered"):
-            explainer.explain_instance(image, self.clf, segmentation_fn=lambda im: np.ones(im.shape[:2], int), num_samples=10)
+        with pytest.raises(ValueError, match="NaN or infinite labels"):
+            explainer.explain_instance(image, self.clf, segmentation_fn=lambda im: np.full(im.shape[:2], np.nan), num_samples=10)
+        with pytest.raises(ValueError, match="segmentation must return labels"):
+            explainer.explain_instance(image, self.clf, segmentation_fn=lambda im: np.full(im.shape[:2], "a"), num_samples=10)
         with pytest.raises(ValueError, match="feature_selection"):
             ours.LimeImageExplainer(feature_selection="best")
         for kwargs, error, match in [({"labels": (1.5,), "top_labels": None}, TypeError, "each label must be an integer"),
