@@ -70,7 +70,7 @@ def _lime_fit_variants(full: bool):
             continue
         t = "f64" if f64 else "f32"
         pointers = {"masks_ptr": "bool", "targets_ptr": t, "weights_ptr": t, "num_segments_ptr": "i64",
-                    "params_ptr": t, "gram_ptr": t, "rhs_ptr": t, "beta_ptr": t, "coef_ptr": t,
+                    "params_ptr": t, "gram_ptr": t, "rhs_ptr": t, "beta_ptr": t, "unsolved_ptr": "i32", "coef_ptr": t,
                     "intercept_ptr": t, "score_ptr": t, "local_pred_ptr": t}
         constexprs = dict(config.kwargs, PHASE=phase, HAS_WEIGHTS=has_weights, F64=f64, BLOCK_M=block_m, BLOCK_L=16)
         yield (f"lime_fit {t} phase={phase} weights={has_weights} BLOCK_M={block_m} {config.kwargs}",

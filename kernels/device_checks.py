@@ -72,16 +72,21 @@ def flag_pass(data: torch.Tensor, flag: torch.Tensor, within: tuple[int, int] | 
     )
 
 
-def flag_set(flag: torch.Tensor) -> bool:
-    """Whether a pass set the flag (one device-to-host copy); False while traced, where there is
-    no data to read (the checks are skipped there, as the op's other checks are)."""
-    return concrete(flag) and bool(flag.item())
+def flag_values(*flags: torch.Tensor) -> list[int]:
+    """The flags' values, in one device-to-host copy; zeros while traced, where there is no data
+    to read (the checks are skipped there, as the op's other checks are)."""
+    if not concrete(*flags):
+        return [0] * len(flags)
+    return (torch.cat(flags) if len(flags) > 1 else flags[0]).tolist()
 
 
-def raise_if_flagged(flag: torch.Tensor, host_check, op: str) -> None:
+def raise_if_flagged(flag: torch.Tensor, host_check, op: str, *others: torch.Tensor) -> list[int]:
     """After the launches: where a pass set the flag, ``host_check()`` raises the contract's error
     (it names what is wrong, which the flag does not); should it find nothing, the two checks
-    disagree, which is a bug and raised as one."""
-    if flag_set(flag):
+    disagree, which is a bug and raised as one. ``others``: one-element flags of the launcher's
+    own, read in the same copy; returns every flag's value."""
+    values = flag_values(flag, *others)
+    if values[0]:
         host_check()
         raise RuntimeError(f"{op}: the check on the device flagged input that the host's check accepts")
+    return values

@@ -18,8 +18,12 @@ The solve runs in the same program, by Gauss-Jordan elimination on the register 
 matrix is symmetric positive definite for alpha > 0, so no pivoting is needed, and fusing it
 removes the round trip of B Gram matrices through memory and the batched-solver launches.
 alpha = 0 can make the matrix singular; that case writes the normal equations out, solves
-them with a pseudo-inverse (the minimum-norm solution, which the reference's lstsq fallback
-also gives on CPU) and runs the remaining pass as a second launch.
+them with a pseudo-inverse (the minimum-norm solution, which the reference's fallback also
+gives) and runs the remaining pass as a second launch. So does a fused solve that rounding
+broke (a pivot not positive, or a non-finite result: a tiny alpha with collinear columns, where
+the reference's Cholesky fails too): it sets a flag, and the launcher, reading it with the
+argument checks' flag, solves the batch again that way (traced, where nothing can be read, those
+images come out NaN).
 
 tl.dot needs blocks of at least 16, so M and L are padded to powers of two >= 16 with zeros.
 float64 reduces broadcast products instead of tl.dot (see _dot_acc); they hold BLOCK_N x M x M
@@ -149,27 +153,34 @@ def _dot_acc(a, b, acc, F64: tl.constexpr):
 
 @triton.jit
 def _ridge_solve(gram, rhs, mb, BLOCK_M: tl.constexpr):
-    """Solve gram @ beta = rhs by Gauss-Jordan elimination on the tile (gram is SPD)."""
+    """Solve gram @ beta = rhs by Gauss-Jordan elimination on the tile (gram is SPD), and say
+    whether it held: 1 when every pivot was positive and beta is finite, 0 where rounding made
+    the matrix look singular (a tiny alpha with collinear columns), as a failed Cholesky would."""
     idx = tl.arange(0, BLOCK_M)
     rows = idx[:, None]
     cols = idx[None, :]
+    solved = tl.full((), 1, tl.int32)
     for k in range(0, mb):
         pivot_row = tl.sum(tl.where(rows == k, gram, 0), axis=0)
         pivot_col = tl.sum(tl.where(cols == k, gram, 0), axis=1)
         pivot = tl.sum(tl.where(idx == k, pivot_row, 0), axis=0)
+        solved = tl.where(pivot > 0, solved, 0)  # (a NaN pivot compares false too)
         rhs_row = tl.sum(tl.where(rows == k, rhs, 0), axis=0)
         factor = tl.where(idx == k, 0, pivot_col / pivot)
         gram = gram - factor[:, None] * pivot_row[None, :]
         rhs = rhs - factor[:, None] * rhs_row[None, :]
     diag = tl.sum(tl.where(rows == cols, gram, 0), axis=1)
-    return rhs / diag[:, None]
+    beta = rhs / diag[:, None]
+    finite = tl.sum(tl.sum(((beta - beta) != 0).to(tl.int32), axis=1), axis=0) == 0
+    return beta, tl.where(finite, solved, 0)
 
 
 @triton.jit
 def _lime_fit(
     # pointers
     masks_ptr, targets_ptr, weights_ptr, num_segments_ptr, params_ptr,
-    gram_ptr, rhs_ptr, beta_ptr,  # normal equations / solution of the alpha = 0 path
+    gram_ptr, rhs_ptr, beta_ptr,  # normal equations / solution of the least-squares path
+    unsolved_ptr,  # set to 1 where the fused solve did not hold
     coef_ptr, intercept_ptr, score_ptr, local_pred_ptr,
     # sizes
     N, M, L,
@@ -226,9 +237,13 @@ def _lime_fit(
         tl.store(rhs_ptr + b * M * L + idx_m[:, None] * L + idx_l[None, :], rhs, mask=rc & (idx_l < L)[None, :])
     else:
         if PHASE == _FUSED:
-            beta = _ridge_solve(gram, rhs, mb, BLOCK_M)
+            beta, solved = _ridge_solve(gram, rhs, mb, BLOCK_M)
             # 3. from (G + αI) β = R: Σ w (yc - zc β)² = Σ w yc² - β·R - α |β|² (padded rows: β = 0)
             rss = tl.maximum(tss - tl.sum(beta * rhs, axis=0) - alpha * tl.sum(beta * beta, axis=0), 0)
+            if solved == 0:  # NaN outputs, which the launcher replaces by the least-squares path's
+                tl.store(unsolved_ptr, 1)
+                beta = beta + float("nan")
+                rss = rss + float("nan")
         else:
             beta = tl.load(beta_ptr + b * M * L + idx_m[:, None] * L + idx_l[None, :],
                            mask=seg_ok[:, None] & (idx_l < L)[None, :], other=0).to(dtype)
@@ -288,13 +303,16 @@ def _lime_fit_launcher(
     block_l = max(16, next_power_of_2(int(l)))
     coef = torch.empty((b, l, m), dtype=dtype, device=device)
     intercept, score, local_pred = (torch.empty((b, l), dtype=dtype, device=device) for _ in range(3))
-    # Scalars travel as a tensor of targets' dtype: Triton passes Python floats as float32.
-    params = scalars((kernel_width**2, alpha), dtype, device)
+    # Scalars travel as a tensor of targets' dtype: Triton passes Python floats as float32. An
+    # alpha beyond the dtype's range acts as its largest value (β rounds to 0 either way; inf
+    # would make the residual's α |β|² a NaN).
+    params = scalars((kernel_width**2, min(alpha, torch.finfo(dtype).max)), dtype, device)
     has_weights = weights is not None
     w = weights if has_weights else targets  # never read when HAS_WEIGHTS is off
     # The counts and the targets' values are checked on the device (the outputs are the call's
     # own, so raising after the launch loses nothing, and the launch waits for no copy).
     flag = new_flag(device)
+    unsolved = new_flag(device)  # set by a fused solve that did not hold
     flag_pass(num_segments, flag, within=(1, m + 1))
     flag_pass(targets, flag)
     host_check = lambda: check_lime_fit_values(targets, num_segments, m)  # noqa: E731
@@ -304,7 +322,7 @@ def _lime_fit_launcher(
         kernel = _lime_fit_kernel_f64 if dtype == torch.float64 else _lime_fit_kernel
         wrap_triton(kernel)[(b,)](
             masks, targets, w, num_segments, params,
-            gram, rhs, beta, coef, intercept, score, local_pred,
+            gram, rhs, beta, unsolved, coef, intercept, score, local_pred,
             n, m, l,
             *masks.stride(), *targets.stride(), sw_b, sw_n, num_segments.stride(0),
             PHASE=phase, HAS_WEIGHTS=has_weights, F64=dtype == torch.float64,
@@ -313,15 +331,16 @@ def _lime_fit_launcher(
 
     if alpha > 0:
         launch(FUSED, coef, coef, coef)  # the scratch pointers are unused
-        raise_if_flagged(flag, host_check, "lime_fit")
-        return coef, intercept, score, local_pred
+        _, failed = raise_if_flagged(flag, host_check, "lime_fit", unsolved)
+        if not failed:  # (traced, where no flag can be read: NaN for the images whose solve failed)
+            return coef, intercept, score, local_pred
     # zeros, not empty: the launch writes every entry, but a solve of uninitialized memory (where a
     # launch is skipped, as when the launcher is traced with stubbed kernels) can fail to converge.
     gram = torch.zeros((b, m, m), dtype=dtype, device=device)
     rhs = torch.zeros((b, m, l), dtype=dtype, device=device)
     launch(NORMAL_EQUATIONS, gram, rhs, rhs)
     raise_if_flagged(flag, host_check, "lime_fit")  # before the solve, which may fail to converge on non-finite sums
-    # The minimum-norm solution, as the reference's lstsq gives on CPU; lstsq itself has no fake
+    # The minimum-norm solution, as the reference's pinv fallback gives; lstsq itself has no fake
     # implementation (its outputs' shapes depend on the data), which torch.compile needs.
     beta = (torch.linalg.pinv(gram, hermitian=True) @ rhs).contiguous()
     launch(FINISH, gram, rhs, beta)

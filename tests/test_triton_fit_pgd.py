@@ -62,6 +62,38 @@ def test_lime_fit_without_penalty(device, dtype, atol, rtol):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,alpha", [(torch.float32, 1e-7), (torch.float32, 1e-9), (torch.float64, 1e-16)])
+def test_lime_fit_a_solve_that_rounding_breaks_takes_the_least_squares_path(device, dtype, alpha):
+    # Two superpixels always hidden together and an alpha below the Gram diagonal's ulp: the
+    # fused elimination met a zero pivot and wrote NaN coefficients with a score of 1.
+    gen = torch.Generator().manual_seed(6)
+    masks = torch.rand(2, 30, 5, generator=gen) < 0.5
+    masks[:, 0] = True
+    masks[:, :, 2] = masks[:, :, 0]
+    targets = torch.rand(2, 30, 2, generator=gen, dtype=torch.float64).to(dtype)
+    masks, targets = masks.to(device), targets.to(device)
+    got = ops.lime_fit(masks, targets, backend="triton", alpha=alpha)
+    want = ops.lime_fit(masks, targets, backend="torch", alpha=alpha)
+    assert all(torch.isfinite(t).all() for t in got)
+    for g, w in zip(got[1:], want[1:]):  # the duplicated columns share their weight in any split
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    split = got[0][:, :, 0] + got[0][:, :, 2], want[0][:, :, 0] + want[0][:, :, 2]
+    torch.testing.assert_close(*split, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lime_fit_alpha_beyond_float32(device):
+    # alpha = 1e39 is inf in float32: its residual term inf * 0 made the score a NaN, reported as 1
+    gen = torch.Generator().manual_seed(8)
+    masks, targets, counts = fit_inputs(2, 24, 5, 2, [5, 3], torch.float32, device, gen)
+    coef, intercept, score, local_pred = ops.lime_fit(masks, targets, counts, backend="triton", alpha=1e39)
+    want = ops.lime_fit(masks.cpu(), targets.double().cpu(), counts.cpu(), backend="torch", alpha=1e39)
+    assert coef.abs().max() < 1e-30  # about R / alpha
+    for g, w in zip((intercept, score, local_pred), want[1:]):
+        torch.testing.assert_close(g.cpu().double(), w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_lime_fit_non_contiguous_inputs(device):
     gen = torch.Generator().manual_seed(6)
     masks = (torch.rand(2, 9, 22, generator=gen) > 0.5).transpose(1, 2)[:, ::2].to(device)  # (2, 11, 9)
