@@ -296,7 +296,7 @@ class LimeImageExplainer:
             with torch.no_grad(), contextlib.closing(batches):  # the buffer goes back even if the module raises
                 for _, count, inputs in batches:
                     out = classifier_fn(inputs)
-                    _check_output(out, count)
+                    _check_output(out, count, chunks[0].shape[1] if chunks else None)
                     # the next batch overwrites the buffer: keep no view of it
                     aliased = out.untyped_storage().data_ptr() == inputs.untyped_storage().data_ptr()
                     chunks.append(out.clone() if aliased else out)
@@ -304,7 +304,7 @@ class LimeImageExplainer:
         preds = []
         for _, count, inputs in perturbed_chunks(image_t, segments_t, masks, fudge, batch_size, backend, channels_last=True):
             out = np.asarray(classifier_fn(inputs.permute(0, 2, 3, 1).numpy().astype(image_dtype, copy=False)))
-            _check_output(out, count)
+            _check_output(out, count, len(preds[0]) if preds else None)
             preds.extend(out)
         preds = np.array(preds)
         if preds.shape[0] != n:
@@ -387,9 +387,12 @@ def _check_kernel_weights(weights: np.ndarray, rows: int) -> None:
         raise ValueError("the kernel weighs every sample 0: kernel_width is too small for these samples")
 
 
-def _check_output(out, rows: int) -> None:
+def _check_output(out, rows: int, classes: int | None = None) -> None:
+    """One batch's outputs: (rows, classes), finite; ``classes`` as the first batch's where given."""
     if out.ndim != 2 or out.shape[0] != rows:
         raise ValueError(f"classifier_fn must return a (batch, classes) array; for {rows} images it returned shape {tuple(out.shape)}")
+    if classes is not None and out.shape[1] != classes:
+        raise ValueError(f"classifier_fn returned {out.shape[1]} classes for a batch after {classes} for the first")
     finite = bool(torch.isfinite(out).all()) if isinstance(out, torch.Tensor) else bool(np.isfinite(out).all())
     if not finite:
         raise ValueError("classifier_fn returned NaN or infinite values")

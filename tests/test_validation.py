@@ -93,6 +93,17 @@ class TestExplain:
             af.explain(lambda x: x.mean(dim=(2, 3)) * float("nan"), images, segments=segments, num_samples=4)
 
 
+class torch_classes_by_first_pixel(torch.nn.Module):
+    """3 outputs for the batch that holds the original image first, 4 for the others."""
+
+    def __init__(self, first_pixel: float):
+        super().__init__()
+        self.first_pixel = first_pixel
+
+    def forward(self, x):
+        return torch.zeros(len(x), 3 if float(x[0, 0, 0, 0]) == self.first_pixel else 4)
+
+
 class TestDropIn:
     clf = staticmethod(numpy_classifier(PooledLinear()))
 
@@ -113,6 +124,10 @@ class TestDropIn:
             explainer.explain_instance(image, self.clf, labels=(9,), top_labels=None, num_samples=10)
         with pytest.raises(ValueError, match=r"\(batch, classes\)"):
             explainer.explain_instance(image, lambda x: np.zeros(len(x)), num_samples=10)
+        for classifier in (lambda x: np.zeros((len(x), 3 if x[0, 0, 0, 0] == image[0, 0, 0] else 4)),
+                           torch_classes_by_first_pixel(float(image[0, 0, 0]))):
+            with pytest.raises(ValueError, match="4 classes for a batch after 3"):  # numpy's shape error, a cat error
+                explainer.explain_instance(image, classifier, num_samples=20, batch_size=5)
         with pytest.raises(ValueError, match="segmentation must return"):
             explainer.explain_instance(image, self.clf, segmentation_fn=lambda im: np.zeros((3, 3), int), num_samples=10)
         with pytest.raises(ValueError, match="NaN or infinite labels"):
