@@ -30,7 +30,7 @@ COMMANDS = {
 }
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attrefine-fast", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
@@ -38,7 +38,15 @@ def main(argv=None) -> None:
         mod = importlib.import_module(module)
         if hasattr(mod, "add_arguments"):
             mod.add_arguments(p)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    try:  # the commands' imports (torch...) take a moment, in which Ctrl-C ends it as later
+        args = _parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("\nattrefine-fast: interrupted", file=sys.stderr)
+        sys.exit(130)
     mod = importlib.import_module(COMMANDS[args.command][0])
     try:
         mod.run(args) if hasattr(mod, "run") else mod.main()

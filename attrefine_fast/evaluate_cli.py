@@ -78,9 +78,13 @@ def run(args: argparse.Namespace) -> dict:
     if args.cifar_md5 is not None:
         with open(args.cifar_md5) as f:
             extra["md5"] = json.load(f)
-    dataset = load_dataset(args.dataset, args.split, args.data_dir, **extra)
     if args.checkpoint is not None:
         model, ckpt = load_checkpoint(args.checkpoint, device=device)
+        trained_at = ckpt.get("image_size")  # (H, W) of the training images, where refine wrote the checkpoint
+        if args.dataset == "digits" and trained_at is not None and trained_at[0] == trained_at[1]:
+            extra["size"] = int(trained_at[0])  # the digits at the size the model was trained at
+    dataset = load_dataset(args.dataset, args.split, args.data_dir, **extra)
+    if args.checkpoint is not None:
         if int(ckpt["num_classes"]) != dataset.num_classes:
             raise SystemExit(f"evaluate: the checkpoint has {ckpt['num_classes']} classes, {args.dataset} has {dataset.num_classes}")
         source = os.fspath(args.checkpoint)

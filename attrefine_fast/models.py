@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .atomic_files import write_atomically
 from .checks import check_device, check_int
 
 
@@ -271,9 +272,18 @@ def save_checkpoint(path, model: nn.Module, arch: str, num_classes: int, *, norm
         "model_kwargs": dict(model_kwargs or {}),
         **extra,
     }
-    path = os.fspath(path)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)  # an interruption never leaves half a checkpoint
+    write_atomically(os.fspath(path), lambda tmp: torch.save(ckpt, tmp))
+
+
+def read_torch_file(path: str, device):
+    """``torch.load(path, weights_only=True)``, with a ValueError naming the file where it is not
+    a readable torch.save file (torch raises RuntimeError, EOFError, UnpicklingError or OSError
+    depending on where a file is cut short or what it holds)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
+        raise ValueError(f"{path} cannot be read as a checkpoint: not a torch.save file, cut short, or holding more "
+                         f"than tensors and plain data ({type(e).__name__}: {e})") from e
 
 
 def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
@@ -287,11 +297,7 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     device = check_device("device", device)
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # not a torch.save file, or cut short
-        raise ValueError(f"{path} cannot be read as a checkpoint: not a torch.save file, cut short, or holding more "
-                         f"than tensors and plain data ({type(e).__name__})") from e
+    ckpt = read_torch_file(path, device)
     if not isinstance(ckpt, dict) or not {"model", "arch", "num_classes"} <= set(ckpt):
         raise ValueError(
             f"{path} is not an attrefine_fast checkpoint: expected a dict with keys 'model' (state_dict), "

@@ -13,18 +13,22 @@ exactly as the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+import warnings
 
 import torch
 
 from ..checks import check_device
 from ..data import ImageDataset, add_spurious_patch, load_dataset
-from ..models import build_model, move_to_device, save_checkpoint
+from ..atomic_files import write_atomically, write_lines_atomically
+from ..models import build_model, move_to_device, read_torch_file, save_checkpoint
 from .config import RefineConfig
 from .flags import FlagStore
+from .folder_lock import folder_lock
 from .loss import batch_loss, segment_mean_images
 
 # Config keys a resumed run may change: where it runs and how it reports, not what it computes.
@@ -63,12 +67,6 @@ def _distributed_context(device_name: str):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     return rank, world, device
-
-
-def _write_atomically(path: str, lines: list[str]) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
 
 
 class Refiner:
@@ -137,6 +135,7 @@ class Refiner:
             "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch, "cycle": self.epoch // self.cfg.epochs_per_cycle, "config": self.cfg.to_dict(),
             "flags": None if self.store is None else self.store.state_dict(), "world_size": self.world_size,
+            "threads": torch.get_num_threads(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -150,16 +149,18 @@ class Refiner:
     def save(self) -> None:
         if self.rank != 0:
             return
-        path = os.path.join(self.out, CHECKPOINT)
-        torch.save(self.state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)  # an interruption never leaves half a checkpoint
+        state = self.state_dict()
+        write_atomically(os.path.join(self.out, CHECKPOINT), lambda tmp: torch.save(state, tmp))
 
     def resume(self) -> bool:
         """Load ``out/checkpoint.pt`` if present (every rank reads it); True when it was loaded."""
         path = os.path.join(self.out, CHECKPOINT)
         if not os.path.isfile(path):
             return False
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = read_torch_file(path, self.device)
+        if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= set(state):
+            raise ValueError(f"{path} is not a training checkpoint of attrefine_fast's refine (no model, optimizer, "
+                             "scheduler and epoch): resume from the folder of the run that wrote it, or use another --out")
         if state.get("world_size", 1) != self.world_size:
             raise ValueError(f"{path} was written by {state.get('world_size')} ranks; resume with the same number (now {self.world_size})")
         # Exact continuation needs the same run: only where it runs and how it reports may change.
@@ -168,6 +169,11 @@ class Refiner:
         if changed:
             raise ValueError(f"{path} was written with a different config ({', '.join(f'{k}: {then[k]!r} -> {now[k]!r}' for k in changed)}); "
                              "resume with the same settings or use another --out")
+        threads = state.get("threads")
+        if self.device.type == "cpu" and threads is not None and threads != torch.get_num_threads():
+            warnings.warn(f"{path} was written by a run on {threads} CPU threads and this one has {torch.get_num_threads()}: "
+                          f"it continues, but may differ from an uninterrupted run in the last bits (--threads {threads} "
+                          "continues exactly)", stacklevel=3)
         self.load_state_dict(state)
         if self.rank == 0:
             self._truncate_metrics()
@@ -196,9 +202,11 @@ class Refiner:
                 if i == len(lines) - 1:  # the line an interruption cut short: its epoch runs again
                     break
                 raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+            if not isinstance(record, dict) or "epoch" not in record or "event" not in record:
+                raise ValueError(f"{path}: line {i + 1} is not a record of this run's log (no epoch and event): {line[:80]!r}")
             if before_checkpoint(record):
                 kept.append(line if line.endswith("\n") else line + "\n")
-        _write_atomically(path, kept)
+        write_lines_atomically(path, kept)
 
     def log(self, record: dict) -> None:
         if self.rank == 0:
@@ -210,15 +218,28 @@ class Refiner:
     def fit(self, *, resume: bool = False, stop_after: int | None = None) -> torch.nn.Module:
         """Train to ``cfg.epochs`` (or until ``stop_after`` epochs are complete) and return the model.
 
-        ``resume=True`` continues from ``out/checkpoint.pt`` when it exists.
+        ``resume=True`` continues from ``out/checkpoint.pt`` when it exists (and starts in a folder
+        without one only when it holds no other run's log or model). While it trains, the run holds
+        the folder's lock (:mod:`.folder_lock`): a second run in the same folder stops at once.
         """
+        with folder_lock(self.out) if self.rank == 0 else contextlib.nullcontext():
+            return self._fit(resume, stop_after)
+
+    def _fit(self, resume: bool, stop_after: int | None) -> torch.nn.Module:
         cfg = self.cfg
         resumed = self.resume() if resume else False
+        if resume and not resumed:
+            others = [name for name in (FINAL, METRICS) if os.path.isfile(p := os.path.join(self.out, name)) and os.path.getsize(p)]
+            if others:
+                raise ValueError(
+                    f"nothing to resume in {self.out}: it has no {CHECKPOINT} but holds {' and '.join(others)} of another run, "
+                    "which a fresh start would replace; run without --resume (resume=False) to replace them, or use another --out"
+                )
         if not resumed and self.epoch == 0 and self.rank == 0:
             # A fresh run in a used folder replaces the previous run's files at once: a fresh log,
             # and no checkpoint or final model of the previous run beside it (which a later
             # resume would continue, or a reader take for this run's).
-            _write_atomically(os.path.join(self.out, METRICS), [])
+            write_lines_atomically(os.path.join(self.out, METRICS), [])
             for stale in (os.path.join(self.out, CHECKPOINT), os.path.join(self.out, FINAL)):
                 if os.path.isfile(stale):
                     os.remove(stale)
@@ -241,7 +262,8 @@ class Refiner:
         if self.epoch == cfg.epochs and self.rank == 0:
             norm = self.cfg.normalization
             save_checkpoint(os.path.join(self.out, FINAL), self.module, self.arch, self.train.num_classes,
-                            normalization=norm, model_kwargs=self.model_kwargs, epoch=self.epoch, mode=cfg.mode)
+                            normalization=norm, model_kwargs=self.model_kwargs, epoch=self.epoch, mode=cfg.mode,
+                            image_size=list(self.train.images.shape[-2:]))
         return self.module
 
     def _share_buffers(self) -> None:
