@@ -75,6 +75,8 @@ def check_images(name: str, images: torch.Tensor, *, channels: int | None = None
         raise ValueError(f"{name} must have {channels} channels (B, C, H, W), got shape {tuple(images.shape)}")
     if images.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(images.shape)}")
+    if images.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values")
     check_finite(name, images)
 
 

@@ -14,7 +14,7 @@ from .checks import (
 )
 from .model_state import evaluating
 from .neighborhood import draw_masks, fudge_images, perturbed_chunks
-from .ops.lime_fit import exact_constant_fits
+from .ops.lime_fit import check_kernel_width, exact_constant_fits
 from .segmentation import segment
 
 OUTPUTS = ("softmax", "identity")
@@ -51,7 +51,8 @@ class Explanation:
         """Image i as lime's ``ImageExplanation`` (see :class:`attrefine_fast.lime.ImageExplanation`)."""
         from .lime import ImageExplanation
 
-        image = self.images[i].detach().permute(1, 2, 0).cpu().numpy()
+        image = self.images[i].detach().permute(1, 2, 0).cpu()
+        image = (image.float() if image.dtype == torch.bfloat16 else image).numpy()  # (numpy has no bfloat16)
         exp = ImageExplanation(image, self.segments[i].cpu().numpy())
         m = int(self.num_segments[i])
         labels = self.labels[i].tolist()
@@ -96,11 +97,21 @@ def eval_mode(model):
         yield
 
 
-def _forward(model: Callable, inputs: torch.Tensor, expected_rows: int, output: str) -> torch.Tensor:
-    out = model(inputs)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != expected_rows:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"the model must return a (batch, classes) tensor; for {expected_rows} inputs it returned {shape}")
+def _forward(model: Callable, inputs: torch.Tensor, batch_size: int, output: str, classes: int | None) -> torch.Tensor:
+    """The model's outputs on ``inputs``, ``batch_size`` rows per call, checked: (rows, classes)
+    (``classes`` as earlier calls gave, where known), finite; softmax-ed for output="softmax"."""
+    outs = []
+    for start in range(0, inputs.shape[0], batch_size):
+        rows = min(batch_size, inputs.shape[0] - start)
+        out = model(inputs[start : start + rows])
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != rows:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the model must return a (batch, classes) tensor; for {rows} inputs it returned {shape}")
+        if classes is not None and out.shape[1] != classes:
+            raise ValueError(f"the model returned {out.shape[1]} classes for a batch after {classes} for the first")
+        classes = out.shape[1]
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
     out = out.to(torch.promote_types(out.dtype, torch.float32))  # a float64 model's outputs stay float64
     if not bool(torch.isfinite(out).all()):
         raise ValueError("the model returned NaN or infinite values")
@@ -144,7 +155,8 @@ def explain(
         segments: (B, H, W) labels 0..M_b-1; computed with :func:`segment` when None
             (``segmentation`` and ``segmentation_params``).
         labels: (B, L) classes to explain, or one sequence for every image. When None, the
-            ``top_labels`` (default 5) most probable classes of each image are explained.
+            ``top_labels`` (default 5) most probable classes of each image are explained (equal
+            outputs ordered as lime orders them: numpy's argsort).
         num_samples: N, samples per image (sample 0 is the image itself).
         masks: (B, N, M) bool samples to use instead of drawing them (e.g. lime's own).
         seed: seeds the samples (drawn on the CPU, so identical on every device).
@@ -208,9 +220,11 @@ def explain(
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     if mean is not None:
+        # in the perturbation's arithmetic: float64 for float64 images, float32 otherwise
+        norm_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
         norm = {
-            "mean": torch.as_tensor(mean, dtype=torch.float32, device=device).flatten(),
-            "std": torch.as_tensor(std, dtype=torch.float32, device=device).flatten(),
+            name: torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=norm_dtype, device=device).flatten()
+            for name, v in (("mean", mean), ("std", std))
         }
         for name, t in norm.items():
             if t.numel() != c or not bool(torch.isfinite(t).all()):
@@ -241,21 +255,27 @@ def explain(
             raise ValueError("masks[:, 0] must be all ones (the image itself, as lime draws it): the top labels are "
                              "read from that sample; or pass labels=")
 
+    # before any forward pass: a kernel too narrow for the samples leaves a fit without weights
+    check_kernel_width(masks, counts, kernel_width, fit_dtype)
     fudge = fudge_images(images, segments, m, hide_color, backend)
     autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else contextlib.nullcontext()
-    per_chunk = max(1, batch_size // b)
+    per_chunk = max(1, batch_size // b)  # samples of every image per chunk; fewer images than b per forward below
     targets = torch.empty(b, n, 0 if fixed_labels is None else fixed_labels.shape[1], dtype=fit_dtype, device=device)
     chosen = fixed_labels
+    classes = None
     chunks = perturbed_chunks(
         images, segments, masks, fudge, per_chunk, backend, reuse_buffer=True, channels_last=channels_last, **norm
     )
     # closing(): a model that raises gives the input buffer back at once, not when the traceback goes
     with eval_mode(model), autocast, contextlib.closing(chunks):
         for offset, count, inputs in chunks:
-            out = _forward(model, inputs, b * count, output).view(b, count, -1)
+            out = _forward(model, inputs, batch_size, output, classes).view(b, count, -1)
+            classes = out.shape[2]
             if chosen is None:  # offset 0: sample 0 is the image itself
                 k = min(top_labels, out.shape[2])
-                chosen = torch.argsort(out[:, 0], dim=1, descending=True, stable=True)[:, :k]
+                # lime's choice, ties included: numpy's argsort of each image's outputs, the last k
+                first = out[:, 0].detach().cpu().numpy()
+                chosen = torch.from_numpy(np.stack([np.argsort(row)[-k:][::-1] for row in first]).copy()).to(device)
                 targets = torch.empty(b, n, k, dtype=fit_dtype, device=device)
             elif offset == 0 and int(chosen.max()) >= out.shape[2]:
                 raise ValueError(f"label {int(chosen.max())} is outside the model's {out.shape[2]} outputs")

@@ -32,6 +32,8 @@ def fudge_images(images: torch.Tensor, segments: torch.Tensor, num_segments: int
         if not bool(torch.isfinite(hide_color.double()).all()):
             raise ValueError("hide_color contains NaN or infinite values")
         return hide_color.to(device=images.device, dtype=images.dtype)
+    if isinstance(hide_color, torch.Tensor):  # any device, with or without autograd
+        hide_color = hide_color.detach().cpu().double().numpy()
     value = torch.as_tensor(np.asarray(hide_color, dtype=np.float64)).flatten()
     if value.numel() not in (1, c) or not bool(torch.isfinite(value).all()):
         raise ValueError(f"hide_color must be \"mean\" (each segment's mean colour, lime's hide_color=None), one "

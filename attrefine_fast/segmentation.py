@@ -111,6 +111,9 @@ def segment(images, method: str = "quickshift", *, n_jobs: int | None = None, **
         raise ValueError(f"cannot segment an empty batch or image, got (B, H, W, C) = {arr.shape}")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise ValueError("images contain NaN or infinite values")
+    if method == "quickshift" and arr.shape[3] not in (1, 3) and params.get("convert2lab", True):
+        raise ValueError(f"quickshift converts RGB images to Lab colour: for {arr.shape[3]} channels pass "
+                         "convert2lab=False, or use 'slic', 'felzenszwalb' or 'grid'")
     workers = min(len(arr), n_jobs or os.cpu_count() or 1)
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:

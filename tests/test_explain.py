@@ -186,3 +186,86 @@ def test_the_default_forward_batch_is_small_on_the_cpu():
     rows.clear()
     af.explain(model, images, segments=segments, num_samples=100, labels=[0], batch_size=100)
     assert max(rows) == 100
+
+
+def test_a_batch_size_below_the_image_count_is_the_models_batch():
+    seen = []
+
+    def model(x):
+        seen.append(x.shape[0])
+        return x.mean(dim=(2, 3))
+
+    images, segments, _ = batch(b=3)
+    a = af.explain(model, images, segments=segments, num_samples=10, batch_size=2, labels=[0], seed=0)
+    assert max(seen) <= 2 and sum(seen) == 3 * 10  # every chunk of 3 images went in 2 + 1
+    b = af.explain(model, images, segments=segments, num_samples=10, batch_size=30, labels=[0], seed=0)
+    torch.testing.assert_close(a.coef, b.coef, atol=1e-12, rtol=0)
+
+
+def test_float64_images_are_normalized_in_float64():
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    model = SmallCNN(num_classes=5, width=8).double().eval()
+
+    class Normalized(torch.nn.Module):
+        def forward(self, x):
+            m, s = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (mean, std))
+            return model((x - m) / s)
+
+    images, segments, _ = batch()
+    images = images.double()
+    a = af.explain(model, images, segments=segments, num_samples=40, seed=0, mean=mean, std=std)
+    b = af.explain(Normalized(), images, segments=segments, num_samples=40, seed=0)
+    torch.testing.assert_close(a.coef, b.coef, atol=1e-12, rtol=0)  # mean and std rounded to float32: 6e-8
+
+
+def test_tied_top_labels_are_chosen_as_lime_chooses_them():
+    # lime takes the last k of numpy's argsort, whose order among equal values is numpy's (its
+    # SIMD sorts are not stable); a stable descending sort took the lowest classes
+    import numpy as np
+
+    row = [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]
+
+    def model(x):
+        return torch.tensor([row]).expand(x.shape[0], 6)
+
+    images, segments, _ = batch(b=2)
+    exp = af.explain(model, images, segments=segments, num_samples=10, top_labels=2, output="identity")
+    limes = np.argsort(np.array(row, dtype=np.float32))[-2:][::-1].tolist()
+    assert exp.labels.tolist() == [limes, limes] and exp.to_lime(0).top_labels == limes
+
+
+def test_explain_refuses_what_would_fail_later_with_a_clear_error():
+    model = SmallCNN(num_classes=4, width=4)
+    images, segments, _ = batch(b=2)
+    # lime_fit's checks, before any forward pass
+    with pytest.raises(ValueError, match="kernel_width must lie in"):
+        af.explain(model, images, segments=segments, num_samples=10, kernel_width=1e-200)
+    no_image = torch.zeros(2, 6, 9, dtype=torch.bool)
+    no_image[:, :, 0] = True  # one segment on in every sample: none is the image itself
+    with pytest.raises(ValueError, match="kernel weight of 0"):
+        af.explain(model, images, segments=segments, masks=no_image, labels=[0], kernel_width=1e-3)
+    with pytest.raises(ValueError, match="on the meta device"):
+        af.explain(model, images.to("meta"), segments=segments.to("meta"), num_samples=10)
+    calls = []
+
+    def changing(x):  # 5 classes, then 7
+        calls.append(1)
+        return x.mean(dim=(2, 3)).repeat(1, 3)[:, : 5 if len(calls) == 1 else 7]
+
+    with pytest.raises(ValueError, match="7 classes for a batch after 5"):
+        af.explain(changing, images, segments=segments, num_samples=10, batch_size=6, labels=[0])
+    with pytest.raises(ValueError, match="convert2lab=False"):
+        af.segment(torch.rand(1, 4, 16, 16), "quickshift")
+    segments4, _ = af.segment(torch.rand(1, 4, 16, 16), "quickshift", convert2lab=False, kernel_size=2)
+    assert segments4.shape == (1, 16, 16)
+
+
+def test_hide_colour_tensors_with_autograd_and_bfloat16_images():
+    model = SmallCNN(num_classes=4, width=4)
+    images, segments, _ = batch(b=2)
+    grey = torch.full((3,), 0.5, requires_grad=True)
+    a = af.explain(model, images, segments=segments, num_samples=10, seed=0, hide_color=grey, labels=[1])
+    b = af.explain(model, images, segments=segments, num_samples=10, seed=0, hide_color=0.5, labels=[1])
+    torch.testing.assert_close(a.coef, b.coef, atol=0, rtol=0)
+    half = af.explain(model.bfloat16(), images.bfloat16(), segments=segments, num_samples=10, seed=0, labels=[1])
+    assert half.to_lime(0).image.dtype.name == "float32"

@@ -115,7 +115,7 @@ def lime_fit_ref(
     return beta.transpose(1, 2).contiguous(), intercept, score, local_pred
 
 
-def _check_kernel_width(masks, num_segments, kernel_width: float, dtype: torch.dtype) -> None:
+def check_kernel_width(masks, num_segments, kernel_width: float, dtype: torch.dtype) -> None:
     """kw² must be a normal number of the fit's dtype (it divides every squared distance), and
     every image needs a sample whose kernel weight does not underflow to 0 (a fit of samples that
     all weigh 0 is undefined; scikit-learn refuses it)."""
@@ -190,7 +190,7 @@ def lime_fit(
     kernel_width = check_real("kernel_width", kernel_width, positive=True)
     alpha = check_real("alpha", alpha, minimum=0.0)
     if weights is None:
-        _check_kernel_width(masks, num_segments, kernel_width, targets.dtype)
+        check_kernel_width(masks, num_segments, kernel_width, targets.dtype)
     if masks.dtype != torch.bool:
         require(((masks == 0) | (masks == 1)).all(), "masks must be binary: 0 or 1 (or bool)")
         masks = masks != 0
