@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from ..attacks import check_batch, fgsm, frozen, pgd
 from ..checks import check_choice, check_int, check_real, check_segments
-from ..explain import explain
+from ..explain import DEFAULT_BATCH_SIZE, explain
 from .config import EXPLAIN_LABELS, INSTABILITIES
 
 
@@ -167,7 +167,11 @@ def detect_spurious(
                 target = model(images).argmax(dim=1)
         else:
             target = labels
-    common = dict(segments=segments, labels=target.unsqueeze(1), num_samples=num_samples, output="softmax", backend=backend)
+    # The model sees at least the whole chunk of images per forward pass (detect_batch_size of
+    # them in a refresh), more where explain's default batch holds several samples of each.
+    batch_size = max(DEFAULT_BATCH_SIZE.get(images.device.type, DEFAULT_BATCH_SIZE["cuda"]), images.shape[0])
+    common = dict(segments=segments, labels=target.unsqueeze(1), num_samples=num_samples, output="softmax", backend=backend,
+                  batch_size=batch_size)
     coef = explain(model, images, seed=seed, **common).coef[:, 0].float()
     relevance = normalized_relevance(coef, counts)
     sensitivity = gradient_share(input_gradient(model, images, target), segments, counts)
