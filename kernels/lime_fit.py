@@ -152,6 +152,14 @@ def _dot_acc(a, b, acc, F64: tl.constexpr):
 
 
 @triton.jit
+def _weighted_squares(w, v):
+    """Σ w v² per column, in float64: float32 squares of targets below about 1e-19 (a class of
+    tiny probability) underflow, above 1e19 overflow; R² is defined there as anywhere."""
+    v = v.to(tl.float64)
+    return tl.sum(w.to(tl.float64)[:, None] * v * v, axis=0)
+
+
+@triton.jit
 def _ridge_solve(gram, rhs, mb, BLOCK_M: tl.constexpr):
     """Solve gram @ beta = rhs by Gauss-Jordan elimination on the tile (gram is SPD), and say
     whether it held: 1 when every pivot was positive and beta is finite, 0 where rounding made
@@ -217,7 +225,7 @@ def _lime_fit(
     ybar = acc_y / sw
 
     # 2. centred normal equations, then the solve
-    tss = tl.zeros((BLOCK_L,), dtype)
+    tss = tl.zeros((BLOCK_L,), tl.float64)  # R²'s sums in float64 (_weighted_squares)
     if PHASE != _FINISH:
         gram = tl.zeros((BLOCK_M, BLOCK_M), dtype)
         rhs = tl.zeros((BLOCK_M, BLOCK_L), dtype)
@@ -228,7 +236,7 @@ def _lime_fit(
             wzc_t = tl.trans(w[:, None] * zc)
             gram = _dot_acc(wzc_t, zc, gram, F64)
             rhs = _dot_acc(wzc_t, yc, rhs, F64)
-            tss += tl.sum(w[:, None] * yc * yc, axis=0)
+            tss += _weighted_squares(w, yc)
         ridge = tl.where(seg_ok, alpha, 1.0).to(dtype)
         gram += tl.where(idx_m[:, None] == idx_m[None, :], ridge[:, None], 0)
     if PHASE == _NORMAL_EQUATIONS:
@@ -239,7 +247,8 @@ def _lime_fit(
         if PHASE == _FUSED:
             beta, solved = _ridge_solve(gram, rhs, mb, BLOCK_M)
             # 3. from (G + αI) β = R: Σ w (yc - zc β)² = Σ w yc² - β·R - α |β|² (padded rows: β = 0)
-            rss = tl.maximum(tss - tl.sum(beta * rhs, axis=0) - alpha * tl.sum(beta * beta, axis=0), 0)
+            beta64, rhs64 = beta.to(tl.float64), rhs.to(tl.float64)
+            rss = tl.maximum(tss - tl.sum(beta64 * rhs64, axis=0) - alpha.to(tl.float64) * tl.sum(beta64 * beta64, axis=0), 0)
             if solved == 0:  # NaN outputs, which the launcher replaces by the least-squares path's
                 tl.store(unsolved_ptr, 1)
                 beta = beta + float("nan")
@@ -248,20 +257,20 @@ def _lime_fit(
             beta = tl.load(beta_ptr + b * M * L + idx_m[:, None] * L + idx_l[None, :],
                            mask=seg_ok[:, None] & (idx_l < L)[None, :], other=0).to(dtype)
             # 3. residual and total sums of squares, a third pass (β came from outside)
-            rss = tl.zeros((BLOCK_L,), dtype)
+            rss = tl.zeros((BLOCK_L,), tl.float64)
             for n0 in range(0, N, BLOCK_N):
                 zc, yc, w = _centred_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2, xbar, ybar,
                                            seg_ok, sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
                                            HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
                 resid = yc - _dot_acc(zc, beta, tl.zeros((BLOCK_N, BLOCK_L), dtype), F64)
-                rss += tl.sum(w[:, None] * resid * resid, axis=0)
-                tss += tl.sum(w[:, None] * yc * yc, axis=0)
+                rss += _weighted_squares(w, resid)
+                tss += _weighted_squares(w, yc)
 
         intercept = ybar - tl.sum(xbar[:, None] * beta, axis=0)
         local_pred = intercept + tl.sum(beta, axis=0)
         # scikit-learn's r2_score with force_finite (see r2_from_sums)
         score = 1 - rss / tl.where(tss == 0, 1, tss)
-        score = tl.where(tss == 0, tl.where(rss == 0, 1, 0).to(dtype), score)
+        score = tl.where(tss == 0, tl.where(rss == 0, 1, 0).to(tl.float64), score).to(dtype)
         label_ok = idx_l < L
         tl.store(coef_ptr + b * L * M + idx_l[None, :] * M + idx_m[:, None], beta,
                  mask=(idx_m < M)[:, None] & label_ok[None, :])

@@ -389,6 +389,25 @@ def test_lime_fit_refuses_kernel_widths_that_leave_no_weight(backend):
             lime_fit(masks, targets.to(dtype), kernel_width=kw, backend=backend)
 
 
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_lime_fit_scores_float32_targets_of_any_magnitude(backend):
+    # R² does not depend on the targets' scale; float32 squares of 1e-25 underflowed (score 1) and
+    # of 1e25 overflowed (NaN, or 1 through a clamp)
+    if not backends.status("lime_fit", backend, "cpu")[0]:
+        pytest.skip(f"no {backend} backend on the CPU here")
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(2, 40, 6, generator=gen) < 0.5
+    masks[:, 0] = True
+    base = masks.double() @ torch.randn(2, 6, 2, generator=gen, dtype=torch.float64)
+    base += 0.3 * torch.randn(2, 40, 2, generator=gen, dtype=torch.float64)
+    want = lime_fit(masks, base, backend=backend)
+    assert 0.5 < want[2].min() < want[2].max() < 0.99
+    for scale in (1e-25, 1e25):
+        coef, intercept, score, local_pred = lime_fit(masks, (base * scale).float(), backend=backend)
+        torch.testing.assert_close(score.double(), want[2], atol=1e-5, rtol=0)
+        torch.testing.assert_close(coef.double() / scale, want[0], atol=1e-5, rtol=1e-4)
+
+
 def test_masked_pgd_step_zero_weight_leaves_pixels_alone():
     x = torch.rand(1, 3, 6, 6)
     x_adv = x.clone()

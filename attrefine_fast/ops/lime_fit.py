@@ -108,9 +108,12 @@ def lime_fit_ref(
     beta = beta * valid.unsqueeze(2)
     intercept = ybar - torch.einsum("bm,bml->bl", xbar * valid, beta)
     resid = yc - zc @ beta  # (B, N, L): y - ŷ
-    rss = torch.einsum("bn,bnl->bl", w, resid**2)
-    tss = torch.einsum("bn,bnl->bl", w, yc**2)
-    score = r2_from_sums(rss, tss)
+    # R²'s sums of squares in float64: float32 squares underflow for targets below about 1e-19 (a
+    # class of tiny probability) and overflow above 1e19, where R² itself is defined as ever.
+    w64 = w.double()
+    rss = torch.einsum("bn,bnl->bl", w64, resid.double() ** 2)
+    tss = torch.einsum("bn,bnl->bl", w64, yc.double() ** 2)
+    score = r2_from_sums(rss, tss).to(dtype)
     local_pred = intercept + beta.sum(dim=1)
     return beta.transpose(1, 2).contiguous(), intercept, score, local_pred
 
