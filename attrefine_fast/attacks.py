@@ -70,7 +70,7 @@ def check_batch(images: torch.Tensor, labels: torch.Tensor | None = None) -> tor
     return labels
 
 
-def _check_mask(mask, images: torch.Tensor) -> torch.Tensor | None:
+def check_mask(mask, images: torch.Tensor) -> torch.Tensor | None:
     """(H, W), (B, H, W) or (B, 1, H, W), bool or float in [0, 1] -> (B, H, W) in images' dtype."""
     if mask is None:
         return None
@@ -215,7 +215,7 @@ def masked_pgd(
     """
     labels = check_batch(images, labels)
     check_choice("norm", norm, NORMS)
-    weight = _check_mask(mask, images)
+    weight = check_mask(mask, images)
     eps = float(eps)
     step_size = eps / 4 if step_size is None else float(step_size)
     if not (eps >= 0 and eps != float("inf")):

@@ -138,3 +138,50 @@ def test_bad_inputs_raise_clear_errors(batch):
         attribution_bound(model, x, y, torch.zeros(2, 32, 32))
     with pytest.raises(ValueError, match="eps_max"):
         empirical_min_eps(model, x, y, eps_max=0.0)
+
+
+def test_bad_values_and_labels_are_refused_rather_than_computed_with(batch):
+    # each went through: a NaN or out-of-range mask (a NaN made the estimate inf), float segments
+    # (truncated), a label beyond the model's outputs (read as misclassified by empirical_min_eps)
+    from attrefine_fast.refine import FlagStore, attribution_bound, empirical_min_eps
+
+    model, x, y, seg, counts = batch
+    nan_mask = torch.zeros(len(x), 32, 32)
+    nan_mask[0, 0, 0] = float("nan")
+    for mask, match in ((nan_mask, "NaN"), (torch.full((len(x), 32, 32), 2.0), r"\[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            mask_images(x, mask, "zero")
+        with pytest.raises(ValueError, match=match):
+            attribution_bound(model, x, y, mask)
+    with pytest.raises(ValueError, match="NaN"):
+        mask_images(x * float("nan"), torch.zeros(len(x), 32, 32), "zero")
+    with pytest.raises(TypeError, match="integer labels"):
+        detect_spurious(model, x, y, seg + 0.7, counts)
+    beyond = y.clone()
+    beyond[0] = 10
+    with pytest.raises(ValueError, match="num_classes = 10"):
+        empirical_min_eps(model, x, beyond, eps_max=0.1, iterations=1)
+    with pytest.raises(ValueError, match="num_classes = 10"):
+        attribution_bound(model, x, beyond, torch.zeros(len(x), 32, 32))
+    with pytest.raises(ValueError, match="counts must hold each image's number of segments"):
+        FlagStore(seg, counts + 1)
+
+
+def test_the_flag_cap_keeps_the_whole_share_it_allows():
+    # 100 * 0.29 = 28.999999999999996: 29 passing superpixels of 100 are within a 29% cap
+    m = 100
+    sensitivity = torch.linspace(0.5, 0.9, m).unsqueeze(0)
+    relevance = torch.zeros(1, m)
+    instability = torch.zeros(1, m)
+    instability[0, :29] = 1.0
+    flags = flag_superpixels(relevance, sensitivity, instability, torch.tensor([m]), tau=-1.0, eps_s=2.0, delta=0.5,
+                             max_flagged_fraction=0.29)
+    assert int(flags.sum()) == 29
+
+
+def test_the_flag_store_holds_more_labels_than_int16():
+    from attrefine_fast.refine import FlagStore
+
+    seg = torch.arange(40000).view(1, 200, 200)
+    store = FlagStore(seg, torch.tensor([40000]))
+    assert store.segments.max() == 39999 and store.segments.min() == 0

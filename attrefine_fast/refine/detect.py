@@ -97,7 +97,8 @@ def flag_superpixels(
     """
     valid = valid_columns(counts, relevance.shape[1])
     flags = (((relevance < tau) & (sensitivity > eps_s)) | (instability > delta)) & valid
-    limit = torch.floor(counts.to(torch.float64) * max_flagged_fraction).long()
+    # (M · fraction rounds below a whole number it equals: 100 * 0.29 = 28.999999999999996)
+    limit = torch.floor(counts.to(torch.float64) * max_flagged_fraction + 1e-9).long()
     over = flags.sum(dim=1) > limit
     if bool(over.any()):
         score = torch.where(flags, sensitivity, torch.full_like(sensitivity, -1.0))
@@ -156,6 +157,8 @@ def detect_spurious(
         check_real(name, value)
     if not 0.0 <= check_real("max_flagged_fraction", max_flagged_fraction) <= 1.0:
         raise ValueError(f"max_flagged_fraction must be in [0, 1], got {max_flagged_fraction}")
+    if segments.dtype.is_floating_point or segments.dtype == torch.bool or segments.is_complex():
+        raise TypeError(f"segments must hold integer labels, got {segments.dtype}")
     segments = segments.to(images.device).long()
     found = check_segments(segments, images)
     if not torch.equal(found, counts.to(found.device, found.dtype)):

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_segments
 from ..segmentation import segment
 from .detect import detect_spurious, flags_to_pixels, gradient_share, input_gradient, superpixel_sums
 
 
 class FlagStore:
-    """segments (N, H, W) uint8/int16, counts (N,), flags (N, M) bool, refreshed (N,) int32 (the
-    cycle of each image's last refresh, -1 for never)."""
+    """segments (N, H, W) uint8/int16/int32 (the smallest that holds the labels), counts (N,),
+    flags (N, M) bool, refreshed (N,) int32 (the cycle of each image's last refresh, -1 for never)."""
 
     def __init__(self, segments: torch.Tensor, counts: torch.Tensor):
+        found = check_segments(segments, segments.new_empty(segments.shape[0], 1, *segments.shape[1:], dtype=torch.float32))
+        if not torch.equal(found.cpu(), counts.long().cpu()):
+            raise ValueError(f"counts must hold each image's number of segments, {found.tolist()}, got {counts.tolist()}")
         m = int(counts.max())
-        small = torch.uint8 if m <= 256 else torch.int16
+        small = torch.uint8 if m <= 256 else torch.int16 if m <= 32768 else torch.int32
         self.segments = segments.to(small).cpu()
         self.counts = counts.long().cpu()
         self.flags = torch.zeros(len(counts), m, dtype=torch.bool)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..attacks import masked_pgd
+from ..attacks import check_batch, check_mask, masked_pgd
 from ..corruptions import depthwise_filter, gaussian_kernel
 from ..neighborhood import fudge_images
 
@@ -43,6 +43,8 @@ def mask_images(
     """
     if pixel_mask.shape != (images.shape[0],) + images.shape[2:]:
         raise ValueError(f"pixel_mask must be (B, H, W) = {(images.shape[0],) + tuple(images.shape[2:])}, got {tuple(pixel_mask.shape)}")
+    check_batch(images)  # finite, in [0, 1]
+    pixel_mask = check_mask(pixel_mask, images)  # finite, in [0, 1]
     if replacement is not None:
         if replacement.shape != images.shape:
             raise ValueError(f"replacement must have the images' shape {tuple(images.shape)}, got {tuple(replacement.shape)}")
