@@ -18,7 +18,9 @@ Conventions, shared by every attack here:
   untouched), a ``torch.Generator`` (advanced by the call), or None (the global RNG).
 - ``targeted=True`` reads ``labels`` as the target classes and minimizes their loss.
 - ``amp``: run the model's forward under autocast (True: bfloat16, or pass a dtype). Sign and
-  normalized-gradient steps do not depend on the gradient's scale, so no loss scaling is needed.
+  normalized-gradient steps do not depend on the gradient's scale, per sample: under float16,
+  whose gradients underflow (a confident sample's logit gradient, about e^-margin, is 0 there),
+  each sample's loss is scaled so that its logit gradient has unit norm before the backward.
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def check_batch(images: torch.Tensor, labels: torch.Tensor | None = None) -> tor
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f"labels must have one entry per image: {images.shape[0]} images, {labels.shape[0]} labels")
         labels = labels.to(images.device, torch.long)
+        if labels.is_inference():  # (made under torch.inference_mode: autograd cannot save it)
+            labels = labels.clone()
     # Every value check from one pass over the images and one host round trip: the extremes are
     # NaN or infinite where an element is (min and max propagate NaN).
     extremes = list(torch.aminmax(images))
@@ -84,7 +88,7 @@ def check_mask(mask, images: torch.Tensor) -> torch.Tensor | None:
     if m.dim() != 3 or tuple(m.shape[1:]) != (h, w) or m.shape[0] not in (1, b):
         raise ValueError(f"mask must have shape (H, W), (B, H, W) or (B, 1, H, W) with (B, H, W) = {(b, h, w)}, got {tuple(mask.shape)}")
     floating = m.is_floating_point()  # (a bool mask is 0 or 1)
-    m = m.to(images.device, images.dtype)
+    m = m.detach().to(images.device, images.dtype)  # (no autograd through the attack's weights)
     if floating:  # in the images' dtype: a value that rounds into [0, 1] there is in range
         lo, hi = torch.stack(torch.aminmax(m)).tolist()  # NaN or infinite where an element is
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -135,12 +139,24 @@ def _forward(model: nn.Module, x: torch.Tensor, amp_dtype, labels=None) -> torch
     return logits.float()
 
 
+def _gradient_scale(logits: torch.Tensor, labels: torch.Tensor, amp_dtype) -> torch.Tensor | float:
+    """1, or under float16 autocast (B,) per-sample factors giving each sample's cross-entropy
+    gradient on the logits, softmax - onehot, a unit norm (detached: it rescales each sample's
+    gradient, whose direction alone the steps use, and keeps it from underflowing in float16)."""
+    if amp_dtype != torch.float16:
+        return 1.0
+    with torch.no_grad():
+        norm = (logits.softmax(dim=1) - F.one_hot(labels, logits.shape[1])).norm(dim=1)
+        return torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+
+
 def _gradient(model, x, labels, targeted, amp_dtype, check_labels):
     """The gradient of the summed objective alone (the steps that keep no score)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = _forward(model, x, amp_dtype, labels if check_labels else None)
-        loss = F.cross_entropy(logits, labels, reduction="sum")
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        loss = (loss * _gradient_scale(logits, labels, amp_dtype)).sum()
         return torch.autograd.grad(-loss if targeted else loss, x)[0]
 
 
@@ -151,7 +167,8 @@ def _evaluate(model, x, labels, targeted, amp_dtype, need_grad, check_labels):
         logits = _forward(model, x, amp_dtype, labels if check_labels else None)
         loss = F.cross_entropy(logits, labels, reduction="none")
         objective = -loss if targeted else loss
-        grad = torch.autograd.grad(objective.sum(), x)[0] if need_grad else None
+        scaled = objective * _gradient_scale(logits, labels, amp_dtype) if need_grad else None
+        grad = torch.autograd.grad(scaled.sum(), x)[0] if need_grad else None
     pred = logits.detach().argmax(dim=1)
     success = pred == labels if targeted else pred != labels
     return objective.detach(), success, grad
@@ -235,7 +252,7 @@ def masked_pgd(
         # No step needs the model: one forward still checks its outputs and the labels against
         # them, as every other setting does.
         with frozen(model), torch.no_grad():
-            _forward(model, x, amp_dtype, labels)
+            _forward(model, x.clone(), amp_dtype, labels)  # (a model may write into its input)
         if eps == 0:
             return x.clone()
     best = x.clone()
@@ -320,7 +337,8 @@ def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256, am
     check_int("batch_size", batch_size, 1)
     amp_dtype = _amp_dtype(amp)
     with frozen(model):
-        preds = [_forward(model, images[i : i + batch_size], amp_dtype).argmax(1) for i in range(0, images.shape[0], batch_size)]
+        # (clones: a model may write into its input)
+        preds = [_forward(model, images[i : i + batch_size].clone(), amp_dtype).argmax(1) for i in range(0, images.shape[0], batch_size)]
     return torch.cat(preds)
 
 

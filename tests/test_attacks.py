@@ -307,3 +307,59 @@ class TestBadInput:
     def test_model_must_return_logits(self):
         with pytest.raises(ValueError, match="logits"):
             pgd(torch.nn.Flatten(0), self.x, self.y, steps=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_mask_with_autograd_gives_a_detached_result(backend):
+    # the weight kept its graph: an autograd result, through the random start only on cpp
+    if not backends.status("masked_pgd_step", backend, "cpu")[0]:
+        pytest.skip(f"no {backend} backend here")
+    model = SmallCNN(num_classes=10, width=4)
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
+    mask = torch.rand(2, 16, 16, requires_grad=True)
+    for attack in (lambda m: masked_pgd(model, x, y, m, steps=2, seed=0, backend=backend),
+                   lambda m: fgsm(model, x, y, mask=m, backend=backend)):
+        adv = attack(mask)
+        assert not adv.requires_grad
+        assert torch.equal(adv, attack(mask.detach()))
+
+
+def test_labels_made_under_inference_mode():
+    model = SmallCNN(num_classes=10, width=4)
+    with torch.inference_mode():
+        x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
+    assert pgd(model, x, y, steps=1, seed=0).shape == x.shape and fgsm(model, x, y).shape == x.shape
+
+
+def test_float16_autocast_still_steps_on_confident_samples():
+    # a logit margin of 20: softmax - onehot is about 2e-9, 0 in float16, and so was every step
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    x = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([20.0, 0.0]) - model(x).mean(0))
+    y = torch.zeros(4, dtype=torch.long)
+    plain = pgd(model, x, y, eps=8 / 255, steps=3, random_start=False, keep_best=False)
+    half = pgd(model, x, y, eps=8 / 255, steps=3, random_start=False, keep_best=False, amp=torch.float16)
+    assert (plain - x).abs().max() > 0.02  # three steps of eps / 4
+    assert ((half - x).abs() > 0).float().mean() > 0.9
+    assert torch.equal(torch.sign(half - x), torch.sign(plain - x))
+
+
+def test_a_model_that_writes_into_its_input_leaves_the_callers_images():
+    class Scribbler(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallCNN(num_classes=10, width=4)
+
+        def forward(self, x):
+            if not x.requires_grad:
+                x.mul_(0.5)
+            return self.net(x)
+
+    model = Scribbler()
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
+    before = x.clone()
+    pgd(model, x, y, eps=0.0)
+    predict(model, x)
+    assert torch.equal(x, before)
