@@ -158,6 +158,13 @@ class WideResNet(nn.Module):
         self.block1, self.block2, self.block3 = stages
         self.bn = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
+        # The reference initialization (Zagoruyko & Komodakis' code, kept by Madry et al., TRADES and
+        # RobustBench): convolutions N(0, 2 / (k² C_out)), the classifier's bias 0.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
@@ -259,11 +266,20 @@ def save_checkpoint(path, model: nn.Module, arch: str, num_classes: int, *, norm
     :func:`load_checkpoint` cannot rebuild it, the caller loads ``checkpoint["model"]`` into their own.
     """
     arch = None if arch is None else canonical_arch(arch)
-    net = model
+    net = model = _unwrapped(model)
     if isinstance(model, NormalizedModel):
+        buffers = {"mean": model.normalize.mean.detach().flatten().cpu(), "std": model.normalize.std.detach().flatten().cpu()}
         if normalization is None:
-            normalization = {"mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist()}
+            normalization = {k: v.tolist() for k, v in buffers.items()}
+        else:  # the same values, as the model's buffers hold them (float32, or rounded with the model)
+            given = _resolve_normalization(normalization)
+            if not all(torch.equal(torch.tensor(given[k]).to(v.dtype), v) for k, v in buffers.items()):
+                raise ValueError(f"normalization={normalization!r} differs from the model's own "
+                                 f"({ {k: v.tolist() for k, v in buffers.items()} }): pass None to save the model's")
         net = model.net
+    _check_plain_data(extra, "extra")
+    if arch is not None:  # a file load_checkpoint can rebuild: the same names and shapes as build_model's
+        _check_loadable(net, arch, int(num_classes), dict(model_kwargs or {}))
     ckpt = {
         "model": net.state_dict(),
         "arch": arch,
@@ -284,6 +300,42 @@ def read_torch_file(path: str, device):
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
         raise ValueError(f"{path} cannot be read as a checkpoint: not a torch.save file, cut short, or holding more "
                          f"than tensors and plain data ({type(e).__name__}: {e})") from e
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and (Distributed)DataParallel's wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _check_plain_data(value, where: str) -> None:
+    """What torch.load(weights_only=True) reads back: tensors, numbers, strings, None, and lists,
+    tuples and dicts of them."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain_data(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain_data(v, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (torch.Tensor, bool, int, float, str))):
+        raise TypeError(f"checkpoint entry {where} is a {type(value).__name__}: load_checkpoint reads tensors, numbers, "
+                        "strings and lists or dicts of them only (e.g. save an optimizer's state_dict())")
+
+
+def _check_loadable(net: nn.Module, arch: str, num_classes: int, model_kwargs: dict) -> None:
+    expected = {k: tuple(v.shape) for k, v in MODELS[arch](num_classes, **model_kwargs).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if got != expected:
+        wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        raise ValueError(
+            f"the model is not {arch}(num_classes={num_classes}, **{model_kwargs}) as build_model makes it (differs at "
+            f"{wrong[:3]}): pass its arch, num_classes and model_kwargs, or arch=None for a model of your own"
+        )
 
 
 def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
@@ -312,5 +364,9 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
         ckpt["arch"], int(ckpt["num_classes"]), normalization=ckpt.get("normalization"), **(ckpt.get("model_kwargs") or {})
     )
     net = model.net if isinstance(model, NormalizedModel) else model
-    net.load_state_dict(ckpt["model"])
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit {ckpt['arch']}(num_classes={ckpt['num_classes']}, "
+                         f"**{ckpt.get('model_kwargs') or {}}): {str(e).splitlines()[0]}") from e
     return move_to_device(model, ckpt["arch"], device).eval(), ckpt

@@ -116,9 +116,42 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
         load_checkpoint(tmp_path / "text.pt")
     # A state dict that does not fit the architecture is an error, not a silent partial load.
-    save_checkpoint(tmp_path / "wide.pt", SmallCNN(3, width=8), "small_cnn", 3)
+    save_checkpoint(tmp_path / "wide.pt", SmallCNN(3, width=8), "small_cnn", 3, model_kwargs={"width": 8})
     ckpt = torch.load(tmp_path / "wide.pt", weights_only=True)
     ckpt["model_kwargs"] = {"width": 4}
     torch.save(ckpt, tmp_path / "wrong.pt")
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match=r"wrong.pt: its weights do not fit small_cnn\(num_classes=3, \*\*\{'width': 4\}\)"):
         load_checkpoint(tmp_path / "wrong.pt")
+    # ... and save_checkpoint refuses to write such files: they could not be loaded back
+    for model, arch, classes, kwargs in ((SmallCNN(3, width=8), "small_cnn", 3, None), (SmallCNN(3), "small_cnn", 4, None),
+                                         (SmallCNN(3), "preact_resnet18", 3, None)):
+        with pytest.raises(ValueError, match="as build_model makes it"):
+            save_checkpoint(tmp_path / "bad.pt", model, arch, classes, model_kwargs=kwargs)
+    with pytest.raises(TypeError, match=r"extra\['optimizer'\] is a SGD"):
+        save_checkpoint(tmp_path / "bad.pt", SmallCNN(3), "small_cnn", 3, optimizer=torch.optim.SGD(SmallCNN(3).parameters(), lr=0.1))
+    save_checkpoint(tmp_path / "named.pt", build_model("small_cnn", 3, normalization="cifar10").bfloat16(), "small_cnn", 3,
+                    normalization="cifar10")  # the model's own, as its bfloat16 buffers hold them: the exact values saved
+    assert torch.load(tmp_path / "named.pt", weights_only=True)["normalization"]["mean"] == [0.4914, 0.4822, 0.4465]
+    with pytest.raises(ValueError, match="differs from the model's own"):
+        save_checkpoint(tmp_path / "bad.pt", build_model("small_cnn", 3, normalization="cifar10"), "small_cnn", 3,
+                        normalization="cifar100")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_wrapped_models_save_as_the_model_inside(tmp_path):
+    # a compiled or DataParallel model saved its wrapper's keys (_orig_mod., module.) and no normalization
+    model = build_model("small_cnn", 3, normalization="cifar10", width=4)
+    for wrapped in (torch.compile(model), torch.nn.DataParallel(model)):
+        save_checkpoint(tmp_path / "w.pt", wrapped, "small_cnn", 3, model_kwargs={"width": 4})
+        loaded, ckpt = load_checkpoint(tmp_path / "w.pt")
+        torch.testing.assert_close(torch.tensor(ckpt["normalization"]["mean"]), torch.tensor([0.4914, 0.4822, 0.4465]))
+        x = torch.rand(2, 3, 32, 32)
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_wide_resnet_takes_the_reference_initialization():
+    torch.manual_seed(0)
+    net = build_model("wrn_34_10", 10)
+    conv = net.block2[1].conv1  # 3x3, 320 -> 320
+    assert abs(conv.weight.std().item() - (2 / (9 * 320)) ** 0.5) < 0.002
+    assert torch.all(net.fc.bias == 0)
