@@ -122,6 +122,18 @@ def check_segments(segments: torch.Tensor, images: torch.Tensor, max_segments: i
     return num
 
 
+def check_segment_counts(segments: torch.Tensor, counts: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`check_segments` (against ``images``' shape, or segments' own without images), and
+    ``counts`` (B,) holding each image's number of segments; returns the counts found."""
+    if images is None:  # a shape to check against, without memory behind it
+        b, h, w = segments.shape if segments.dim() == 3 else (0, 0, 0)
+        images = torch.empty((), device=segments.device).expand(b, 1, h, w)
+    found = check_segments(segments, images)
+    if not torch.equal(found.cpu(), counts.long().cpu()):
+        raise ValueError(f"counts must hold each image's number of segments, {found.tolist()}, got {counts.tolist()}")
+    return found
+
+
 def _traced_segment_counts(flat: torch.Tensor, max_segments: int | None) -> torch.Tensor:
     """check_segments' value checks as graph assertions, with a table of max_segments flags."""
     if max_segments is None:

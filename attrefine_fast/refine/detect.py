@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from ..attacks import check_batch, fgsm, frozen, pgd
-from ..checks import check_choice, check_int, check_real, check_segments
+from ..checks import check_choice, check_int, check_real, check_segment_counts
 from ..explain import DEFAULT_BATCH_SIZE, explain
 from .config import EXPLAIN_LABELS, INSTABILITIES
 
@@ -160,9 +160,7 @@ def detect_spurious(
     if segments.dtype.is_floating_point or segments.dtype == torch.bool or segments.is_complex():
         raise TypeError(f"segments must hold integer labels, got {segments.dtype}")
     segments = segments.to(images.device).long()
-    found = check_segments(segments, images)
-    if not torch.equal(found, counts.to(found.device, found.dtype)):
-        raise ValueError(f"counts must hold each image's number of segments, {found.tolist()}, got {counts.tolist()}")
+    check_segment_counts(segments, counts, images)
     counts = counts.to(images.device)
     with torch.no_grad():
         if explain_label == "predicted":

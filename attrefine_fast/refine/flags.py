@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_segments
+from ..checks import check_segment_counts
 from ..segmentation import segment
 from .detect import detect_spurious, flags_to_pixels, gradient_share, input_gradient, superpixel_sums
 
@@ -14,9 +14,7 @@ class FlagStore:
     flags (N, M) bool, refreshed (N,) int32 (the cycle of each image's last refresh, -1 for never)."""
 
     def __init__(self, segments: torch.Tensor, counts: torch.Tensor):
-        found = check_segments(segments, segments.new_empty(segments.shape[0], 1, *segments.shape[1:], dtype=torch.float32))
-        if not torch.equal(found.cpu(), counts.long().cpu()):
-            raise ValueError(f"counts must hold each image's number of segments, {found.tolist()}, got {counts.tolist()}")
+        check_segment_counts(segments, counts)
         m = int(counts.max())
         small = torch.uint8 if m <= 256 else torch.int16 if m <= 32768 else torch.int32
         self.segments = segments.to(small).cpu()
