@@ -51,6 +51,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if torch.compiler.is_compiling():
         if t.is_floating_point() and t.numel() > 0:
             require(torch.isfinite(t).all(), message)
+    elif t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values")
     elif not all_finite(t):
         raise ValueError(message)
 
@@ -75,8 +77,6 @@ def check_images(name: str, images: torch.Tensor, *, channels: int | None = None
         raise ValueError(f"{name} must have {channels} channels (B, C, H, W), got shape {tuple(images.shape)}")
     if images.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(images.shape)}")
-    if images.device.type == "meta":
-        raise ValueError(f"{name} is on the meta device, which holds no values")
     check_finite(name, images)
 
 

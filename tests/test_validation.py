@@ -163,6 +163,16 @@ class TestDropIn:
 
 
 class TestOps:
+    def test_meta_tensors_are_refused_by_name(self):
+        # segment_mean named them; masked_pgd_step and lime_fit failed in .item()
+        x = torch.zeros(1, 1, 2, 2, device="meta")
+        for call, name in ((lambda: ops.masked_pgd_step(x, x, x, step_size=0.1, eps=0.1), "x_adv"),
+                           (lambda: ops.lime_fit(torch.ones(1, 3, 2, dtype=torch.bool, device="meta"),
+                                                 torch.zeros(1, 3, 1, device="meta")), "targets"),
+                           (lambda: ops.segment_mean(x, torch.zeros(1, 2, 2, dtype=torch.long, device="meta"), 1), "images")):
+            with pytest.raises(ValueError, match=f"{name} is on the meta device"):
+                call()
+
     def test_perturb(self):
         images, segments, counts = grid_batch()
         masks = torch.ones(2, 5, 4, dtype=torch.bool)

@@ -177,11 +177,11 @@ def lime_fit(
     check_tensor("num_segments", num_segments, ndim=1, dtypes=(torch.int32, torch.int64))
     if num_segments.shape[0] != b:
         raise ValueError(f"num_segments must hold B={b} counts in 1..{m}")
+    check_same_device(masks=masks, targets=targets, num_segments=num_segments, weights=weights)
+    check_finite("targets", targets)
     # traced, a message built from the sizes would fix them in the graph (a recompile per size)
     in_range = "num_segments must hold counts in 1..M" if torch.compiler.is_compiling() else f"num_segments must hold B={b} counts in 1..{m}"
     require(((num_segments >= 1) & (num_segments <= m)).all(), in_range)
-    check_same_device(masks=masks, targets=targets, num_segments=num_segments, weights=weights)
-    check_finite("targets", targets)
     if weights is not None:
         check_tensor("weights", weights, ndim=2, dtypes=(torch.float32, torch.float64))
         if tuple(weights.shape) != (b, n):
