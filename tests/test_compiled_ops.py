@@ -2,6 +2,7 @@
 (dtype, atol, rtol) with awkward shapes, torch.library.opcheck on the registrations, errors on bad
 input straight from the op, and one end-to-end explanation with each backend."""
 import functools
+import math
 import json
 import os
 import re
@@ -345,6 +346,13 @@ def test_masked_pgd_step_takes_bounds_beyond_a_half_dtype_and_empty_batches_on_e
                 expected = masked_pgd_step_ref(x.clone(), x, grad, None, step, eps, lo, hi, norm)
                 out = masked_pgd_step(x.clone(), x, grad, step_size=step, eps=eps, lo=lo, hi=hi, norm=norm, backend=backend)
                 assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), (dtype, norm, step, eps, lo, hi)
+    for dtype in (torch.float32, torch.float64):  # infinite bounds (float64's: the reference overflowed on 2**1024)
+        x = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64).to(dtype)
+        grad = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64).to(dtype)
+        moved = x + 0.1 * grad.sign()
+        for eps, lo, hi, expected in ((0.1, -math.inf, math.inf, moved), (math.inf, 0.0, 1.0, moved.clamp(0, 1))):
+            out = masked_pgd_step(x.clone(), x, grad, step_size=0.1, eps=eps, lo=lo, hi=hi, norm="linf", backend=backend)
+            torch.testing.assert_close(out, expected, atol=0, rtol=0)
     for norm in ("linf", "l2"):  # no samples: nothing to do, on every backend
         empty = torch.rand(0, 3, 4, 5)
         assert masked_pgd_step(empty.clone(), empty, empty, step_size=0.1, eps=0.2, norm=norm, backend=backend).shape == empty.shape

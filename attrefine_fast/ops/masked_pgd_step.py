@@ -38,7 +38,8 @@ def bound_in_dtype(value: float, dtype: torch.dtype) -> float:
     info = torch.finfo(dtype)
     if abs(value) <= info.max:
         return value
-    half_ulp = 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
+    # half an ulp at the largest value; its exponent from frexp (log2 of float64's max rounds to 1024)
+    half_ulp = 2.0 ** (math.frexp(info.max)[1] - 1) * info.eps / 2
     return math.copysign(math.inf if abs(value) >= info.max + half_ulp else info.max, value)
 
 
