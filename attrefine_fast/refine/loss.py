@@ -44,7 +44,13 @@ def mask_images(
     if pixel_mask.shape != (images.shape[0],) + images.shape[2:]:
         raise ValueError(f"pixel_mask must be (B, H, W) = {(images.shape[0],) + tuple(images.shape[2:])}, got {tuple(pixel_mask.shape)}")
     check_batch(images)  # finite, in [0, 1]
-    pixel_mask = check_mask(pixel_mask, images)  # finite, in [0, 1]
+    return _replace_pixels(images, check_mask(pixel_mask, images), fill, segments, generator, replacement)
+
+
+def _replace_pixels(images, pixel_mask, fill, segments, generator, replacement) -> torch.Tensor:
+    """:func:`mask_images` without its checks, whose value checks are host round trips: the
+    training loop's (B, H, W) masks come from the flag store (0 / 1), and its images are checked
+    in the same step by the attack (masked_pgd's check_batch)."""
     if replacement is not None:
         if replacement.shape != images.shape:
             raise ValueError(f"replacement must have the images' shape {tuple(images.shape)}, got {tuple(replacement.shape)}")
@@ -117,7 +123,7 @@ def batch_loss(mode: str, forward, module, images, labels, pixel_mask, segments,
         loss = F.cross_entropy(logits, labels)
         return loss, {"ce_adv": loss.detach(), "logits": logits.detach()}
     # refine: masked and adversarial images in one forward (one batch-norm batch, one DDP forward).
-    masked = mask_images(images, pixel_mask, cfg.fill, segments=segments, generator=generator, replacement=fill_images)
+    masked = _replace_pixels(images, pixel_mask, cfg.fill, segments, generator, fill_images)
     b = images.shape[0]
     logits = forward(torch.cat([masked, adv])).float()
     ce_masked = F.cross_entropy(logits[:b], labels)
