@@ -134,9 +134,15 @@ def _forward(model: nn.Module, x: torch.Tensor, amp_dtype, labels=None) -> torch
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"the model must return logits of shape (B, num_classes), got {shape}")
-    if labels is not None and int(labels.max()) >= logits.shape[1]:
-        raise ValueError(f"labels must be < num_classes = {logits.shape[1]}, got {int(labels.max())}")
+    if labels is not None:
+        check_label_range(labels, logits.shape[1])
     return logits.float()
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """labels < the model's number of outputs (one host round trip)."""
+    if int(labels.max()) >= num_classes:
+        raise ValueError(f"labels must be < num_classes = {num_classes}, got {int(labels.max())}")
 
 
 def _gradient_scale(logits: torch.Tensor, labels: torch.Tensor, amp_dtype) -> torch.Tensor | float:

@@ -17,13 +17,8 @@ import numpy as np
 from scipy.stats import rankdata
 import torch
 
-from ..attacks import check_batch, check_mask, frozen, pgd, predict
+from ..attacks import check_batch, check_label_range, check_mask, frozen, pgd, predict
 from ..checks import check_int, check_real
-
-
-def _check_label_range(labels: torch.Tensor, classes: int) -> None:
-    if int(labels.max()) >= classes:
-        raise ValueError(f"labels must be < num_classes = {classes} (the model's outputs), got {int(labels.max())}")
 
 
 def margin_and_gradient(model, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +26,7 @@ def margin_and_gradient(model, images: torch.Tensor, labels: torch.Tensor) -> tu
     with frozen(model), torch.enable_grad():
         x = images.detach().clone().requires_grad_(True)
         logits = model(x).float()
-        _check_label_range(labels, logits.shape[1])
+        check_label_range(labels, logits.shape[1])
         true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
         others = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(dim=1)
         margin = true - others
@@ -80,7 +75,7 @@ def empirical_min_eps(model, images: torch.Tensor, labels: torch.Tensor, *, eps_
     check_int("steps", steps, 1)
     labels = check_batch(images, labels)
     with frozen(model), torch.no_grad():
-        _check_label_range(labels, model(images[:1]).shape[1])  # (a label beyond them read as misclassified)
+        check_label_range(labels, model(images[:1]).shape[1])  # (a label beyond them read as misclassified)
     b = images.shape[0]
     result = torch.zeros(b, dtype=torch.float64)
     flipped = torch.ones(b, dtype=torch.bool)
