@@ -114,6 +114,18 @@ def lime_fit_cases(dtype=torch.float64, device="cpu"):
     return [(nm, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)) for nm, args in cases]
 
 
+def step_inputs(shape, gen: torch.Generator, weighted: bool = True):
+    """float64 (x_adv, x, grad, weight) for a PGD step on images of ``shape`` (B, C, H, W): x in
+    [0, 1], x_adv within about 0.05 of it, a normal gradient, a (B, H, W) weight in [0, 1] (None
+    without ``weighted``)."""
+    x = torch.rand(shape, generator=gen, dtype=torch.float64)
+    x_adv = (x + 0.05 * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+    b, _, h, w = shape
+    weight = torch.rand(b, h, w, generator=gen, dtype=torch.float64) if weighted else None
+    return x_adv, x, grad, weight
+
+
 def masked_pgd_step_cases(dtype=torch.float32, device="cpu"):
     """(id, (x_adv, x, grad, weight, step_size, eps, lo, hi, norm)); x_adv is updated in place."""
     gen = torch.Generator().manual_seed(4)
@@ -125,9 +137,7 @@ def masked_pgd_step_cases(dtype=torch.float32, device="cpu"):
             ("channels_last", (2, 3, 5, 6), True, "channels_last"),
             ("non_contiguous", (2, 4, 6, 5), False, "transposed"),
         ]:
-            x = torch.rand(b, c, h, w, generator=gen, dtype=torch.float64)
-            x_adv = (x + 0.05 * torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)).clamp(0, 1)
-            grad = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
+            x_adv, x, grad, weight = step_inputs((b, c, h, w), gen, with_weight)
             grad[0, 0, 0, 0] = 0.0  # sign(0) = 0
             x, x_adv, grad = (t.to(dtype) for t in (x, x_adv, grad))
             if layout == "channels_last":
@@ -135,7 +145,7 @@ def masked_pgd_step_cases(dtype=torch.float32, device="cpu"):
                 grad = grad.contiguous(memory_format=torch.channels_last)
             elif layout == "transposed":
                 x_adv = x_adv.transpose(2, 3).contiguous().transpose(2, 3)
-            weight = torch.rand(b, h, w, generator=gen, dtype=torch.float64).to(dtype) if with_weight else None
+            weight = None if weight is None else weight.to(dtype)
             step, eps = (0.02, 0.03) if norm == "linf" else (0.1, 0.2)
             cases.append((f"{norm}-{name}", (x_adv, x, grad, weight, step, eps, 0.0, 1.0, norm)))
     return [(nm, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)) for nm, args in cases]

@@ -38,6 +38,7 @@ from op_cases import (
     perturb_cases,
     perturb_into_cases,
     segment_mean_cases,
+    step_inputs,
 )
 
 LOADED = _extension.loaded()
@@ -287,10 +288,7 @@ def test_masked_pgd_step_weights_across_work_chunks(norm, channels_last, dtype):
     # starting inside a pixel row (NCHW) or inside a pixel's channels (NHWC); in half precision
     # each chunk is 32 tiles of 512 elements, the last chunk's last tile a partial one.
     gen = torch.Generator().manual_seed(9)
-    x = torch.rand(2, 3, 97, 101, generator=gen, dtype=torch.float64)
-    x_adv = (x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    weight = torch.rand(2, 97, 101, generator=gen, dtype=torch.float64)
+    x_adv, x, grad, weight = step_inputs((2, 3, 97, 101), gen)
     x, x_adv, grad, weight = (t.to(dtype) for t in (x, x_adv, grad, weight))
     if channels_last:
         x_adv, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x_adv, grad))

@@ -18,6 +18,7 @@ from attrefine_fast.ops.perturb import perturb_output_dtype, perturb_ref
 from attrefine_fast.ops.segment_mean import segment_mean_ref
 from op_cases import (
     clone_args, l2_step_overflow_case, labels, lime_fit_cases, masked_pgd_step_cases, perturb_cases, segment_mean_cases,
+    step_inputs,
 )
 import simt_build
 
@@ -369,11 +370,7 @@ def test_emulated_masked_pgd_step_l2_on_large_samples(simt, dtype, channels_last
     # 3 x 110 x 110 = 36300 elements a sample: the sums kernel takes 16 per thread (9 blocks, the
     # last one partial) rather than 4
     gen = torch.Generator().manual_seed(15)
-    x = torch.rand(2, 3, 110, 110, generator=gen, dtype=torch.float64)
-    x_adv = (x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    weight = torch.rand(2, 110, 110, generator=gen, dtype=torch.float64).to(dtype)
-    x, x_adv, grad = (t.to(dtype) for t in (x, x_adv, grad))
+    x_adv, x, grad, weight = (t.to(dtype) for t in step_inputs((2, 3, 110, 110), gen))
     if channels_last:
         x_adv, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x_adv, grad))
     args = (x_adv, x, grad, weight, 0.5, 0.4, 0.0, 1.0, "l2")
@@ -432,10 +429,7 @@ def test_emulated_perturb_loops_over_more_tasks_than_grid_rows(simt, channels_la
 @pytest.mark.parametrize("weighted", [False, True])
 def test_emulated_masked_pgd_step_loops_over_more_images_than_grid_rows(simt, norm, weighted):
     gen = torch.Generator().manual_seed(23)
-    x = torch.rand(5, 3, 6, 7, generator=gen, dtype=torch.float64)
-    x_adv = (x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    weight = torch.rand(5, 6, 7, generator=gen, dtype=torch.float64) if weighted else None
+    x_adv, x, grad, weight = step_inputs((5, 3, 6, 7), gen, weighted)
     args = (x_adv, x, grad, weight, 0.1, 0.3, 0.0, 1.0, norm)
     expected = masked_pgd_step_ref(*clone_args(args))
     mine = clone_args(args)
