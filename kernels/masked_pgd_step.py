@@ -12,7 +12,9 @@ the tensor's dtype, so for float16/bfloat16 every intermediate it materializes i
 dtype at the same point here; float32 and float64 need no rounding.
 A finite gradient is checked on the device (kernels/device_checks.py): a pass over grad sets a
 flag that every launch reads first, so a NaN or an infinity writes nothing, and the error is
-raised after the launches instead of a host round trip before them.
+raised after the launches instead of a host round trip before them. L2 also flags a non-finite
+x_adv or x in its second stage (as the C++ kernels refuse a non-finite ‖x_adv - x‖), before the
+update writes.
 """
 import torch
 import triton
@@ -137,6 +139,10 @@ def _masked_pgd_kernel(
                 delta = tl.where(inside, delta, 0)
                 if STAGE == 1:
                     tl.store(d_partial_ptr + b * num_blocks + blk, tl.sum(delta * delta, axis=0))
+                    # a NaN or an infinity in x_adv or x (0 for every finite value): the update
+                    # stage, launched after this one, then writes nothing
+                    if tl.sum(tl.where(inside, (a - a) + (x - x), 0), axis=0) != 0:
+                        tl.store(flag_ptr, 1)
                 else:
                     if F64:
                         d_norm = tl.sqrt(_row_total(d_partial_ptr, b, num_blocks, 128, F64))
@@ -197,7 +203,13 @@ def _masked_pgd_step_launcher(
             *x_adv.stride(), *x.stride(), *grad.stride(), *weight_strides,
             STAGE=stage, L2=l2, HAS_WEIGHT=has_weight, F64=f64, FLAT=flat, BLOCK=BLOCK,
         )
-    raise_if_flagged(flag, lambda: check_finite("grad", grad), "masked_pgd_step")  # nothing was written
+    raise_if_flagged(flag, lambda: _check_values(x_adv, x, grad), "masked_pgd_step")  # nothing was written
+
+
+def _check_values(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """The error for what the device flagged: a non-finite grad, or (L2) x_adv or x."""
+    for name, t in (("grad", grad), ("x_adv", x_adv), ("x", x)):
+        check_finite(name, t)
 
 
 masked_pgd_step_triton = TritonOp(

@@ -204,6 +204,21 @@ def test_lime_fit_singular_system_falls_back_to_least_squares():
     torch.testing.assert_close(local_pred, ref[3], atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_lime_fit_singular_system_with_sums_past_float64_is_nan(backend):
+    # Weights near float64's limit times targets of 1e12 overflow the sums; with alpha = 0 and a
+    # constant column the C++ solve reached LAPACK with infinities (an internal assertion).
+    if not backends.status("lime_fit", backend, "cpu")[0]:
+        pytest.skip(f"no {backend} backend on the CPU here")
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(1, 20, 3, generator=gen) > 0.5
+    masks[:, :, 0] = True
+    targets = torch.rand(1, 20, 2, dtype=torch.float64, generator=gen) * 1e12
+    weights = torch.full((1, 20), 1e300, dtype=torch.float64)
+    coef, intercept, _, local_pred = lime_fit(masks, targets, torch.tensor([3]), weights=weights, alpha=0.0, backend=backend)
+    assert coef.isnan().all() and intercept.isnan().all() and local_pred.isnan().all()
+
+
 def test_lime_fit_matches_the_paths_across_batch_sizes():
     """Many images (one per thread) and a single image (threads inside it) give the same fit."""
     gen = torch.Generator().manual_seed(7)

@@ -314,6 +314,24 @@ def test_masked_pgd_step_non_finite_grad_writes_nothing(device, norm, bad):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["x_adv", "x"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+def test_masked_pgd_step_l2_non_finite_x_adv_or_x_writes_nothing(device, where, bad):
+    # The op itself (as the C++ kernels) refuses what makes ‖x_adv - x‖ non-finite, which the
+    # public function's checks catch before it; the update stage must see the flag.
+    from attrefine_fast import kernels
+
+    gen = torch.Generator().manual_seed(5)
+    x_adv, x, grad, weight = pgd_inputs((3, 2, 7, 9), torch.float32, device, gen, True)
+    (x_adv if where == "x_adv" else x)[1, 0, 3, 4] = bad
+    before = x_adv.clone()
+    with pytest.raises(ValueError, match=f"{where} contains NaN or infinite values"):
+        kernels.get("masked_pgd_step")(x_adv, x, grad, weight, 0.1, 0.3, 0.0, 1.0, "l2")
+    torch.testing.assert_close(x_adv, before, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("alpha", [1.0, 0.0])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's sums of inf
 def test_lime_fit_bad_counts_and_targets_raise_the_contract_errors(device, alpha):

@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -159,6 +160,12 @@ void solve_ridge(const Kernels& k, Workspace& ws, double alpha) {
     ridge_matrix_lower(ws, alpha, gram.data_ptr<double>());
     gram += gram.tril(-1).mT();
     auto beta = at::from_blob(ws.beta.data(), {m, nl}, {width, 1}, opts);
+    if (!at::isfinite(gram).all().item<bool>() || !at::isfinite(beta).all().item<bool>()) {
+      // Sums past float64's range (weights near its limit with large targets): NaN coefficients,
+      // as the reference's solve gives, rather than LAPACK's reaction to non-finite input.
+      beta.fill_(std::numeric_limits<double>::quiet_NaN());
+      return;
+    }
     beta.copy_(std::get<0>(at::linalg_lstsq(gram, beta, std::nullopt, "gelsd")));
   }
 }
