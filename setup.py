@@ -6,7 +6,8 @@ nvcc has torch's CUDA major version (torch's build refuses any other) and whose 
 there, and there is something to build for: a visible GPU, or the architectures named in
 ``TORCH_CUDA_ARCH_LIST`` (e.g. ``9.0``) on a build machine without one. ``ATTREFINE_FORCE_CUDA=1``
 adds them whatever those checks say (without a GPU or an architecture list, for every
-architecture this torch was built for).
+architecture this torch was built for). Architectures older than compute capability 6.0, which
+the CUDA kernels' float64 atomics need, are left out with a message.
 ``ATTREFINE_NO_EXTENSION=1`` skips compiled code entirely; the package then runs on its
 pure-PyTorch backend.
 ``ATTREFINE_SANITIZE=1`` builds the CPU extension alone with AddressSanitizer and
@@ -84,12 +85,51 @@ def cuda_build(torch, cuda_home, environ):
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit {toolkit} at {cuda_home}"
 
 
+# The CUDA kernels add float64 with atomicAdd, which needs compute capability 6.0 (Pascal) or newer.
+MIN_ARCH = 6.0
+# The names TORCH_CUDA_ARCH_LIST takes besides numbers, by their oldest architecture.
+ARCH_NAMES = {"kepler+tesla": 3.7, "kepler": 3.5, "maxwell+tegra": 5.3, "maxwell": 5.0, "pascal": 6.0, "volta": 7.0,
+              "turing": 7.5, "ampere+tegra": 8.7, "ampere": 8.0, "ada": 8.9, "hopper": 9.0}
+
+
 def default_arch_list(torch):
     """The architectures this torch was built for, as TORCH_CUDA_ARCH_LIST spells them ("8.0;9.0+PTX"),
     for a forced CUDA build with no GPU to ask (torch's build then fails without a list)."""
     flags = getattr(torch._C, "_cuda_getArchFlags", lambda: "")() or ""
-    archs = sorted({f"{a[:-1]}.{a[-1]}" for a in re.findall(r"sm_(\d+)", flags)}, key=lambda a: float(a))
+    archs = {f"{a[:-1]}.{a[-1]}" for a in re.findall(r"sm_(\d+)", flags)}
+    archs = sorted((a for a in archs if float(a) >= MIN_ARCH), key=float)
     return ";".join(archs) + "+PTX" if archs else "8.0;9.0+PTX"
+
+
+def cuda_arch_list(torch, environ):
+    """The TORCH_CUDA_ARCH_LIST to build with ("" where no architecture is new enough; None to let
+    torch build for the visible GPUs, as it does by default) and what to say about it."""
+    arch_list, notes = environ.get("TORCH_CUDA_ARCH_LIST"), []
+    if not arch_list and torch.cuda.device_count() == 0:
+        arch_list = default_arch_list(torch)  # torch's build fails with no GPU and no list
+        notes.append(f"no CUDA GPU to ask: building for TORCH_CUDA_ARCH_LIST={arch_list}")
+    elif not arch_list:
+        capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        if capabilities[0] >= divmod(round(MIN_ARCH * 10), 10):
+            return None, notes
+        arch_list = ";".join(f"{major}.{minor}" for major, minor in capabilities)
+    kept, dropped = split_arch_list(arch_list)
+    if dropped:
+        notes.append(f"not building for {', '.join(dropped)}: the CUDA ops need compute capability {MIN_ARCH} or newer")
+    return kept, notes
+
+
+def split_arch_list(arch_list):
+    """TORCH_CUDA_ARCH_LIST's entries that the kernels build for (joined by ";") and those older
+    than MIN_ARCH, which would stop the build; an entry it cannot read is kept for torch to judge."""
+    kept, dropped = [], []
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        if not entry:
+            continue
+        number = re.fullmatch(r"(\d+\.\d+)a?(\+PTX)?", entry)
+        oldest = float(number[1]) if number else ARCH_NAMES.get(entry.removesuffix("+PTX").lower())
+        (dropped if oldest is not None and oldest < MIN_ARCH else kept).append(entry)
+    return ";".join(kept), dropped
 
 
 def extensions():
@@ -117,9 +157,14 @@ def extensions():
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
 
     with_cuda, why = cuda_build(torch, cpp_extension.CUDA_HOME, os.environ)
-    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(torch)
-        say(f"no CUDA GPU to ask: building for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    if with_cuda:
+        arch_list, notes = cuda_arch_list(torch, os.environ)
+        for note in notes:
+            say(note)
+        if arch_list == "":
+            with_cuda, why = False, f"no architecture of compute capability {MIN_ARCH} or newer to build for"
+        elif arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     say("C++/OpenMP CPU sources: " + ", ".join(cpu_sources))
     if with_cuda and cuda_sources:
         say(f"building the CPU (C++/OpenMP) and CUDA ops: {why}")

@@ -70,6 +70,39 @@ def check_written_in_place(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} has overlapping elements (strides {t.stride()}): the step writes it in place; pass {name}.clone()")
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some order of the dimensions is a contiguous layout."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_no_partial_overlap(name: str, written: torch.Tensor, **inputs) -> None:
+    """``written`` is updated in place while ``inputs`` are read: none may share some of its
+    elements but not all (a kernel would read elements another thread already wrote). The same
+    tensor, element for element, is fine: each element is read before it is written. As torch's
+    in-place ops, this judges dense tensors exactly and lets interleaved layouts pass."""
+    if torch.compiler.is_compiling() or written.numel() == 0 or written.device.type == "meta":
+        return  # a traced tensor has no address to compare
+    storage = written.untyped_storage().data_ptr()
+    for other, t in inputs.items():
+        if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() != storage:
+            continue
+        if (t.storage_offset(), t.stride(), t.shape, t.dtype) == (written.storage_offset(), written.stride(), written.shape, written.dtype):
+            continue
+        spans = []
+        for u in (written, t):
+            first = u.storage_offset() * u.element_size()
+            last = first + sum((n - 1) * st for n, st in zip(u.shape, u.stride())) * u.element_size() + u.element_size()
+            spans.append((first, last))
+        (a0, a1), (b0, b1) = spans
+        if a0 < b1 and b0 < a1 and _dense(written) and _dense(t):
+            raise ValueError(f"{name} shares some of its memory with {other}: it is written in place while {other} is read; pass {other}.clone()")
+
+
 def check_images(name: str, images: torch.Tensor, *, channels: int | None = None) -> None:
     """images: (B, C, H, W) with a float or uint8 dtype and finite values."""
     check_tensor(name, images, ndim=4, dtypes=IMAGE_DTYPES)

@@ -191,6 +191,13 @@ inline void check_lime_fit_args(const at::Tensor& masks, const at::Tensor& targe
   }
 }
 
+// x_adv is written in place while t is read: t may be x_adv itself (each element is read before it
+// is written) but not share only some of its memory (another thread would read what was written).
+inline void check_not_partly_shared(const at::Tensor& x_adv, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(at::get_overlap_status(x_adv, t) != at::MemOverlapStatus::Partial, "x_adv shares some of its memory with ",
+                    name, ": it is written in place while ", name, " is read; pass ", name, ".clone()");
+}
+
 // Checks masked_pgd_step's arguments, including a finite gradient (a NaN would silently poison
 // x_adv), before anything is written. Returns true for L-inf, false for L2. check_grad = false
 // leaves grad's values to a caller that checks them on the device before it writes.
@@ -212,6 +219,7 @@ inline bool check_masked_pgd_step_args(const at::Tensor& x_adv, const at::Tensor
                      ", got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->sizes() == x_adv.sizes(), name, " must have the shape of x_adv ", shape_of(x_adv), ", got ",
                       shape_of(*t));
+    check_not_partly_shared(x_adv, *t, name);
   }
   const bool linf = norm == "linf";
   TORCH_CHECK_VALUE(linf || norm == "l2", "norm must be 'linf' or 'l2', got '", std::string(norm), "'");
@@ -225,6 +233,7 @@ inline bool check_masked_pgd_step_args(const at::Tensor& x_adv, const at::Tensor
     check_same_device(x_adv, "x_adv", *weight, "weight");
     TORCH_CHECK_VALUE(weight->size(0) == b && weight->size(1) == h && weight->size(2) == w,
                       "weight must have shape (B, H, W) = (", b, ", ", h, ", ", w, "), got ", shape_of(*weight));
+    check_not_partly_shared(x_adv, *weight, "weight");
   }
   TORCH_CHECK_VALUE(!check_grad || all_finite(grad), "grad contains NaN or infinite values");
   return linf;

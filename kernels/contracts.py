@@ -14,7 +14,8 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from attrefine_fast.checks import (
-    FLOAT_DTYPES, IMAGE_DTYPES, check_finite, check_real, check_same_device, check_tensor, check_written_in_place,
+    FLOAT_DTYPES, IMAGE_DTYPES, check_finite, check_no_partial_overlap, check_real, check_same_device, check_tensor,
+    check_written_in_place,
 )
 from attrefine_fast.ops.perturb import check_chunk, check_output_dtype, check_perturb_out
 
@@ -123,6 +124,7 @@ def check_masked_pgd_step(x_adv, x, grad, weight, step_size: float, eps: float, 
             raise ValueError(f"{name} must have the shape of x_adv {tuple(x_adv.shape)}, got {tuple(t.shape)}")
     check_same_device(x_adv=x_adv, x=x, grad=grad, weight=weight)
     check_written_in_place("x_adv", x_adv)
+    check_no_partial_overlap("x_adv", x_adv, x=x, grad=grad, weight=weight)
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if not (step_size >= 0 and eps >= 0 and lo <= hi):

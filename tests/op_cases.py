@@ -189,6 +189,13 @@ def _mean_in_out():
     return _img(), _seg(), torch.ones(2, 2, 3, dtype=torch.bool), _img(), 0, mean, std, out
 
 
+def _pgd_sharing_with(name):
+    # x_adv and x (or grad) one image apart in one buffer: the step would read what it wrote
+    buffer = torch.rand(3, 3, 5, 4)
+    args = {"x": _img(), "grad": _img(), name: buffer[1:]}
+    return buffer[:2], args["x"], args["grad"], None, 0.1, 0.1, 0.0, 1.0, "linf"
+
+
 # name -> (op, positional arguments, error, message): every backend's op raises these, never
 # crashing or answering on bad input.
 BAD_CALLS = {
@@ -238,5 +245,7 @@ BAD_CALLS = {
     "pgd range": ("masked_pgd_step", lambda: (_img(), _img(), _img(), None, 0.1, 0.1, 1.0, 0.0, "linf"), ValueError, "lo <= hi"),
     "pgd int": ("masked_pgd_step", lambda: (_img().int(), _img().int(), _img().int(), None, 0.1, 0.1, 0.0, 1.0, "linf"), TypeError, "x_adv"),
     "pgd grad nan": ("masked_pgd_step", lambda: (_img(), _img(), _img().index_put_((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan"))), None, 0.1, 0.1, 0.0, 1.0, "linf"), ValueError, "grad contains NaN"),
+    "pgd x_adv overlaps x": ("masked_pgd_step", lambda: _pgd_sharing_with("x"), ValueError, "x_adv shares some of its memory with x"),
+    "pgd x_adv overlaps grad": ("masked_pgd_step", lambda: _pgd_sharing_with("grad"), ValueError, "x_adv shares some of its memory with grad"),
     "pgd l2 grad inf": ("masked_pgd_step", lambda: (_img(), _img(), _img().index_put_((torch.tensor(0),), torch.tensor(float("-inf"))), None, 0.1, 0.1, 0.0, 1.0, "l2"), ValueError, "grad contains NaN"),
 }

@@ -26,11 +26,11 @@ def setup_py():
     return module
 
 
-def fake_torch(cuda="13.0", gpus=0, arch_flags="sm_75 sm_80 sm_86 sm_90 sm_100 sm_120"):
+def fake_torch(cuda="13.0", gpus=0, arch_flags="sm_75 sm_80 sm_86 sm_90 sm_100 sm_120", capabilities=((9, 0),)):
     version = "2.12.1" + (f"+cu{cuda.replace('.', '')}" if cuda else "+cpu")
     c = SimpleNamespace(_cuda_getArchFlags=lambda: arch_flags) if arch_flags is not None else SimpleNamespace()
-    return SimpleNamespace(__version__=version, version=SimpleNamespace(cuda=cuda),
-                           cuda=SimpleNamespace(device_count=lambda: gpus), _C=c)
+    device = SimpleNamespace(device_count=lambda: gpus, get_device_capability=lambda i: capabilities[i % len(capabilities)])
+    return SimpleNamespace(__version__=version, version=SimpleNamespace(cuda=cuda), cuda=device, _C=c)
 
 
 def fake_toolkit(root: Path, release="13.0", headers=True) -> str:
@@ -92,6 +92,19 @@ def test_a_forced_build_without_a_gpu_targets_torchs_own_architectures(setup_py)
     assert setup_py.default_arch_list(fake_torch()) == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
     assert setup_py.default_arch_list(fake_torch(arch_flags="sm_90 sm_80 sm_90a")) == "8.0;9.0+PTX"
     assert setup_py.default_arch_list(fake_torch(arch_flags=None)) == "8.0;9.0+PTX"  # a CPU torch: no list of its own
+
+
+def test_architectures_older_than_the_kernels_need_are_left_out(setup_py):
+    # float64 atomicAdd needs compute capability 6.0: an older one stops the whole build
+    assert setup_py.default_arch_list(fake_torch(arch_flags="sm_50 sm_60 sm_70 sm_80")) == "6.0;7.0;8.0+PTX"
+    assert setup_py.split_arch_list("5.0;5.2 6.1;9.0a;Maxwell+PTX;Ampere;10.0+PTX") == ("6.1;9.0a;Ampere;10.0+PTX", ["5.0", "5.2", "Maxwell+PTX"])
+    arch_list, notes = setup_py.cuda_arch_list(fake_torch(), {"TORCH_CUDA_ARCH_LIST": "5.2;8.0"})
+    assert arch_list == "8.0" and "not building for 5.2" in notes[0]
+    assert setup_py.cuda_arch_list(fake_torch(), {"TORCH_CUDA_ARCH_LIST": "Kepler+Tesla;5.2"})[0] == ""
+    # visible GPUs: torch's own choice unless one of them is too old
+    assert setup_py.cuda_arch_list(fake_torch(gpus=2, capabilities=((8, 0), (9, 0))), {}) == (None, [])
+    assert setup_py.cuda_arch_list(fake_torch(gpus=2, capabilities=((5, 2), (8, 6))), {})[0] == "8.6"
+    assert setup_py.cuda_arch_list(fake_torch(gpus=0), {})[0] == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")

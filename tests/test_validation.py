@@ -290,6 +290,7 @@ class TestOps:
         nan_weight, nan_x = torch.ones(2, 8, 8), x.clone()
         nan_weight[0, 1, 2] = nan_x[1, 0, 3, 3] = float("nan")
         x_adv = x.clone()
+        shared = torch.rand(3, 3, 8, 8)  # x_adv and an input one image apart in one buffer
         for args, kwargs, error, match in [
             ((x_adv, x, g, nan_weight), {}, ValueError, "weight must lie in"),
             ((x_adv, nan_x, g), {}, ValueError, "x contains NaN"),
@@ -301,11 +302,29 @@ class TestOps:
             ((x_adv, x, g), {"hi": float("nan")}, ValueError, "hi must be a number"),
             ((x.clone().requires_grad_(), x, g), {}, ValueError, "requires grad"),
             ((x[:1].expand(2, -1, -1, -1), x, g), {}, ValueError, "overlapping"),
+            ((shared[:2], shared[1:], g), {}, ValueError, "x_adv shares some of its memory with x"),
+            ((shared[:2], x, shared[1:].transpose(2, 3)), {}, ValueError, "shares some of its memory with grad"),
+            ((shared[:2], x, g, shared.view(-1)[192:320].view(2, 8, 8)), {}, ValueError, "shares some of its memory with weight"),
         ]:
             before = args[0].detach().clone()
             with pytest.raises(error, match=match):
                 ops.masked_pgd_step(*args, **{"step_size": 0.1, "eps": 0.1, **kwargs}, backend=backend)
             assert torch.equal(args[0].detach(), before), match
+
+    @pytest.mark.parametrize("backend", ["torch", "cpp"])
+    @pytest.mark.parametrize("norm", ["linf", "l2"])
+    def test_masked_pgd_step_takes_inputs_that_share_memory_without_overlap(self, backend, norm):
+        # x_adv as x itself, or beside x and grad in one buffer: as torch's in-place ops take them
+        if not backends.status("masked_pgd_step", backend, "cpu")[0]:
+            pytest.skip(f"no {backend} backend here")
+        gen = torch.Generator().manual_seed(3)
+        buffer = torch.rand(6, 3, 8, 8, generator=gen)
+        x_adv, x, grad = buffer[:2], buffer[2:4], buffer[4:].sub_(0.5)
+        want = ops.masked_pgd_step(x_adv.clone(), x.clone(), grad.clone(), step_size=0.1, eps=0.05, norm=norm, backend="torch")
+        torch.testing.assert_close(ops.masked_pgd_step(x_adv, x, grad, step_size=0.1, eps=0.05, norm=norm, backend=backend), want)
+        same = x.clone()
+        want = ops.masked_pgd_step(same.clone(), same.clone(), grad, step_size=0.1, eps=0.05, norm=norm, backend="torch")
+        torch.testing.assert_close(ops.masked_pgd_step(same, same, grad, step_size=0.1, eps=0.05, norm=norm, backend=backend), want)
 
     def test_integer_arguments_are_not_truncated(self):
         images, segments, _ = grid_batch()

@@ -15,7 +15,7 @@ import torch
 
 from .. import backends
 from ..checks import (
-    FLOAT_DTYPES, check_choice, check_finite, check_real, check_same_device, check_tensor, check_written_in_place, require,
+    FLOAT_DTYPES, check_choice, check_finite, check_no_partial_overlap, check_real, check_same_device, check_tensor, check_written_in_place, require,
 )
 
 NORMS = ("linf", "l2")
@@ -115,6 +115,7 @@ def masked_pgd_step(
     if x_adv.requires_grad:
         raise ValueError("x_adv requires grad: the step writes it in place and is not differentiable; pass x_adv.detach()")
     check_written_in_place("x_adv", x_adv)
+    check_no_partial_overlap("x_adv", x_adv, x=x, grad=grad, weight=weight)
     check_finite("x_adv", x_adv)
     check_finite("x", x)
     if weight is not None:

@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -112,6 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lime_fit_cuda(const a
   // The block keeps at least the means (M + L float64) in shared memory (lime_fit.cu's Layout),
   // well inside the 48 KiB every device gives a block.
   TORCH_CHECK_VALUE(m + nl <= 3000, "lime_fit on CUDA supports M + L <= 3000 (segments plus labels), got ", m + nl);
+  // one block per image on grid.x
+  TORCH_CHECK_VALUE(b <= std::numeric_limits<int32_t>::max(), "lime_fit on CUDA supports at most 2^31 - 1 images per call, got ", b);
   const c10::cuda::CUDAGuard guard(masks.device());
   const auto msk = masks.contiguous(), tgt = targets.contiguous(), segs = num_segments.contiguous();
   const auto wts = weights.has_value() ? weights->contiguous() : at::Tensor();
