@@ -62,10 +62,11 @@ def cuda_build(torch, cuda_home, environ):
     """Whether to build the CUDA ops, and why: (True or False, the reason in words)."""
     if _flag("ATTREFINE_SANITIZE", environ):
         return False, "ATTREFINE_SANITIZE=1"
+    if torch.version.cuda is None:  # forcing cannot help: torch's CUDA build needs a CUDA torch
+        forced = " (ATTREFINE_FORCE_CUDA=1 needs a torch built with CUDA)" if _flag("ATTREFINE_FORCE_CUDA", environ) else ""
+        return False, f"torch {torch.__version__} was built without CUDA{forced}"
     if _flag("ATTREFINE_FORCE_CUDA", environ):
         return True, "ATTREFINE_FORCE_CUDA=1"
-    if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} was built without CUDA"
     if cuda_home is None:
         return False, "no CUDA toolkit found (set CUDA_HOME)"
     toolkit = toolkit_version(cuda_home)
@@ -180,9 +181,37 @@ def extensions():
         ext = cpp_extension.CppExtension(
             "attrefine_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": with_build_advice(cpp_extension.BuildExtension.with_options(use_ninja=True))}
+
+
+def with_build_advice(build_ext):
+    """build_ext that, when the compiled ops fail to build, says what to do before the error ends
+    the install (a package without them would hide the failure; one can be asked for by name)."""
+
+    class BuildExtension(build_ext):
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception:
+                say("building the compiled ops (attrefine_fast._C) failed; the compiler's messages are above. Install a "
+                    "C++ compiler with OpenMP (g++), or set ATTREFINE_NO_EXTENSION=1 to install the pure-PyTorch backend alone")
+                raise
+
+    return BuildExtension
+
+
+def check_setuptools(version):
+    """pyproject.toml's license is an SPDX expression, which setuptools reads from 77 on; a build
+    without isolation uses the installed setuptools, whose own error would not say so."""
+    major = re.match(r"\d+", version)
+    if major is None or int(major[0]) < 77:
+        say(f"setuptools {version} is too old to read pyproject.toml: pip install \"setuptools>=77\", then build again")
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # as pip and setuptools run it; the tests import cuda_build
+    import setuptools
+
+    check_setuptools(setuptools.__version__)
     ext_modules, cmdclass = extensions()
     setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)

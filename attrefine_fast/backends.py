@@ -78,8 +78,14 @@ def _triton(op: str) -> tuple[Callable | None, str]:
         return None, _triton_load_error
     try:
         kernels = _module("attrefine_fast.kernels")
-    except ImportError as e:  # triton itself is not installed
-        return None, f"triton is not importable ({e}); install it with `pip install triton`"
+    except ImportError as e:
+        if e.name == "triton" or (e.name or "").startswith("triton."):
+            return None, f"triton is not importable ({e}); install it with `pip install triton`"
+        if e.name == "attrefine_fast.kernels":  # a checkout run without installing the package
+            return None, ("the Triton kernels are not installed (attrefine_fast.kernels); install the package with "
+                          "`pip install --no-build-isolation -e .`")
+        _triton_load_error = f"the Triton kernels failed to load: {type(e).__name__}: {e}"
+        return None, _triton_load_error
     except Exception as e:  # the other backends stay usable; backend="triton" raises this reason
         version = getattr(sys.modules.get("triton"), "__version__", "(version unknown)")
         _triton_load_error = f"the Triton kernels failed to load with triton {version}: {type(e).__name__}: {e}"

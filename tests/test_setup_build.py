@@ -84,7 +84,10 @@ def test_a_missing_or_silent_toolkit_is_named(setup_py, tmp_path):
 
 
 def test_forcing_and_sanitizing_override_the_checks(setup_py):
-    assert setup_py.cuda_build(fake_torch(cuda=None), None, {"ATTREFINE_FORCE_CUDA": "1"}) == (True, "ATTREFINE_FORCE_CUDA=1")
+    assert setup_py.cuda_build(fake_torch(gpus=0), None, {"ATTREFINE_FORCE_CUDA": "1"}) == (True, "ATTREFINE_FORCE_CUDA=1")
+    # a CPU torch cannot build CUDA code, forced or not (its build would fail with a misleading CUDA_HOME error)
+    build, why = setup_py.cuda_build(fake_torch(cuda=None), None, {"ATTREFINE_FORCE_CUDA": "1"})
+    assert not build and "needs a torch built with CUDA" in why
     assert not setup_py.cuda_build(fake_torch(gpus=1), None, {"ATTREFINE_SANITIZE": "1", "ATTREFINE_FORCE_CUDA": "1"})[0]
 
 
@@ -92,6 +95,23 @@ def test_a_forced_build_without_a_gpu_targets_torchs_own_architectures(setup_py)
     assert setup_py.default_arch_list(fake_torch()) == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
     assert setup_py.default_arch_list(fake_torch(arch_flags="sm_90 sm_80 sm_90a")) == "8.0;9.0+PTX"
     assert setup_py.default_arch_list(fake_torch(arch_flags=None)) == "8.0;9.0+PTX"  # a CPU torch: no list of its own
+
+
+def test_a_setuptools_too_old_for_the_license_field_is_named(setup_py, capsys):
+    setup_py.check_setuptools("77.0.3")
+    with pytest.raises(SystemExit):
+        setup_py.check_setuptools("65.5.0")
+    assert 'pip install "setuptools>=77"' in capsys.readouterr().err
+
+
+def test_a_failed_build_of_the_compiled_ops_says_what_to_do(setup_py, capsys):
+    class Failing:
+        def build_extensions(self):
+            raise RuntimeError("Error compiling objects for extension")
+
+    with pytest.raises(RuntimeError, match="Error compiling"):
+        setup_py.with_build_advice(Failing)().build_extensions()
+    assert "ATTREFINE_NO_EXTENSION=1" in capsys.readouterr().err
 
 
 def test_architectures_older_than_the_kernels_need_are_left_out(setup_py):

@@ -350,6 +350,21 @@ def test_unavailable_backend_names_reason_and_fix():
         ops.lime_fit(torch.ones(1, 4, 2, dtype=torch.bool), torch.rand(1, 4, 1), backend="opencl")
 
 
+@pytest.mark.parametrize("missing, advice", [
+    ("triton", "pip install triton"),
+    ("attrefine_fast.kernels", "install the package with `pip install --no-build-isolation -e .`"),
+    ("numpy.somewhere", "failed to load: ModuleNotFoundError"),
+])
+def test_a_missing_module_behind_the_triton_backend_is_named(monkeypatch, missing, advice):
+    def missing_module(name):
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    monkeypatch.setattr(backends, "_triton_load_error", "")
+    monkeypatch.setattr(backends, "_module", missing_module)
+    available, why = backends.status("perturb", "triton", "cpu")
+    assert not available and advice in why
+
+
 def test_triton_kernels_failing_to_load_leave_the_other_backends_usable(monkeypatch):
     # e.g. a Triton or torch release the kernels do not support: the reason, not a crash of every op
     calls = []
