@@ -21,10 +21,12 @@ from __future__ import annotations
 import codecs
 import hashlib
 import io
+import json
 import numbers
 import os
 import pickle
 import tarfile
+import zlib
 
 import numpy as np
 import torch
@@ -103,10 +105,13 @@ class _ArraysOnly(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file") from None
 
 
-def _unpickle(data: bytes) -> dict:
-    obj = _ArraysOnly(io.BytesIO(data), encoding="bytes").load()
+def _unpickle(data: bytes, where: str) -> dict:
+    try:
+        obj = _ArraysOnly(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:  # truncated, empty or not a pickle at all; or a global we refuse
+        raise ValueError(f"{where} is not a readable CIFAR batch file ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
-        raise ValueError("a CIFAR batch file must hold a dict")
+        raise ValueError(f"{where} must hold a dict, as a CIFAR batch file does")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
@@ -122,8 +127,24 @@ def _check_md5(name: str, data: bytes, table: dict, where: str) -> None:
     if got != expected:
         raise ValueError(
             f"{where} failed its MD5 check (got {got}, expected {expected}): the file is damaged or not the "
-            "standard release. Replace it, or pass md5={...} with the checksums of your copy."
+            "standard release. Replace it, or pass md5={...} with the checksums of your copy (on the command "
+            "line: --cifar-md5 FILE, a JSON file of {file name: md5})."
         )
+
+
+def read_md5_file(path) -> dict[str, str]:
+    """The checksums of a CIFAR copy other than the standard release: a JSON file of
+    {file name: md5}, as :func:`load_cifar`'s ``md5`` takes them."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read the MD5 file {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the MD5 file {path} is not JSON ({e})") from None
+    if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+        raise ValueError(f"the MD5 file {path} must hold a JSON object of {{file name: md5 string}}")
+    return table
 
 
 def expected_layout(name: str, root: str) -> str:
@@ -175,6 +196,8 @@ def _read_cifar_members(name: str, root, members: list[str], table: dict) -> dic
                 out[member] = handle.read()
     except (KeyError, tarfile.TarError) as e:
         raise ValueError(f"{archive} lacks {spec['folder']}/{e.args[0] if e.args else '?'} or is unreadable: {expected_layout(name, root)}") from e
+    except (EOFError, OSError, zlib.error) as e:  # a cut or damaged gzip stream (with its MD5 overridden)
+        raise ValueError(f"{archive} is damaged ({type(e).__name__}: {e})") from None
     return out
 
 
@@ -213,15 +236,19 @@ def load_cifar(name: str, root, split: str = "test", *, md5: dict | None = None,
     names_key = "label_names" if name == "cifar10" else f"{label}_label_names"
     images, labels = [], []
     for member in spec[split]:
-        batch = _unpickle(files[member])
+        where = f"{spec['folder']}/{member}"
+        batch = _unpickle(files[member], where)
         if "data" not in batch or label_key not in batch:
-            raise ValueError(f"{spec['folder']}/{member} lacks the keys 'data' and '{label_key}'")
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{spec['folder']}/{member}: 'data' must be (N, 3072) uint8, got {data.shape}")
+            raise ValueError(f"{where} lacks the keys 'data' and '{label_key}'")
+        data = np.asarray(batch["data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{where}: 'data' must be (N, 3072) uint8, got {data.shape} {data.dtype}")
+        batch_labels = np.asarray(batch[label_key])
+        if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu":
+            raise ValueError(f"{where}: '{label_key}' must be {len(data)} integers, got {batch_labels.shape} {batch_labels.dtype}")
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
-    meta = _unpickle(files[spec["meta"]])
+        labels.append(batch_labels.astype(np.int64))
+    meta = _unpickle(files[spec["meta"]], f"{spec['folder']}/{spec['meta']}")
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])] or None
     x = torch.from_numpy(np.concatenate(images))
     y = torch.from_numpy(np.concatenate(labels))

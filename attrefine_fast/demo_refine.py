@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 from .refine.config import FILLS
 
@@ -258,7 +259,10 @@ def run(args: argparse.Namespace) -> None:
         cfg = _config(mode, s, args)
         print(f"[{time.perf_counter() - start:6.0f}s] training {NAMES[mode]} ({cfg.cycles} cycles x {cfg.epochs_per_cycle} epochs)", flush=True)
         t0 = time.perf_counter()
-        refiner = Refiner(cfg, train=train)
+        with warnings.catch_warnings():
+            if mode == "no_flags":  # the ablation never explains, on purpose
+                warnings.filterwarnings("ignore", "mode='refine' explains from cycle", UserWarning)
+            refiner = Refiner(cfg, train=train)
         model = refiner.fit().eval()
         models[mode] = (model, cfg)
         metrics = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]

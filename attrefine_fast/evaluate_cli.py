@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    from .cifar import read_md5_file
     from .data import load_dataset
     from .evaluate import evaluate, format_table, plot_report
     from .models import build_model, load_checkpoint, move_to_device
@@ -76,8 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     os.makedirs(args.out, exist_ok=True)  # before the work: a bad --out fails at once
     extra = {}
     if args.cifar_md5 is not None:
-        with open(args.cifar_md5) as f:
-            extra["md5"] = json.load(f)
+        extra["md5"] = read_md5_file(args.cifar_md5)
     if args.checkpoint is not None:
         model, ckpt = load_checkpoint(args.checkpoint, device=device)
         trained_at = ckpt.get("image_size")  # (H, W) of the training images, where refine wrote the checkpoint

@@ -57,11 +57,20 @@ class ImageDataset(torch.utils.data.Dataset):
             yield to_float(self.images[i : i + batch_size]).to(device), self.labels[i : i + batch_size].to(device)
 
     def subset(self, indices) -> "ImageDataset":
-        """A new dataset of the given rows (an int n takes the first n)."""
+        """A new dataset of the given rows: integer indices, a boolean mask of length N, or an int n
+        for the first n."""
         if isinstance(indices, numbers.Integral) and not isinstance(indices, bool):  # a NumPy int too
+            if indices < 0:
+                raise ValueError(f"subset takes the first n rows with n >= 0, got {indices}")
             indices = torch.arange(min(int(indices), len(self)))
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        return ImageDataset(self.images[indices], self.labels[indices], self.classes, self.name)
+        index = torch.as_tensor(indices)
+        if index.dtype == torch.bool:
+            if tuple(index.shape) != (len(self),):
+                raise ValueError(f"a boolean mask must have shape ({len(self)},), got {tuple(index.shape)}")
+            index = index.nonzero().flatten()
+        elif index.is_floating_point() or index.is_complex() or index.dim() > 1:
+            raise TypeError(f"subset takes integer indices (N,), a boolean mask or an int, got {index.dtype} of shape {tuple(index.shape)}")
+        return ImageDataset(self.images[index], self.labels[index], self.classes, self.name)
 
     def __repr__(self) -> str:
         return f"ImageDataset({self.name!r}, n={len(self)}, shape={tuple(self.images.shape[1:])}, dtype={self.images.dtype}, classes={self.num_classes})"

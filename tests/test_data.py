@@ -13,6 +13,7 @@ from attrefine_fast.data import (
     CIFAR_C_CORRUPTIONS, ImageDataset, add_spurious_patch, available_cifar_c, load_cifar, load_cifar10, load_cifar100, load_cifar_c,
     load_dataset, load_digits, patch_colours,
 )
+from attrefine_fast.cifar import read_md5_file
 from cifar_files import md5_hex, write_cifar, write_cifar_c
 
 
@@ -80,6 +81,13 @@ def test_image_dataset_api():
     sub = ds.subset([1, 5])
     assert sub.images.equal(ds.images[[1, 5]]) and sub.num_classes == 3
     assert len(ds.subset(4)) == 4
+    # a boolean mask selects its rows (as tensor indexing does), not rows 0 and 1
+    of_class_1 = ds.subset(ds.labels == 1)
+    assert of_class_1.labels.tolist() == [1, 1, 1] and of_class_1.images.equal(ds.images[[1, 4, 7]])
+    assert ds.subset(torch.tensor([2, 0])).labels.tolist() == [2, 0]
+    for bad, error in [(ds.labels[:5] == 1, ValueError), (3.7, TypeError), (torch.tensor([[1, 2]]), TypeError), (-1, ValueError)]:
+        with pytest.raises(error):
+            ds.subset(bad)
     for bad, match in [((torch.rand(3, 4, 4), torch.zeros(3)), "N, C, H, W"),
                        ((torch.zeros(3, 3, 4, 4, dtype=torch.int32), torch.zeros(3)), "uint8 or float"),
                        ((torch.rand(3, 3, 4, 4), torch.zeros(2)), "labels")]:
@@ -193,8 +201,51 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(evil)
     md5 = {f"cifar-10-batches-py/{m}": md5_hex(d) for m, d in files.items()}
     md5["cifar-10-batches-py/test_batch"] = md5_hex(evil)
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(ValueError, match="test_batch is not a readable CIFAR batch file .UnpicklingError: refusing to load"):
         load_cifar10(tmp_path, "test", md5=md5)
+
+
+def _with_test_batch(tmp_path, blob):
+    """A CIFAR-10 folder whose test_batch is ``blob``, and checksums that accept it."""
+    files, _ = write_cifar(tmp_path, "cifar10", archive=False)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
+    md5 = {f"cifar-10-batches-py/{m}": md5_hex(d) for m, d in files.items()}
+    md5["cifar-10-batches-py/test_batch"] = md5_hex(blob)
+    return md5
+
+
+@pytest.mark.parametrize("blob, match", [
+    (b"", "not a readable CIFAR batch file .EOFError"),
+    (b"\x80\x02}q\x00(", "not a readable CIFAR batch file"),  # cut short
+    (b"garbage", "not a readable CIFAR batch file"),
+    (pickle.dumps({b"data": np.full((2, 3072), 0.5), b"labels": [0, 1]}, protocol=2), "'data' must be .N, 3072. uint8, got .2, 3072. float64"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0], [1]]}, protocol=2), "'labels' must be 2 integers"),
+])
+def test_a_damaged_batch_file_with_its_checksum_given_is_a_clear_error(tmp_path, blob, match):
+    # a user's md5 override lets such a file past the checksum; it must not load as wrapped or truncated values
+    md5 = _with_test_batch(tmp_path, blob)
+    with pytest.raises(ValueError, match=match):
+        load_cifar10(tmp_path, "test", md5=md5)
+
+
+def test_a_cut_archive_with_its_checksum_given_is_a_clear_error(tmp_path):
+    write_cifar(tmp_path, "cifar10", archive=True)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    cut = archive.read_bytes()[:-200]
+    archive.write_bytes(cut)
+    with pytest.raises(ValueError, match="cifar-10-python.tar.gz is damaged|lacks"):
+        load_cifar10(tmp_path, "test", md5={"cifar-10-python.tar.gz": md5_hex(cut)})
+
+
+def test_an_md5_file_is_read_or_named(tmp_path):
+    good = tmp_path / "md5.json"
+    good.write_text('{"cifar-10-python.tar.gz": "0123"}')
+    assert read_md5_file(good) == {"cifar-10-python.tar.gz": "0123"}
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "bad.json").write_text("{")
+    for name, match in (("missing.json", "cannot read the MD5 file"), ("list.json", "JSON object"), ("bad.json", "not JSON")):
+        with pytest.raises(ValueError, match=match):
+            read_md5_file(tmp_path / name)
 
 
 def test_bad_arguments():

@@ -191,6 +191,37 @@ def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path,
     assert all(torch.isfinite(p).all() for p in refiner.module.parameters())
 
 
+def test_a_refinement_that_never_explains_says_so(tmp_path):
+    # one cycle with the default explain_from_cycle = 1 would train the no-flags ablation under the refined name
+    with pytest.warns(UserWarning, match="nothing is ever flagged"):
+        Refiner(RefineConfig(mode="refine", cycles=1, epochs_per_cycle=1, out=str(tmp_path), **TINY), train=digits_subset(16))
+
+
+def test_a_model_of_the_callers_takes_the_dataset_in_its_dtype_and_no_normalization(tmp_path):
+    from attrefine_fast.data import ImageDataset
+
+    digits = digits_subset(32)
+    as_float64 = ImageDataset(digits.images.double() / 255 if digits.images.dtype == torch.uint8 else digits.images.double(),
+                              digits.labels)
+    Refiner(RefineConfig(mode="erm", cycles=1, epochs_per_cycle=1, out=str(tmp_path / "f64"), **TINY), train=as_float64).fit()
+    from refine_helpers import SmoothNet
+
+    with pytest.raises(ValueError, match="normalization='cifar10' is for the model the run builds"):
+        Refiner(RefineConfig(mode="erm", normalization="cifar10", out=str(tmp_path / "own"), **TINY), train=digits,
+                model=SmoothNet(channels=3, size=32, classes=10))
+
+
+def test_the_run_reads_a_cifar_copy_with_the_checksums_it_is_given(tmp_path):
+    from cifar_files import write_cifar
+
+    _, md5 = write_cifar(tmp_path, "cifar10", archive=True)
+    (tmp_path / "md5.json").write_text(json.dumps(md5))
+    cfg = dict(mode="erm", dataset="cifar10", data_dir=str(tmp_path), out=str(tmp_path / "run"), **TINY)
+    with pytest.raises(ValueError, match="failed its MD5 check"):
+        Refiner(RefineConfig(**cfg))
+    assert len(Refiner(RefineConfig(cifar_md5=str(tmp_path / "md5.json"), **cfg)).train) > 0
+
+
 def test_the_run_loads_its_digits_with_the_spurious_patch_it_is_told(tmp_path):
     from attrefine_fast.data import patch_colours
 
@@ -248,6 +279,10 @@ def test_config_validation_keeps_plain_numbers_and_refuses_what_would_fail_later
         ({"amp": "no"}, TypeError, "amp must be true or false"),
         ({"instability": "runs", "instability_runs": 1}, ValueError, "instability_runs >= 2"),
         ({"dataset": "cifar10", "image_size": 64}, ValueError, "image_size must be 32"),
+        ({"momentum": 5.0}, ValueError, r"momentum must be in \[0, 1\)"),
+        ({"seed": 2**70}, ValueError, "seed must be in"),
+        ({"cifar_md5": "md5.json"}, ValueError, "cifar_md5 checks a CIFAR copy"),
+        ({"dataset": "cifar10", "cifar_md5": 3}, TypeError, "cifar_md5 must be a path"),
     ]:
         with pytest.raises(error, match=match):
             RefineConfig(**kwargs).validate()
@@ -269,6 +304,11 @@ def test_config_files_and_flags(tmp_path):
     add_config_arguments(parser)
     cfg = config_from_args(parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--eps", "0.3", "--no-progress"]))
     assert (cfg.mode, cfg.eps, cfg.progress, cfg.segmentation_params) == ("pgd_at", 0.3, False, {"n_segments": 9})
+    # a flag overrides a file's value before the one validation, also a value the file has wrong
+    (tmp_path / "bad_lr.json").write_text(json.dumps({"mode": "erm", "lr": -1}))
+    assert config_from_args(parser.parse_args(["--config", str(tmp_path / "bad_lr.json"), "--lr", "0.05"])).lr == 0.05
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        config_from_args(parser.parse_args(["--config", str(tmp_path / "bad_lr.json")]))
     (tmp_path / "bad.json").write_text(json.dumps({"mode": "refine", "lamda": 1.0}))
     with pytest.raises(ValueError, match="unknown config keys"):
         RefineConfig.from_file(tmp_path / "bad.json")

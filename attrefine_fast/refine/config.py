@@ -26,7 +26,8 @@ EXPLAIN_LABELS = ("true", "predicted")
 class RefineConfig:
     """Settings of one training run (``mode`` picks ERM, PGD-AT or attribution-aware refinement).
 
-    Data: ``dataset`` ("digits" embedded, "cifar10"/"cifar100" from ``data_dir``), optionally
+    Data: ``dataset`` ("digits" embedded, "cifar10"/"cifar100" from ``data_dir``; ``cifar_md5``: a
+    JSON file of {file name: md5} for a copy other than the standard release), optionally
     with a spurious feature (``spurious_patch``: the correlation of
     :func:`~attrefine_fast.data.add_spurious_patch`'s class-coloured corner square with the label).
     Training: ``cycles`` x ``epochs_per_cycle`` epochs of SGD (momentum, weight decay) with a
@@ -44,6 +45,7 @@ class RefineConfig:
     # data and model
     dataset: str = "digits"
     data_dir: str | None = None
+    cifar_md5: str | None = None
     image_size: int = 32
     train_subset: int | None = None
     spurious_patch: float | None = None
@@ -115,6 +117,10 @@ class RefineConfig:
             setattr(self, name, check_int(name, getattr(self, name), minimum))
         for name in ("lr", "eps", "alpha", "lam", "weight_decay", "momentum", "tau", "eps_s", "delta"):
             setattr(self, name, check_real(name, getattr(self, name), minimum=0.0))
+        if not self.momentum < 1.0:  # SGD's velocity would never decay
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         for name in ("amp", "progress"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -139,6 +145,12 @@ class RefineConfig:
             raise ValueError(f"instability='runs' measures the spread over instability_runs >= 2 explanations, got {self.instability_runs}")
         if self.dataset in ("cifar10", "cifar100") and self.image_size != 32:
             raise ValueError(f"{self.dataset} images are 32x32: image_size must be 32, got {self.image_size}")
+        if self.cifar_md5 is not None:
+            if not isinstance(self.cifar_md5, (str, os.PathLike)):
+                raise TypeError(f"cifar_md5 must be a path to a JSON file of {{file name: md5}}, got {self.cifar_md5!r}")
+            if self.dataset not in ("cifar10", "cifar100"):
+                raise ValueError(f"cifar_md5 checks a CIFAR copy; the dataset is {self.dataset!r}")
+            self.cifar_md5 = os.fspath(self.cifar_md5)
         if not isinstance(self.segmentation_params, dict):
             raise TypeError(f"segmentation_params must be a mapping, e.g. {{\"n_segments\": 25}}, got {self.segmentation_params!r}")
         return self
@@ -167,26 +179,32 @@ class RefineConfig:
     @classmethod
     def from_file(cls, path) -> "RefineConfig":
         """Read a JSON (.json) or YAML (.yaml/.yml) file holding a mapping of config keys."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file not found: {path}")
-        with open(path) as f:
-            text = f.read()
-        if path.lower().endswith((".yaml", ".yml")):
-            import yaml
+        return cls.from_dict(read_config_file(path))
 
-            try:
-                values = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path} is not valid YAML: {e}") from None
-        else:
-            try:
-                values = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); a .yaml or .yml name reads YAML") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
-        return cls.from_dict(values)
+
+def read_config_file(path) -> dict:
+    """The mapping of config keys in a JSON (.json) or YAML (.yaml/.yml) file, not yet validated
+    (command-line flags may still override its values)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        text = f.read()
+    if path.lower().endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); a .yaml or .yml name reads YAML") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
+    return values
 
 
 CHOICES = {"mode": MODES, "fill": FILLS, "adv_region": ADV_REGIONS, "instability": INSTABILITIES,
@@ -220,9 +238,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RefineConfig:
     """The config file (if any) with every flag given on the command line applied on top."""
-    base = RefineConfig.from_file(args.config).to_dict() if getattr(args, "config", None) else RefineConfig().to_dict()
-    for name in base:
-        value = getattr(args, name, None)
+    base = read_config_file(args.config) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(RefineConfig):
+        value = getattr(args, f.name, None)
         if value is not None:
-            base[name] = value
-    return RefineConfig.from_dict(base)
+            base[f.name] = value
+    return RefineConfig.from_dict(base)  # validated once, the flags applied (a flag mends a bad file value)

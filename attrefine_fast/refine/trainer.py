@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from ..checks import check_device
+from ..cifar import read_md5_file
 from ..data import ImageDataset, add_spurious_patch, load_dataset
 from ..atomic_files import write_atomically, write_lines_atomically
 from ..models import build_model, move_to_device, read_torch_file, save_checkpoint
@@ -83,8 +84,14 @@ class Refiner:
     def __init__(self, cfg: RefineConfig, train: ImageDataset | None = None, model: torch.nn.Module | None = None):
         self.cfg = cfg.validate()
         self.rank, self.world_size, self.device = _distributed_context(cfg.device)
+        if cfg.mode == "refine" and cfg.explain_from_cycle >= cfg.cycles:
+            warnings.warn(f"mode='refine' explains from cycle {cfg.explain_from_cycle} of cycles 0..{cfg.cycles - 1}: nothing is "
+                          "ever flagged, and the run trains as the no-flags ablation (give more cycles or an earlier "
+                          "explain_from_cycle)", stacklevel=2)
         if train is None:
             kwargs = {"size": cfg.image_size} if cfg.dataset == "digits" else {}
+            if cfg.cifar_md5 is not None:
+                kwargs["md5"] = read_md5_file(cfg.cifar_md5)
             train = load_dataset(cfg.dataset, "train", cfg.data_dir, **kwargs)
             if cfg.spurious_patch is not None:
                 train = add_spurious_patch(train, cfg.spurious_patch)
@@ -104,8 +111,14 @@ class Refiner:
                                    cfg.arch, self.device)
             self.arch = cfg.arch
         else:  # a caller's model, run as it is: model.pt holds its weights, not an architecture to rebuild
+            if cfg.normalization is not None:
+                raise ValueError(f"normalization={cfg.normalization!r} is for the model the run builds; a model of your own "
+                                 "is run as it is: wrap it in attrefine_fast.models.NormalizedModel instead")
             self.model_kwargs, self.arch = {}, None
         self.module = model.to(self.device)
+        # the model's dtype (float64 or float16 images would not meet a float32 model's weights)
+        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
+        self.images = self.images.to(dtype)
         self.forward = self.module
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -333,6 +346,7 @@ class Refiner:
         shard = order[: (n // self.world_size) * self.world_size][self.rank :: self.world_size]
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and self.device.type == "cuda") else None
         self.module.train()
+        lr = self.optimizer.param_groups[0]["lr"]  # the epoch's first step's (the schedule ends at 0)
         sums = {"loss": 0.0, "correct": 0, "seen": 0}
         parts_sum: dict[str, float] = {}
         start = time.perf_counter()
@@ -353,8 +367,9 @@ class Refiner:
             correct = (logits.argmax(1) == y).sum()
             loss_value, correct, *values = torch.stack([t.to(torch.float64) for t in (loss.detach(), correct, *parts.values())]).tolist()
             if not math.isfinite(loss_value):
+                advice = "lower lr or lam" + (", or lower grad_clip" if cfg.grad_clip is not None else ", or set grad_clip")
                 raise FloatingPointError(f"{cfg.mode}: the loss became {loss_value} at epoch {epoch + 1}, step "
-                                         f"{i // cfg.batch_size + 1}; lower lr or lam, or set grad_clip")
+                                         f"{i // cfg.batch_size + 1}; {advice}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -379,7 +394,7 @@ class Refiner:
             totals = totals.cpu()
         seen = float(totals[2])
         record = {"event": "epoch", "epoch": epoch + 1, "cycle": cycle, "mode": cfg.mode, "loss": float(totals[0]) / seen,
-                  "train_acc": float(totals[1]) / seen, "lr": self.optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - start}
+                  "train_acc": float(totals[1]) / seen, "lr": lr, "time_s": time.perf_counter() - start}
         record.update({k: float(v) / seen for k, v in zip(parts_sum, totals[3:])})
         if self.store is not None:
             record["flagged_fraction"] = self.store.flagged_fraction()
