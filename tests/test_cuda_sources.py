@@ -73,7 +73,7 @@ def _glue_syntax_check(tmp_path):
 def test_cuda_sources_compile(tmp_path):
     jobs = {}
     for cu in CU_FILES:
-        cmd = [NVCC, "-c", *NVCC_FLAGS, str(cu),
+        cmd = [NVCC, "-c", *NVCC_FLAGS, "-Xptxas", "-v", str(cu),  # -v: each kernel's resources, checked below
                "-o", str(tmp_path / f"{cu.stem}.o")]
         jobs[cu.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # the phase-timing driver (benchmarks/lime_fit_phases.cu): lime_fit.cu with its clocks, linked
@@ -84,13 +84,40 @@ def test_cuda_sources_compile(tmp_path):
     glue = _glue_syntax_check(tmp_path)
     if glue is not None:
         jobs[glue[0]] = subprocess.Popen(glue[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    failures = {}
+    failures, logs = {}, {}
     for name, proc in jobs.items():
-        out, _ = proc.communicate(timeout=300)
+        logs[name], _ = proc.communicate(timeout=300)
         if proc.returncode != 0:
-            failures[name] = out[-3000:]
+            failures[name] = logs[name][-3000:]
     assert not failures, "\n\n".join(f"{name}:\n{log}" for name, log in failures.items())
     for cu in CU_FILES:
         assert (tmp_path / f"{cu.stem}.o").stat().st_size > 0
+    _check_static_shared_memory(logs)
     if glue is None:
         print("ops_cuda.cpp not checked: no host compiler, torch or CUDA headers", file=sys.stderr)
+
+
+def _static_shared_bytes(ptxas_log: str) -> dict[str, int]:
+    """Each kernel's static shared memory, from ``ptxas -v`` (no "smem" entry: none)."""
+    found, kernel = {}, None
+    for line in ptxas_log.splitlines():
+        entry = re.search(r"Compiling entry function '(\w+)'", line)
+        if entry:
+            kernel = entry[1]
+            found[kernel] = 0
+        used = re.search(r"(\d+) bytes smem", line)
+        if used and kernel is not None:
+            found[kernel] = int(used[1])
+    return found
+
+
+def _check_static_shared_memory(logs: dict[str, str]) -> None:
+    """A GPU counts static shared memory against the same per-block limit as the dynamic part,
+    which the kernels size to the limit (the SIMT emulator checks the dynamic part alone):
+    lime_fit reserves kStaticSharedBytes for its static variables, segment_mean's 48 KiB of
+    histogram bins leave no room for any."""
+    reserve = int(re.search(r"kStaticSharedBytes = (\d+);", (CUDA_DIR / "lime_fit.cu").read_text())[1])
+    lime = _static_shared_bytes(logs["lime_fit.cu"])
+    assert lime and all(0 < used <= reserve for used in lime.values()), lime
+    sums = {k: v for k, v in _static_shared_bytes(logs["segment_mean.cu"]).items() if "segment_sums" in k}
+    assert sums and all(used == 0 for used in sums.values()), sums
