@@ -27,9 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only the cases whose label contains TEXT, e.g. 'explain' or 'model=small_cnn'")
 
 
+def check_outputs(paths) -> None:
+    """Refuse, before the suite runs, a report path that cannot be written: a folder, or a file
+    in a folder that does not exist (otherwise the error comes after the whole run)."""
+    for out in paths:
+        if out is None:
+            continue
+        if os.path.isdir(out):
+            raise SystemExit(f"bench: {out} is a folder; give a file path")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise SystemExit(f"bench: the folder of {out} does not exist")
+
+
 def run(args: argparse.Namespace) -> None:
     from .benchmarking.report import case_text
-    from .benchmarking.suite import run_suite
+    from .benchmarking.suite import run_suite, select_specs
 
     if args.quick and args.smoke:
         raise SystemExit("choose --quick or --smoke, not both")
@@ -37,6 +49,12 @@ def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    try:
+        select_specs(profile, device.type, args.only)
+    except ValueError as e:
+        raise SystemExit(f"bench: {e}") from None
+    path = args.json or f"bench-{profile}-{device.type}.json"
+    check_outputs((path, args.markdown))
     limits = contextlib.nullcontext()
     if args.threads is not None:
         if args.threads < 1:
@@ -53,10 +71,6 @@ def run(args: argparse.Namespace) -> None:
             limits = threadpool_limits(limits=args.threads)
         except ImportError:
             pass
-    path = args.json or f"bench-{profile}-{device.type}.json"
-    for out in (path, args.markdown):  # before the suite runs: a bad path fails at once
-        if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            raise SystemExit(f"bench: the folder of {out} does not exist")
 
     def show(summary: dict) -> None:
         print(case_text(summary), flush=True)

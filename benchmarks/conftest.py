@@ -16,6 +16,7 @@ import statistics
 import pytest
 import torch
 
+from attrefine_fast.benchmarking.core import Provider, synchronize
 from attrefine_fast.benchmarking.report import environment
 from attrefine_fast.benchmarking.suite import SETUPS
 from attrefine_fast.benchmarking.sweep import PROFILES, ROUNDS, specs_for
@@ -65,6 +66,22 @@ def bench_environment(bench_device) -> dict:
 _built: dict = {}
 
 
+def timed_call(provider: Provider, device: torch.device, model_seconds: list):
+    """The call pytest-benchmark times: the provider once, its queued GPU work included (without
+    the synchronization a CUDA timing would cover the launches only), its model time appended to
+    ``model_seconds`` when it has a stopwatch."""
+
+    def call():
+        if provider.stopwatch is not None:
+            provider.stopwatch.reset()
+        provider.fn()
+        synchronize(device)
+        if provider.stopwatch is not None:
+            model_seconds.append(provider.stopwatch.seconds)
+
+    return call
+
+
 @pytest.fixture
 def bench_case(bench_spec, bench_device):
     """The case of ``bench_spec``, built once and kept while its providers run (one case at a
@@ -94,14 +111,7 @@ def measure(benchmark, bench_case, provider_name, bench_environment, pytestconfi
             versions=bench_environment["versions"],
         )
         model_seconds = []  # per call, warm-up calls first
-
-        def call():
-            if provider.stopwatch is not None:
-                provider.stopwatch.reset()
-            provider.fn()
-            if provider.stopwatch is not None:
-                model_seconds.append(provider.stopwatch.seconds)
-
+        call = timed_call(provider, bench_case.device, model_seconds)
         benchmark.pedantic(call, rounds=rounds.min_repeats, iterations=1, warmup_rounds=rounds.warmup)
         if model_seconds:
             # the median over the timed calls, as pytest-benchmark's own statistics (with

@@ -6,7 +6,10 @@ host synchronizations):
 - lime_fit for B=256 images, N=1000, M=64, 5 labels >= 5x the pure-PyTorch backend;
 - masked_pgd_step >= 3x the eager PyTorch sequence it replaces (the pure-PyTorch backend).
 
-    python benchmarks/gpu_targets.py [--json PATH] [--reps N]
+It also times segment_mean on each backend (no target: the measurement behind backend="auto"'s
+order for it on CUDA, attrefine_fast/backends.py).
+
+    python benchmarks/gpu_targets.py [--json PATH] [--reps N] [--only GROUP]
 
 Each op is called through the implementation ``backend=`` resolves to (the raw op, as the
 explanation engine and the attacks call it). Times are medians of CUDA-event timings of single
@@ -17,6 +20,7 @@ the write bandwidth that ``Tensor.fill_`` reaches on the same buffer.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 
@@ -151,31 +155,57 @@ def pgd_cases(rows: list, reps: int) -> None:
             measure(rows, f"masked_pgd_step {size}x{size} B={batch} {norm} weighted", make, reps)
 
 
-def tuned_configs() -> dict:
-    """The configuration each Triton autotuner chose, per tuning key, in this process."""
-    from attrefine_fast import kernels
+def segment_mean_cases(rows: list, reps: int) -> None:
+    """The hide-colour means explain() computes once per batch, 64 segments: many small images
+    and a few large ones."""
+    for size, batch in ((32, 256), (224, 32)):
+        images = photo_batch(size, 8).repeat(batch // 8, 1, 1, 1).cuda()  # the content does not change the time
+        seg = grid_batch(batch, size, 64)[0].cuda()
 
-    tuners = {"perturb": kernels.perturb._perturb_kernel, "lime_fit float32": kernels.lime_fit._lime_fit_kernel,
-              "lime_fit float64": kernels.lime_fit._lime_fit_kernel_f64}
-    return {name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
-            for name, tuner in tuners.items()}
+        def make(backend):
+            impl = backends.resolve("segment_mean", backend, "cuda")
+            return lambda: impl(images, seg, 64)
+
+        measure(rows, f"segment_mean {size}x{size} B={batch} M=64", make, reps)
+
+
+# --only's groups, in the order they run.
+CASE_GROUPS = {"perturb": perturb_cases, "lime_fit": lime_fit_cases, "masked_pgd_step": pgd_cases,
+               "segment_mean": segment_mean_cases}
+
+
+def tuned_configs() -> dict:
+    """The configuration each Triton autotuner chose, per tuning key, in this process; or
+    {"error": why} when the Triton kernels do not load, so that the rows measured still reach the
+    JSON."""
+    try:
+        kernels = importlib.import_module("attrefine_fast.kernels")
+        tuners = {"perturb": kernels.perturb._perturb_kernel, "lime_fit float32": kernels.lime_fit._lime_fit_kernel,
+                  "lime_fit float64": kernels.lime_fit._lime_fit_kernel_f64}
+        return {name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
+                for name, tuner in tuners.items()}
+    except Exception as e:  # Triton's import fails in many ways on a new machine, not only ImportError
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--only", default="", help="perturb, lime_fit or masked_pgd_step (default: all)")
+    parser.add_argument("--only", default="", help=f"one of {', '.join(CASE_GROUPS)} (default: all)")
     args = parser.parse_args(argv)
+    if args.only and args.only not in CASE_GROUPS:
+        parser.error(f"--only {args.only!r} matches no case group; the groups are {', '.join(CASE_GROUPS)}")
     if not torch.cuda.is_available():
         raise SystemExit("gpu_targets.py needs a CUDA device")
     props = torch.cuda.get_device_properties(0)
     env = {"device": torch.cuda.get_device_name(), "sms": props.multi_processor_count, "torch": torch.__version__,
            "cuda": torch.version.cuda, "spec_bandwidth": spec_bandwidth(),
-           "auto": {op: backends.selected(op, "auto", "cuda") for op in ("perturb_into", "lime_fit", "masked_pgd_step")}}
+           "auto": {op: backends.selected(op, "auto", "cuda")
+                    for op in ("perturb_into", "lime_fit", "masked_pgd_step", "segment_mean")}}
     print(env, flush=True)
     rows: list = []
-    for name, cases in (("perturb", perturb_cases), ("lime_fit", lime_fit_cases), ("masked_pgd_step", pgd_cases)):
+    for name, cases in CASE_GROUPS.items():
         if args.only in ("", name):
             cases(rows, args.reps)
     tuned = tuned_configs()

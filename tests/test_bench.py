@@ -216,3 +216,179 @@ def test_gpu_targets_script_imports_and_asks_for_a_gpu():
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_targets.py"
     run = subprocess.run([sys.executable, str(script), "--only", "lime_fit"], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "needs a CUDA device" in run.stderr
+
+
+def _hide_lime(monkeypatch):
+    """Make every `import lime...` fail, as on a machine without the package."""
+    for name in {"lime", "lime.lime_image", *(n for n in sys.modules if n.startswith("lime."))}:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_bench_without_lime_skips_its_providers(tmp_path, monkeypatch, capsys):
+    _hide_lime(monkeypatch)
+    path, tables = tmp_path / "bench.json", tmp_path / "tables.md"
+    threads = torch.get_num_threads()
+    try:
+        main(["bench", "--smoke", "--device", "cpu", "--threads", "1", "--json", str(path), "--markdown", str(tables)])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(path.read_text())
+    assert {c["kind"] for c in report["cases"]} == {"op", "explain", "segmentation", "attack"}
+    for case in report["cases"]:
+        rows = {r["name"]: r for r in case["providers"]}
+        assert any(r["status"] == "ran" and r["role"] == "ours" for r in rows.values()), case["id"]
+        if case["params"].get("op") == "segment_mean":  # lime's inline hide-colour loop, copied: no package needed
+            assert rows["lime"]["status"] == "ran"
+        elif "lime" in rows:
+            assert rows["lime"]["status"] == "skipped" and "lime is not importable" in rows["lime"]["reason"], case["id"]
+    assert sum("lime" in {r["name"] for r in c["providers"]} for c in report["cases"]) == 5
+    assert "lime is not importable" in capsys.readouterr().out and "lime is not importable" in tables.read_text()
+
+
+@pytest.fixture
+def no_suite_run(monkeypatch):
+    """The bench command must refuse bad arguments before any case runs."""
+    from attrefine_fast.benchmarking import suite
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the suite ran")
+
+    monkeypatch.setattr(suite, "run_suite", refuse)
+
+
+def test_bench_refuses_an_only_filter_that_matches_nothing(tmp_path, no_suite_run):
+    from attrefine_fast.benchmarking.suite import select_specs
+
+    with pytest.raises(SystemExit, match="matches none") as raised:
+        main(["bench", "--smoke", "--device", "cpu", "--only", "no-such-case", "--json", str(tmp_path / "b.json")])
+    assert "lime_fit/batch=2/samples=32/segments=16" in str(raised.value)  # the labels it could have matched
+    assert not (tmp_path / "b.json").exists()
+    with pytest.raises(ValueError, match="explain/"):
+        select_specs("quick", "cpu", "no-such-case")
+    assert [s.setup for s in select_specs("smoke", "cpu", "lime_fit")] == ["lime_fit"]
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown"])
+def test_bench_refuses_a_folder_as_report_path(tmp_path, no_suite_run, option):
+    args = ["bench", "--smoke", "--device", "cpu", "--json", str(tmp_path / "b.json"), option, str(tmp_path)]
+    with pytest.raises(SystemExit, match="is a folder"):
+        main(args)
+
+
+def _load(path: Path, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pytest_benchmark_calls_wait_for_the_gpu(monkeypatch):
+    conftest = _load(ROOT / "benchmarks" / "conftest.py", "benchmarks_conftest")
+    events = []
+    monkeypatch.setattr(conftest, "synchronize", lambda device: events.append(("synchronize", device.type)))
+    watch = Stopwatch(CPU)
+    provider = Provider("p", "ours", fn=lambda: watch.time(events.append, "fn"), stopwatch=watch)
+    model_seconds = []
+    conftest.timed_call(provider, torch.device("cuda"), model_seconds)()
+    assert events == ["fn", ("synchronize", "cuda")] and len(model_seconds) == 1
+
+
+def test_gpu_targets_refuses_an_unknown_group_and_keeps_rows_without_triton(monkeypatch):
+    script = ROOT / "benchmarks" / "gpu_targets.py"
+    run = subprocess.run([sys.executable, str(script), "--only", "no-such-op"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "segment_mean" in run.stderr and "masked_pgd_step" in run.stderr
+    targets = _load(script, "gpu_targets")
+    assert "segment_mean" in targets.CASE_GROUPS
+    import attrefine_fast
+
+    # Triton's kernels failing to load must not cost the JSON its measured rows
+    monkeypatch.delattr(attrefine_fast, "kernels", raising=False)
+    monkeypatch.setitem(sys.modules, "attrefine_fast.kernels", None)
+    assert "attrefine_fast.kernels" in targets.tuned_configs()["error"]
+
+
+# benchmarks/gpu_check.sh, run here with stub commands only (the real script would build and
+# install the package): the python stub answers `-c` checks with the real interpreter, over fake
+# torch / setuptools / lime modules, and the rest as told.
+STUB_PYTHON = """#!/bin/bash
+echo "python $*" >> "$STUB_LOG"
+case "$*" in
+  "-c "*) exec "$REAL_PYTHON" "$@" ;;
+  *"pip install"*) exit "$STUB_BUILD_RC" ;;
+  *attrefine_fast.info*) echo "$STUB_INFO"; exit 0 ;;
+  *"-k bad_input"*) exit "$STUB_BAD_INPUT_RC" ;;
+esac
+exit 0
+"""
+STUB_TOOL = """#!/bin/bash
+echo "$(basename "$0") $*" >> "$STUB_LOG"
+[ "$(basename "$0")" != nvidia-smi ] || { [ -n "$STUB_GPU" ] && echo "GPU 0: $STUB_GPU"; }
+"""
+CUDA_INFO = "compiled extension: loaded, CPU and CUDA kernels\nCUDA available: NVIDIA H100 80GB HBM3"
+
+
+def _gpu_check(tmp_path, setuptools="80.9.0", lime=True, **env):
+    stubs, fake = tmp_path / "bin", tmp_path / "site"
+    for folder in (stubs, fake / "torch", fake / "setuptools"):
+        folder.mkdir(parents=True)
+    (stubs / "python").write_text(STUB_PYTHON)
+    for tool in ("nvidia-smi", "cuda-gdb", "compute-sanitizer", "nvcc"):
+        (stubs / tool).write_text(STUB_TOOL)
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    (fake / "torch" / "__init__.py").write_text("")
+    (fake / "setuptools" / "__init__.py").write_text(f"__version__ = {setuptools!r}\n")
+    (fake / "lime.py").write_text("" if lime else "raise ImportError('no lime here')\n")
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PYTHONPATH": str(fake), "REAL_PYTHON": sys.executable,
+           "STUB_LOG": str(log), "STUB_BUILD_RC": "0", "STUB_BAD_INPUT_RC": "0", "STUB_INFO": CUDA_INFO,
+           "STUB_GPU": "NVIDIA H100 80GB HBM3", "GPU_CHECK_DEADLINE_S": "300", **env}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    return run, log.read_text()
+
+
+@pytest.mark.parametrize("deadline", ["abc", "500.5", "-1"])
+def test_gpu_check_refuses_a_deadline_that_is_not_whole_seconds(tmp_path, deadline):
+    run, calls = _gpu_check(tmp_path, GPU_CHECK_DEADLINE_S=deadline)
+    assert run.returncode == 2 and "whole number of seconds" in run.stderr
+    assert calls == "" and not (tmp_path / "out").exists()
+
+
+def test_gpu_check_reports_whats_missing_and_stops_without_a_cuda_device(tmp_path):
+    info = "compiled extension: loaded, CPU kernels (built without CUDA)\nCUDA not available"
+    run, calls = _gpu_check(tmp_path, setuptools="68.2.0", lime=False, STUB_GPU="", STUB_INFO=info)
+    assert run.returncode == 1, run.stdout + run.stderr
+    for missing in ("a GPU listed by nvidia-smi", "setuptools >= 77", "lime: the bench's lime providers will be skipped"):
+        assert f"missing: {missing}" in run.stdout
+    assert "pytest" not in (tmp_path / "out" / "preflight.log").read_text()
+    # built and asked what it built, then nothing that needs CUDA
+    assert "pip install" in calls and "attrefine_fast.info" in calls
+    assert "-m pytest" not in calls and "gpu_targets" not in calls and "compute-sanitizer" not in calls
+    assert "stopped early: torch sees no CUDA device" in run.stdout
+    assert "not run or cut short: bad-input compiled-cuda targets" in run.stdout
+
+
+def test_gpu_check_without_cuda_kernels_still_runs_the_triton_steps(tmp_path):
+    # a CUDA device but a build without the CUDA kernels (its compile failed, say): the Triton
+    # tests, the targets and the benchmarks still measure something
+    info = "compiled extension: loaded, CPU kernels (built without CUDA)"
+    run, calls = _gpu_check(tmp_path, STUB_INFO=info)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "tests/test_triton_ops.py" in calls and "gpu_targets.py --json" in calls and "attrefine_fast bench" in calls
+    assert "compute-sanitizer" not in calls and "-k bad_input" not in calls
+    assert "the compiled CUDA kernels' steps were skipped" in run.stdout
+    assert "not run or cut short: bad-input compiled-cuda memcheck racecheck synccheck" in run.stdout
+
+
+@pytest.mark.parametrize("bad_input_rc", [0, 1])
+def test_gpu_check_backtraces_only_a_failing_bad_input_step(tmp_path, bad_input_rc):
+    # a failed build sets the run's status: the backtrace must follow the bad-input step's own
+    run, calls = _gpu_check(tmp_path, STUB_BUILD_RC="1", STUB_BAD_INPUT_RC=str(bad_input_rc))
+    assert "nothing missing" in run.stdout and "stopped early" not in run.stdout
+    assert ("cuda-gdb" in calls) == (bad_input_rc != 0), run.stdout
+    assert "gpu_targets.py --json" in calls and "compute-sanitizer --tool synccheck" in calls
+    assert run.returncode == 1  # the build failed

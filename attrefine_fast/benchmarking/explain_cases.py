@@ -36,6 +36,7 @@ from .inputs import (
     backend_status,
     build_model,
     explanation_segments,
+    lime_missing,
     model_forwards,
     numpy_classifier,
     photo_batch,
@@ -99,6 +100,9 @@ def _drop_in(images_np, seg_np, model, samples, labels, device) -> Provider:
 
 
 def _lime(images_np, seg_np, model, samples, labels, device) -> Provider:
+    missing = lime_missing()
+    if missing:
+        return skip("lime", "peer", missing)
     import lime.lime_image
 
     watch = Stopwatch(device)
@@ -198,20 +202,28 @@ def setup_explain(
     )
 
 
+def _lime_segmentation(images: torch.Tensor) -> Provider:
+    """lime's quickshift wrapper with its default settings, one image at a time."""
+    missing = lime_missing()
+    if missing:
+        return skip("lime", "peer", missing)
+    from lime.wrappers.scikit_image import SegmentationAlgorithm
+
+    images_np = [im.permute(1, 2, 0).numpy().copy() for im in images]
+    quickshift = SegmentationAlgorithm("quickshift", kernel_size=4, max_dist=200, ratio=0.2, random_seed=0)
+    return Provider("lime", "peer", fn=lambda: [quickshift(im) for im in images_np], detail="lime's quickshift, per image")
+
+
 def setup_segmentation(device: torch.device, size: int, batch: int) -> Case:
     """Superpixels for B images (scikit-image on the CPU whatever the device). lime: its
     quickshift wrapper, one image at a time; ours: segment() with the same quickshift settings
     (one image per thread), and the cheaper slic and grid."""
-    from lime.wrappers.scikit_image import SegmentationAlgorithm
-
     images = photo_batch(size, batch)
-    images_np = [im.permute(1, 2, 0).numpy().copy() for im in images]
-    lime_quickshift = SegmentationAlgorithm("quickshift", kernel_size=4, max_dist=200, ratio=0.2, random_seed=0)
     providers = [
         Provider("ours[quickshift]", "ours", fn=lambda: segment(images, "quickshift"), detail="lime's quickshift settings, threaded"),
         Provider("ours[slic]", "ours", fn=lambda: segment(images, "slic", n_segments=50), detail="slic, 50 segments"),
         Provider("ours[grid]", "ours", fn=lambda: segment(images, "grid", n_segments=64), detail="8x8 grid"),
-        Provider("lime", "peer", fn=lambda: [lime_quickshift(im) for im in images_np], detail="lime's quickshift, per image"),
+        _lime_segmentation(images),
     ]
     return Case(
         id=f"segmentation/{size}px/B{batch}", kind="segmentation",

@@ -179,6 +179,18 @@ def auto_choice(ops: tuple[str, ...], device: torch.device) -> dict[str, str]:
     return {op: backends.selected(op, "auto", device) for op in ops}
 
 
+def lime_missing() -> str:
+    """Why the providers that call the lime package cannot run here, or "" when it imports.
+    lime is an optional peer like captum and torchattacks: without it those providers are
+    listed as skipped and everything else is timed."""
+    try:
+        import lime.lime_image  # noqa: F401
+        import lime.wrappers.scikit_image  # noqa: F401
+    except ImportError as e:
+        return f"lime is not importable ({e}); install it with `pip install lime==0.2.0.1`"
+    return ""
+
+
 @contextlib.contextmanager
 def quiet_lime():
     """lime 0.2.0.1 draws a tqdm progress bar over its samples and has no switch for it; replace

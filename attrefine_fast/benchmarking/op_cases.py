@@ -4,6 +4,8 @@ piece of its own code, lime.
 
 Ours are timed through the implementation ``backend=`` resolves to, as the explanation engine
 calls it (input validation excluded). lime runs on the CPU with numpy whatever the device.
+Without the lime package its providers are skipped with the reason, except segment_mean's: lime's
+hide-colour step is inline code, copied here, which needs no package.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from .. import backends
 from ..neighborhood import draw_masks, fudge_images, perturbed_chunks
 from .core import Case, Provider, skip
-from .inputs import OUR_BACKENDS, TOP_LABELS, backend_status, grid_batch, photo_batch, quiet_lime
+from .inputs import OUR_BACKENDS, TOP_LABELS, backend_status, grid_batch, lime_missing, photo_batch, quiet_lime
 
 # Samples per perturbation chunk, as explain()'s default batch_size: B * (FORWARD_BATCH // B) rows.
 FORWARD_BATCH = 256
@@ -92,20 +94,7 @@ def setup_perturb(device: torch.device, size: int, batch: int, samples: int, seg
     if device.type == "cuda" and batch > 1 and size > 64:
         providers.append(skip("lime", "peer", "lime perturbs one image at a time on the CPU: timed at B=1 only at this size"))
     else:
-        import lime.lime_image
-
-        explainer = lime.lime_image.LimeImageExplainer(random_state=0)
-        images_np, fudge_np, seg_np = _hwc(images), _hwc(fudge), seg.cpu().numpy()
-
-        def zeros(x):
-            return np.zeros((len(x), 1), dtype=np.float32)
-
-        def lime_run():
-            with quiet_lime():
-                for im, fu, s in zip(images_np, fudge_np, seg_np):
-                    explainer.data_labels(im, fu, s, zeros, samples, batch_size=FORWARD_BATCH)
-
-        providers.append(Provider("lime", "peer", fn=lime_run, detail="lime's data_labels (numpy, CPU), one image at a time"))
+        providers.append(_lime_perturb(images, fudge, seg, samples))
     return Case(
         id=f"perturb/{size}px/B{batch}/N{samples}/M{segments}", kind="op",
         title=f"perturb: {samples} perturbed images per image, {size}x{size}, B={batch}, M={segments}",
@@ -113,6 +102,27 @@ def setup_perturb(device: torch.device, size: int, batch: int, samples: int, seg
                 "rows_per_chunk": batch * per_chunk},
         device=device, providers=providers,
     )
+
+
+def _lime_perturb(images: torch.Tensor, fudge: torch.Tensor, seg: torch.Tensor, samples: int) -> Provider:
+    """lime's ``data_labels`` with a classifier that returns zeros, one image at a time."""
+    missing = lime_missing()
+    if missing:
+        return skip("lime", "peer", missing)
+    import lime.lime_image
+
+    explainer = lime.lime_image.LimeImageExplainer(random_state=0)
+    images_np, fudge_np, seg_np = _hwc(images), _hwc(fudge), seg.cpu().numpy()
+
+    def zeros(x):
+        return np.zeros((len(x), 1), dtype=np.float32)
+
+    def run():
+        with quiet_lime():
+            for im, fu, s in zip(images_np, fudge_np, seg_np):
+                explainer.data_labels(im, fu, s, zeros, samples, batch_size=FORWARD_BATCH)
+
+    return Provider("lime", "peer", fn=run, detail="lime's data_labels (numpy, CPU), one image at a time")
 
 
 def setup_lime_fit(device: torch.device, batch: int, samples: int, segments: int, labels: int = TOP_LABELS) -> Case:
@@ -129,7 +139,20 @@ def setup_lime_fit(device: torch.device, batch: int, samples: int, segments: int
         impl = backends.resolve("lime_fit", backend, device)
         return lambda: impl(masks_d, targets_d, counts_d, None, 0.25, 1.0)
 
-    providers = _ours("lime_fit", device, ours)
+    providers = _ours("lime_fit", device, ours) + [_lime_fit(masks, targets, segments, labels)]
+    return Case(
+        id=f"lime_fit/B{batch}/N{samples}/M{segments}/L{labels}", kind="op",
+        title=f"lime_fit: {labels} labels, B={batch}, N={samples}, M={segments}",
+        params={"op": "lime_fit", "batch": batch, "samples": samples, "segments": segments, "labels": labels},
+        device=device, providers=providers,
+    )
+
+
+def _lime_fit(masks: torch.Tensor, targets: torch.Tensor, segments: int, labels: int) -> Provider:
+    """lime's cosine distances, its kernel and LimeBase's fit of every label, one image at a time."""
+    missing = lime_missing()
+    if missing:
+        return skip("lime", "peer", missing)
     import lime.lime_image
     from sklearn.metrics import pairwise_distances
 
@@ -137,19 +160,13 @@ def setup_lime_fit(device: torch.device, batch: int, samples: int, segments: int
     data_np = [m.numpy().astype(np.int64) for m in masks]
     targets_np = targets.numpy()
 
-    def lime_run():
+    def run():
         for data, y in zip(data_np, targets_np):
             distances = pairwise_distances(data, data[0].reshape(1, -1), metric="cosine").ravel()
             for label in range(labels):
                 base.explain_instance_with_data(data, y, distances, label, segments, feature_selection="none")
 
-    providers.append(Provider("lime", "peer", fn=lime_run, detail="lime's distances, kernel and LimeBase fit per label (CPU)"))
-    return Case(
-        id=f"lime_fit/B{batch}/N{samples}/M{segments}/L{labels}", kind="op",
-        title=f"lime_fit: {labels} labels, B={batch}, N={samples}, M={segments}",
-        params={"op": "lime_fit", "batch": batch, "samples": samples, "segments": segments, "labels": labels},
-        device=device, providers=providers,
-    )
+    return Provider("lime", "peer", fn=run, detail="lime's distances, kernel and LimeBase fit per label (CPU)")
 
 
 def setup_masked_pgd_step(device: torch.device, size: int, batch: int, norm: str = "linf") -> Case:

@@ -13,9 +13,20 @@ from .core import run_case
 from .explain_cases import setup_explain, setup_segmentation
 from .op_cases import OP_SETUPS
 from .report import environment, load_average, summarize
-from .sweep import ROUNDS, omitted, specs_for
+from .sweep import ROUNDS, Spec, omitted, specs_for
 
 SETUPS = {**OP_SETUPS, "explain": setup_explain, "segmentation": setup_segmentation, "pgd": setup_pgd}
+
+
+def select_specs(profile: str, device_type: str, only: str | None = None) -> list[Spec]:
+    """The cases of ``profile`` whose label contains ``only`` (all of them without it). A filter
+    that matches nothing is an error naming the labels, not an empty report."""
+    specs = specs_for(profile, device_type)
+    chosen = [s for s in specs if not only or only in s.label]
+    if not chosen:
+        labels = "\n  ".join(s.label for s in specs)
+        raise ValueError(f"--only {only!r} matches none of the {profile} profile's cases on {device_type}:\n  {labels}")
+    return chosen
 
 
 def run_suite(
@@ -29,12 +40,11 @@ def run_suite(
     ``on_case`` is called with each summary as soon as it is measured."""
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
+    specs = select_specs(profile, device.type, only)
     rounds = ROUNDS[profile]
     report = {"profile": profile, "environment": environment(device), "omitted": omitted(profile, device.type), "cases": []}
     start = time.perf_counter()
-    for spec in specs_for(profile, device.type):
-        if only and only not in spec.label:
-            continue
+    for spec in specs:
         case = SETUPS[spec.setup](device, **spec.arguments())
         timings = run_case(
             case, rounds.min_repeats, rounds.max_repeats, rounds.budget_s, rounds.warmup, rounds.min_sample_s,
