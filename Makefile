@@ -38,7 +38,12 @@ SANITIZED_TESTS = tests/test_compiled_ops.py tests/test_explain.py tests/test_in
 	tests/test_cpu_kernel_compilations.py
 test-sanitized: install
 	rm -rf build/sanitized && mkdir -p build/sanitized
-	git ls-files -z | xargs -0 cp --parents -t build/sanitized
+	@# the tracked files of a clone; an unpacked source distribution holds only those, less build/
+	if git rev-parse --is-inside-work-tree > /dev/null 2>&1; then \
+		git ls-files -z | xargs -0 cp --parents -t build/sanitized; \
+	else \
+		tar --exclude=./build -cf - . | tar -xf - -C build/sanitized; \
+	fi
 	cd build/sanitized && ATTREFINE_SANITIZE=1 $(PYTHON) setup.py -q build_ext --inplace
 	cd build/sanitized && PYTHONPATH="$$PWD" $(SANITIZER_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider $(SANITIZED_TESTS)
 
