@@ -20,15 +20,18 @@ removes the round trip of B Gram matrices through memory and the batched-solver 
 alpha = 0 can make the matrix singular; that case writes the normal equations out, solves
 them with a pseudo-inverse (the minimum-norm solution, which the reference's fallback also
 gives) and runs the remaining pass as a second launch. So does a fused solve that rounding
-broke (a pivot not positive, or a non-finite result: a tiny alpha with collinear columns, where
-the reference's Cholesky fails too): it sets a flag, and the launcher, reading it with the
-argument checks' flag, solves the batch again that way (traced, where nothing can be read, those
-images come out NaN).
+broke (a pivot below half of min(alpha, 1), or a non-finite result: a tiny alpha with collinear
+columns, where the reference's Cholesky fails too): it sets a flag, and the launcher, reading it
+with the argument checks' flag, solves the batch again that way (traced, where nothing can be
+read, those images come out NaN).
 
 tl.dot needs blocks of at least 16, so M and L are padded to powers of two >= 16 with zeros.
 float64 reduces broadcast products instead of tl.dot (see _dot_acc); they hold BLOCK_N x M x M
 values at once, so float64 has its own autotuner over 1 to 4 samples per block
 (_lime_fit_kernel_f64, _F64_CONFIGS).
+The M x L tiles take more shared memory than a block has at large M and L, so the labels go in
+blocks of BLOCK_L, one program each on grid axis 1 (labels are independent; each program
+recomputes the image's Gram matrix): see _TILE and blocks().
 One program holds the whole M x M matrix in registers: without spills up to M = 128 in
 float32 (64 in float64), correct but slower up to MAX_SEGMENTS.
 """
@@ -38,13 +41,18 @@ import triton.language as tl
 
 from .contracts import check_lime_fit, check_lime_fit_values
 from .device_checks import flag_pass, new_flag, raise_if_flagged
-from .op_registration import TritonOp, autotune_configs, next_power_of_2, scalars, wrap_triton
+from .op_registration import TritonOp, autotune_configs, cdiv, int64_index, next_power_of_2, scalars, wrap_triton
 
 MAX_SEGMENTS = 256
-# Labels: the shared memory of tl.dot's operands grows with BLOCK_L; compiled for sm_90 (Triton 3.9,
-# float32) the tile at BLOCK_L = 256 takes 164 kB at M = 256 (16 warps, BLOCK_N = 32), within an
-# H100's 227 kB, and at BLOCK_L = 512 262 kB, past it.
-MAX_LABELS = 256
+MAX_LABELS = 256  # per call (blocks of them per program: see _TILE)
+# Shared memory per block on sm_90 (H100, H200); a launch that needs more fails (OutOfResources).
+# The M x L tiles (R, β) go through shared memory, compiled for sm_90 (Triton 3.9): in float64
+# BLOCK_M * BLOCK_L * 8 bytes (FUSED and FINISH: 262,144 at 256 x 128); in float32 FINISH's
+# tl.dot with β takes 311,296 at 256 x 256 and FUSED's 262,144 at 128 x 256 with BLOCK_N = 64.
+# So a program takes at most _TILE label-segment pairs (131,072 bytes in float64's tiles), the
+# labels in blocks on grid axis 1: see blocks() (kernels/compile_check.py checks the sizes).
+SHARED_MEMORY_LIMIT = 232448
+_TILE = 16384
 FUSED, NORMAL_EQUATIONS, FINISH = 0, 1, 2  # the PHASE of a launch
 # the same, readable inside the kernels (Triton reads only constexpr globals)
 _FUSED, _NORMAL_EQUATIONS, _FINISH = tl.constexpr(FUSED), tl.constexpr(NORMAL_EQUATIONS), tl.constexpr(FINISH)
@@ -90,19 +98,27 @@ def _fits_in_registers(configs, named_args, **kwargs):
     return kept or [max(configs, key=lambda c: c.num_warps)]
 
 
+def blocks(m: int, l: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_L) for M segments and L labels; the launch takes cdiv(L, BLOCK_L)
+    programs per image (see _TILE)."""
+    block_m = max(16, next_power_of_2(m))
+    return block_m, min(max(16, next_power_of_2(l)), _TILE // block_m)
+
+
 @triton.jit
 def _load_block(
-    masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
+    masks_ptr, targets_ptr, weights_ptr, b, n0, l0, N, L, mb, kw2,
     sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
     HAS_WEIGHTS: tl.constexpr, F64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Samples n0 .. n0+BLOCK_N: z (BLOCK_N, BLOCK_M) 0/1 with zeros outside the image's
-    segments, y (BLOCK_N, BLOCK_L) and w (BLOCK_N,), zero for rows past N."""
+    segments, y (BLOCK_N, BLOCK_L) of labels l0 .. l0+BLOCK_L and w (BLOCK_N,), zero for rows
+    past N."""
     dtype = tl.float64 if F64 else tl.float32
     rows = n0 + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_M)
-    labels = tl.arange(0, BLOCK_L)
+    labels = l0 + tl.arange(0, BLOCK_L)
     row_ok = rows < N
     z = tl.load(
         masks_ptr + b * sm_b + rows[:, None] * sm_n + cols[None, :] * sm_m,
@@ -129,13 +145,13 @@ def _load_block(
 
 @triton.jit
 def _centred_block(
-    masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2, xbar, ybar, seg_ok,
+    masks_ptr, targets_ptr, weights_ptr, b, n0, l0, N, L, mb, kw2, xbar, ybar, seg_ok,
     sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
     HAS_WEIGHTS: tl.constexpr, F64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """_load_block's samples centred: zc (BLOCK_N, BLOCK_M), zero outside the image's segments,
     yc (BLOCK_N, BLOCK_L) and the weights w (BLOCK_N,)."""
-    z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
+    z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, l0, N, L, mb, kw2,
                           sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
                           HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
     return tl.where(seg_ok[None, :], z - xbar[None, :], 0), y - ybar[None, :], w
@@ -160,10 +176,15 @@ def _weighted_squares(w, v):
 
 
 @triton.jit
-def _ridge_solve(gram, rhs, mb, BLOCK_M: tl.constexpr):
+def _ridge_solve(gram, rhs, mb, min_pivot, BLOCK_M: tl.constexpr):
     """Solve gram @ beta = rhs by Gauss-Jordan elimination on the tile (gram is SPD), and say
-    whether it held: 1 when every pivot was positive and beta is finite, 0 where rounding made
-    the matrix look singular (a tiny alpha with collinear columns), as a failed Cholesky would."""
+    whether it held: 1 when every pivot was at least min_pivot and beta is finite, 0 where
+    rounding made the matrix look (nearly) singular (a tiny alpha with collinear columns), as a
+    failed Cholesky would.
+
+    The factors divide with tl.div_rn: the GPU's default float32 division (an approximate
+    reciprocal times the dividend) can leave a pivot that correctly rounded arithmetic cancels to
+    0 at a few ulps above it, which a test of pivot > 0 accepted, with wrong coefficients."""
     idx = tl.arange(0, BLOCK_M)
     rows = idx[:, None]
     cols = idx[None, :]
@@ -172,9 +193,12 @@ def _ridge_solve(gram, rhs, mb, BLOCK_M: tl.constexpr):
         pivot_row = tl.sum(tl.where(rows == k, gram, 0), axis=0)
         pivot_col = tl.sum(tl.where(cols == k, gram, 0), axis=1)
         pivot = tl.sum(tl.where(idx == k, pivot_row, 0), axis=0)
-        solved = tl.where(pivot > 0, solved, 0)  # (a NaN pivot compares false too)
+        solved = tl.where(pivot >= min_pivot, solved, 0)  # (a NaN pivot compares false too)
         rhs_row = tl.sum(tl.where(rows == k, rhs, 0), axis=0)
-        factor = tl.where(idx == k, 0, pivot_col / pivot)
+        if gram.dtype == tl.float64:  # (always correctly rounded; tl.div_rn takes float32 only)
+            factor = tl.where(idx == k, 0, pivot_col / pivot)
+        else:
+            factor = tl.where(idx == k, 0, tl.div_rn(pivot_col, pivot))
         gram = gram - factor[:, None] * pivot_row[None, :]
         rhs = rhs - factor[:, None] * rhs_row[None, :]
     diag = tl.sum(tl.where(rows == cols, gram, 0), axis=1)
@@ -195,18 +219,23 @@ def _lime_fit(
     # strides (elements); the outputs are contiguous
     sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n, sk_b,
     # compile-time
-    PHASE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, F64: tl.constexpr,
+    PHASE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, F64: tl.constexpr, INT64_INDEX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     dtype = tl.float64 if F64 else tl.float32
     b = tl.program_id(0).to(tl.int64)
+    l0 = tl.program_id(1) * BLOCK_L  # this program's labels: l0 .. l0 + BLOCK_L (see blocks())
+    # offsets within an image in 64 bits where they can pass int32 (op_registration.int64_index)
+    index_t = tl.int64 if INT64_INDEX else tl.int32
+    sm_n, sm_m, sw_n = tl.cast(sm_n, index_t), tl.cast(sm_m, index_t), tl.cast(sw_n, index_t)
+    st_n, st_l = tl.cast(st_n, index_t), tl.cast(st_l, index_t)
     # Counts outside 1..M are flagged by a pass on the device and the call then raises; clamped
     # here so that such a count reads nothing out of bounds on the way.
     mb = tl.minimum(tl.maximum(tl.load(num_segments_ptr + b * sk_b), 1), M)
     kw2 = tl.load(params_ptr)
     alpha = tl.load(params_ptr + 1)
     idx_m = tl.arange(0, BLOCK_M)
-    idx_l = tl.arange(0, BLOCK_L)
+    idx_l = l0 + tl.arange(0, BLOCK_L)
     seg_ok = idx_m < mb
 
     # 1. weights and weighted means
@@ -214,7 +243,7 @@ def _lime_fit(
     acc_z = tl.zeros((BLOCK_M,), dtype)
     acc_y = tl.zeros((BLOCK_L,), dtype)
     for n0 in range(0, N, BLOCK_N):
-        z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2,
+        z, y, w = _load_block(masks_ptr, targets_ptr, weights_ptr, b, n0, l0, N, L, mb, kw2,
                               sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
                               HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
         acc_w += w
@@ -230,7 +259,7 @@ def _lime_fit(
         gram = tl.zeros((BLOCK_M, BLOCK_M), dtype)
         rhs = tl.zeros((BLOCK_M, BLOCK_L), dtype)
         for n0 in range(0, N, BLOCK_N):
-            zc, yc, w = _centred_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2, xbar, ybar, seg_ok,
+            zc, yc, w = _centred_block(masks_ptr, targets_ptr, weights_ptr, b, n0, l0, N, L, mb, kw2, xbar, ybar, seg_ok,
                                        sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
                                        HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
             wzc_t = tl.trans(w[:, None] * zc)
@@ -241,11 +270,15 @@ def _lime_fit(
         gram += tl.where(idx_m[:, None] == idx_m[None, :], ridge[:, None], 0)
     if PHASE == _NORMAL_EQUATIONS:
         rc = idx_m[:, None] < M
-        tl.store(gram_ptr + b * M * M + idx_m[:, None] * M + idx_m[None, :], gram, mask=rc & (idx_m < M)[None, :])
+        if l0 == 0:  # every program of the image computed the same matrix: the first writes it
+            tl.store(gram_ptr + b * M * M + idx_m[:, None] * M + idx_m[None, :], gram, mask=rc & (idx_m < M)[None, :])
         tl.store(rhs_ptr + b * M * L + idx_m[:, None] * L + idx_l[None, :], rhs, mask=rc & (idx_l < L)[None, :])
     else:
         if PHASE == _FUSED:
-            beta, solved = _ridge_solve(gram, rhs, mb, BLOCK_M)
+            # In exact arithmetic every pivot is at least alpha (Schur complements of the SPD
+            # G + αI, at least its smallest eigenvalue): one below half of it (of 1 for a large
+            # alpha) is rounding's, and the least-squares path, correct for any matrix, takes over.
+            beta, solved = _ridge_solve(gram, rhs, mb, 0.5 * tl.minimum(alpha, 1.0), BLOCK_M)
             # 3. from (G + αI) β = R: Σ w (yc - zc β)² = Σ w yc² - β·R - α |β|² (padded rows: β = 0)
             beta64, rhs64 = beta.to(tl.float64), rhs.to(tl.float64)
             rss = tl.maximum(tss - tl.sum(beta64 * rhs64, axis=0) - alpha.to(tl.float64) * tl.sum(beta64 * beta64, axis=0), 0)
@@ -259,7 +292,7 @@ def _lime_fit(
             # 3. residual and total sums of squares, a third pass (β came from outside)
             rss = tl.zeros((BLOCK_L,), tl.float64)
             for n0 in range(0, N, BLOCK_N):
-                zc, yc, w = _centred_block(masks_ptr, targets_ptr, weights_ptr, b, n0, N, L, mb, kw2, xbar, ybar,
+                zc, yc, w = _centred_block(masks_ptr, targets_ptr, weights_ptr, b, n0, l0, N, L, mb, kw2, xbar, ybar,
                                            seg_ok, sm_b, sm_n, sm_m, st_b, st_n, st_l, sw_b, sw_n,
                                            HAS_WEIGHTS, F64, BLOCK_N, BLOCK_M, BLOCK_L)
                 resid = yc - _dot_acc(zc, beta, tl.zeros((BLOCK_N, BLOCK_L), dtype), F64)
@@ -279,7 +312,7 @@ def _lime_fit(
         tl.store(local_pred_ptr + b * L + idx_l, local_pred, mask=label_ok)
 
 
-_KEY = ["N", "BLOCK_M", "BLOCK_L"]
+_KEY = ["N", "BLOCK_M", "BLOCK_L", "PHASE", "HAS_WEIGHTS"]
 _lime_fit_kernel = triton.autotune(
     configs=autotune_configs(_CONFIGS), key=_KEY, prune_configs_by={"early_config_prune": _fits_in_registers}
 )(_lime_fit)
@@ -304,12 +337,12 @@ def _lime_fit_launcher(
         )
     if l > MAX_LABELS:
         raise ValueError(
-            f"the Triton lime_fit fits at most {MAX_LABELS} labels per call (its tiles' shared memory), got L={l}; "
+            f"the Triton lime_fit fits at most {MAX_LABELS} labels per call, got L={l}; "
             "split the labels or use backend='cuda', 'cpp' or 'torch'"
         )
     # int(): the block sizes are compile-time constants, so a symbolic size is specialized here
-    block_m = max(16, next_power_of_2(int(m)))
-    block_l = max(16, next_power_of_2(int(l)))
+    f64 = dtype == torch.float64
+    block_m, block_l = blocks(int(m), int(l))
     coef = torch.empty((b, l, m), dtype=dtype, device=device)
     intercept, score, local_pred = (torch.empty((b, l), dtype=dtype, device=device) for _ in range(3))
     # Scalars travel as a tensor of targets' dtype: Triton passes Python floats as float32. An
@@ -326,15 +359,16 @@ def _lime_fit_launcher(
     flag_pass(targets, flag)
     host_check = lambda: check_lime_fit_values(targets, num_segments, m)  # noqa: E731
     sw_b, sw_n = w.stride()[:2]
+    wide = int64_index(masks, targets, weights)
 
     def launch(phase, gram, rhs, beta):
-        kernel = _lime_fit_kernel_f64 if dtype == torch.float64 else _lime_fit_kernel
-        wrap_triton(kernel)[(b,)](
+        kernel = _lime_fit_kernel_f64 if f64 else _lime_fit_kernel
+        wrap_triton(kernel)[(b, cdiv(l, block_l))](
             masks, targets, w, num_segments, params,
             gram, rhs, beta, unsolved, coef, intercept, score, local_pred,
             n, m, l,
             *masks.stride(), *targets.stride(), sw_b, sw_n, num_segments.stride(0),
-            PHASE=phase, HAS_WEIGHTS=has_weights, F64=dtype == torch.float64,
+            PHASE=phase, HAS_WEIGHTS=has_weights, F64=f64, INT64_INDEX=wide,
             BLOCK_M=block_m, BLOCK_L=block_l,
         )
 

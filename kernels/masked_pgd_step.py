@@ -25,7 +25,7 @@ from attrefine_fast.ops.masked_pgd_step import EPS_FOR_DIVISION, FLOAT16_EPS_FOR
 
 from .contracts import check_masked_pgd_step
 from .device_checks import flag_pass, new_flag, raise_if_flagged
-from .op_registration import TritonOp, cdiv, grid_axis, scalars, wrap_triton
+from .op_registration import TritonOp, cdiv, grid_axis, int64_index, scalars, wrap_triton
 
 # An elementwise pass: 1024 elements per program keeps 32x32x3 images at 3 programs per sample.
 # Not measured (no GPU when written), so no autotuning; an in-place kernel would also need its
@@ -103,10 +103,14 @@ def _masked_pgd_kernel(
     sa_b, sa_c, sa_h, sa_w, sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sw_b, sw_h, sw_w,
     # compile-time
     STAGE: tl.constexpr, L2: tl.constexpr, HAS_WEIGHT: tl.constexpr, F64: tl.constexpr,
-    FLAT: tl.constexpr, BLOCK: tl.constexpr,
+    FLAT: tl.constexpr, INT64_INDEX: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """STAGE 0: L2 partial sums of g²; STAGE 1: L2 partial sums of δ²; STAGE 2: the update."""
     b = tl.program_id(0).to(tl.int64)
+    # offsets within a sample in 64 bits where they can pass int32 (op_registration.int64_index):
+    # every offset derives from offs, which then holds them
+    index_t = tl.int64 if INT64_INDEX else tl.int32
+    C, HW, W = tl.cast(C, index_t), tl.cast(HW, index_t), tl.cast(W, index_t)
     # a non-finite grad (flag set by the pass before): nothing is read or written
     limit = tl.where(tl.load(flag_ptr) == 0, C * HW, 0)
     step_size = tl.load(params_ptr)
@@ -114,9 +118,23 @@ def _masked_pgd_kernel(
     lo = tl.load(params_ptr + 2)
     hi = tl.load(params_ptr + 3)
     T = x_adv_ptr.dtype.element_ty
+    # L2: the sample's norms, from the row of partial sums the stages before wrote, once per
+    # program (not per block: a row of num_blocks sums)
+    if L2 and STAGE >= 1:
+        if F64:
+            g_norm = tl.sqrt(_row_total(g_partial_ptr, b, num_blocks, 128, F64)) + _EPS_FOR_DIVISION
+        else:
+            # torch's norm is rounded to the dtype, then its sum with the guard
+            guard = _FLOAT16_EPS_FOR_DIVISION if T == tl.float16 else _EPS_FOR_DIVISION
+            g_norm = _rnd(_rnd(tl.sqrt_rn(_row_total(g_partial_ptr, b, num_blocks, 128, F64)), T) + guard, T)
+    if L2 and STAGE == 2:
+        if F64:
+            d_norm = tl.sqrt(_row_total(d_partial_ptr, b, num_blocks, 128, F64))
+        else:
+            d_norm = _rnd(tl.sqrt_rn(_row_total(d_partial_ptr, b, num_blocks, 128, F64)), T)
     # a stride over the element blocks: CUDA allows at most 65,535 programs on grid axis 1
     for blk in tl.range(tl.program_id(1), num_blocks, tl.num_programs(1)):
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.cast(blk, index_t) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < limit
         a, x, g, wt = _load_step(
             x_adv_ptr, x_ptr, grad_ptr, weight_ptr, b, offs, inside, C, HW, W,
@@ -128,12 +146,6 @@ def _masked_pgd_kernel(
             if STAGE == 0:
                 tl.store(g_partial_ptr + b * num_blocks + blk, tl.sum(g * g, axis=0))
             else:
-                if F64:
-                    g_norm = tl.sqrt(_row_total(g_partial_ptr, b, num_blocks, 128, F64)) + _EPS_FOR_DIVISION
-                else:
-                    # torch's norm is rounded to the dtype, then its sum with the guard
-                    guard = _FLOAT16_EPS_FOR_DIVISION if T == tl.float16 else _EPS_FOR_DIVISION
-                    g_norm = _rnd(_rnd(tl.sqrt_rn(_row_total(g_partial_ptr, b, num_blocks, 128, F64)), T) + guard, T)
                 # ((a + step·(g / ‖g‖)) - x), each result rounded as the reference's ops round it
                 delta = _rnd(_rnd(a + _rnd(step_size * _rnd(_div(g, g_norm, T), T), T), T) - x, T)
                 delta = tl.where(inside, delta, 0)
@@ -144,10 +156,6 @@ def _masked_pgd_kernel(
                     if tl.sum(tl.where(inside, (a - a) + (x - x), 0), axis=0) != 0:
                         tl.store(flag_ptr, 1)
                 else:
-                    if F64:
-                        d_norm = tl.sqrt(_row_total(d_partial_ptr, b, num_blocks, 128, F64))
-                    else:
-                        d_norm = _rnd(tl.sqrt_rn(_row_total(d_partial_ptr, b, num_blocks, 128, F64)), T)
                     # d_norm = 0 (then delta = 0): a factor of 1, with no 0 / 0 computed on the way
                     moved = d_norm > 0
                     if T == tl.float16 or T == tl.bfloat16:
@@ -194,6 +202,7 @@ def _masked_pgd_step_launcher(
     d_partial = torch.empty_like(g_partial)
     stages = (0, 1, 2) if l2 else (2,)
     flat = all(t.is_contiguous() for t in (x_adv, x, grad))
+    wide = int64_index(x_adv, x, grad, weight)
     flag = new_flag(x_adv.device)
     flag_pass(grad, flag)
     for stage in stages:
@@ -201,7 +210,7 @@ def _masked_pgd_step_launcher(
             x_adv, x, grad, wt, params, g_partial, d_partial, flag,
             c, h * w, w, num_blocks,
             *x_adv.stride(), *x.stride(), *grad.stride(), *weight_strides,
-            STAGE=stage, L2=l2, HAS_WEIGHT=has_weight, F64=f64, FLAT=flat, BLOCK=BLOCK,
+            STAGE=stage, L2=l2, HAS_WEIGHT=has_weight, F64=f64, FLAT=flat, INT64_INDEX=wide, BLOCK=BLOCK,
         )
     raise_if_flagged(flag, lambda: _check_values(x_adv, x, grad), "masked_pgd_step")  # nothing was written
 

@@ -154,6 +154,25 @@ def grid_axis(n: int):
     return torch.sym_min(n, GRID_AXIS_LIMIT)
 
 
+# Triton passes sizes and strides below 2^31 as int32, so the kernels' offsets within a sample
+# (index times stride; only the sample index is int64) are int32 products, which wrap for a
+# tensor whose sample spans 2^31 elements or more: a transposed batch of large images, say. The
+# kernels compute them in int64 where their INT64_INDEX says so. The limit leaves room for the
+# masked lanes of an element block past a sample's end (blocks of at most 65,536).
+INT32_SPAN_LIMIT = 2**31 - 2**16
+
+
+def sample_span(t: torch.Tensor) -> int:
+    """The largest offset, in elements, of an element of t's first sample from its first
+    element: the sum over the other dimensions of (size - 1) * |stride|."""
+    return sum(max(n - 1, 0) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:]))
+
+
+def int64_index(*tensors: torch.Tensor | None) -> bool:
+    """Whether a kernel indexing these (B, ...) tensors needs int64 offsets within a sample."""
+    return any(t is not None and sample_span(t) >= INT32_SPAN_LIMIT for t in tensors)
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (n >= 1), as triton.next_power_of_2, at a Python call's cost."""
     return 1 << (n - 1).bit_length()

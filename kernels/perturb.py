@@ -23,7 +23,7 @@ from attrefine_fast.ops.perturb import perturb_output_dtype
 
 from .contracts import check_perturb, check_perturb_into, check_segment_ids
 from .device_checks import flag_pass, new_flag, raise_if_flagged
-from .op_registration import TritonOp, autotune_configs, cdiv, grid_axis, wrap_triton
+from .op_registration import TritonOp, autotune_configs, cdiv, grid_axis, int64_index, wrap_triton
 
 # Not measured: no GPU was available when these were written. BLOCK counts elements of a sample
 # (C * H * W: 3,072 at 32x32, 150,528 at 224x224, RGB); 8 elements per thread give two 16-byte
@@ -52,16 +52,23 @@ def _perturb_kernel(
     sm_b, sm_n, sm_m,
     # compile-time
     CHANNELS_LAST: tl.constexpr, NORMALIZE: tl.constexpr, COMPUTE_F64: tl.constexpr, HALF_OUT: tl.constexpr,
-    BLOCK: tl.constexpr, SAMPLES: tl.constexpr,
+    INT64_INDEX: tl.constexpr, BLOCK: tl.constexpr, SAMPLES: tl.constexpr,
 ):
     groups = tl.cdiv(count, SAMPLES)  # sample groups per image
     b = (tl.program_id(0) // groups).to(tl.int64)
     first = (tl.program_id(0) % groups) * SAMPLES
+    # offsets within a sample in 64 bits where they can pass int32 (op_registration.int64_index):
+    # the element index e and the strides it and the samples' index multiply
+    index_t = tl.int64 if INT64_INDEX else tl.int32
+    si_c, si_h, si_w = tl.cast(si_c, index_t), tl.cast(si_h, index_t), tl.cast(si_w, index_t)
+    sf_c, sf_h, sf_w = tl.cast(sf_c, index_t), tl.cast(sf_h, index_t), tl.cast(sf_w, index_t)
+    ss_h, ss_w = tl.cast(ss_h, index_t), tl.cast(ss_w, index_t)
+    sm_n, sm_m = tl.cast(sm_n, index_t), tl.cast(sm_m, index_t)
     # a segment id out of range (flag set by the pass before): nothing is read or written
     limit = tl.where(tl.load(flag_ptr) == 0, PER_SAMPLE, 0)
     # a stride over the element blocks: CUDA allows at most 65,535 programs on grid axis 1
     for blk in tl.range(tl.program_id(1), tl.cdiv(PER_SAMPLE, BLOCK), tl.num_programs(1)):
-        e = blk * BLOCK + tl.arange(0, BLOCK)  # element of a sample, in the output's order
+        e = tl.cast(blk, index_t) * BLOCK + tl.arange(0, BLOCK)  # element of a sample, in the output's order
         inside = e < limit
         if CHANNELS_LAST:
             pix = e // C
@@ -119,7 +126,7 @@ def _write_samples(images, segments, masks, fudge, offset, count, mean, std, out
         c, w, h * w, c * h * w, offset, count,
         *images.stride(), *fudge.stride(), *segments.stride(), *masks.stride(),
         CHANNELS_LAST=not out.is_contiguous(), NORMALIZE=normalized, COMPUTE_F64=compute_f64,
-        HALF_OUT=out.dtype in (torch.float16, torch.bfloat16),
+        HALF_OUT=out.dtype in (torch.float16, torch.bfloat16), INT64_INDEX=int64_index(images, fudge, segments, masks, out),
     )
     raise_if_flagged(flag, lambda: _segment_ids_error(segments, m), "perturb")
 

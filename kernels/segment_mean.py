@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .contracts import check_segment_ids, check_segments_layout
 from .device_checks import flag_pass, new_flag, raise_if_flagged
-from .op_registration import TritonOp, cdiv, grid_axis, wrap_triton
+from .op_registration import TritonOp, cdiv, grid_axis, int64_index, wrap_triton
 
 # Not measured (no GPU when written). BLOCK x BLOCK_M is the one-hot tile; with 8 warps ptxas
 # gives the kernel 130 registers per thread for sm_90 (202 with 4 warps), without spills.
@@ -35,12 +35,16 @@ def _segment_sums_kernel(
     # strides (elements); sums (B, M, C) and counts (B, M) are contiguous
     si_b, si_c, si_h, si_w, ss_b, ss_h, ss_w,
     # compile-time
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    INT64_INDEX: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    # offsets within an image in 64 bits where they can pass int32 (op_registration.int64_index)
+    index_t = tl.int64 if INT64_INDEX else tl.int32
+    si_c, si_h, si_w = tl.cast(si_c, index_t), tl.cast(si_h, index_t), tl.cast(si_w, index_t)
+    ss_h, ss_w = tl.cast(ss_h, index_t), tl.cast(ss_w, index_t)
     # a stride over the pixel blocks: CUDA allows at most 65,535 programs on grid axis 1
     for blk in tl.range(tl.program_id(1), tl.cdiv(HW, BLOCK), tl.num_programs(1)):
-        pix = blk * BLOCK + tl.arange(0, BLOCK)
+        pix = tl.cast(blk, index_t) * BLOCK + tl.arange(0, BLOCK)
         inside = pix < HW
         y = pix // W
         x = pix % W
@@ -71,7 +75,7 @@ def _segment_mean_launcher(images: torch.Tensor, segments: torch.Tensor, num_seg
         images, segments, sums, counts,
         c, w, h * w, num_segments,
         *images.stride(), *segments.stride(),
-        BLOCK=BLOCK, BLOCK_M=BLOCK_M, num_warps=NUM_WARPS,
+        INT64_INDEX=int64_index(images, segments), BLOCK=BLOCK, BLOCK_M=BLOCK_M, num_warps=NUM_WARPS,
     )
     raise_if_flagged(flag, lambda: check_segment_ids(segments, num_segments), "segment_mean")
     return (sums / counts.clamp_min(1).unsqueeze(2)).to(out_dtype)

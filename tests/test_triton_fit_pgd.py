@@ -10,12 +10,18 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from attrefine_fast import ops  # noqa: E402
 from conftest import DEVICES  # noqa: E402
-from triton_cases import FIT_TOLS, PGD_TOLS, fit_inputs, import_kernels_or_skip, pgd_inputs, pgd_settings, use_only_config  # noqa: E402
+from triton_cases import (  # noqa: E402
+    FIT_TOLS, PGD_TOLS, autotune_key, fit_inputs, import_kernels_or_skip, pgd_inputs, pgd_settings, record_launches,
+    use_only_config,
+)
 
 import_kernels_or_skip()
+from attrefine_fast.kernels import lime_fit as lime_fit_module  # noqa: E402
 
 
 # ---------------------------------------------------------------- lime_fit
@@ -63,7 +69,7 @@ def test_lime_fit_without_penalty(device, dtype, atol, rtol):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,alpha", [(torch.float32, 1e-7), (torch.float32, 1e-9), (torch.float64, 1e-16)])
-def test_lime_fit_a_solve_that_rounding_breaks_takes_the_least_squares_path(device, dtype, alpha):
+def test_lime_fit_a_solve_that_rounding_breaks_takes_the_least_squares_path(monkeypatch, device, dtype, alpha):
     # Two superpixels always hidden together and an alpha below the Gram diagonal's ulp: the
     # fused elimination met a zero pivot and wrote NaN coefficients with a score of 1.
     gen = torch.Generator().manual_seed(6)
@@ -72,13 +78,88 @@ def test_lime_fit_a_solve_that_rounding_breaks_takes_the_least_squares_path(devi
     masks[:, :, 2] = masks[:, :, 0]
     targets = torch.rand(2, 30, 2, generator=gen, dtype=torch.float64).to(dtype)
     masks, targets = masks.to(device), targets.to(device)
+    launches = record_launches(monkeypatch, "lime_fit")
     got = ops.lime_fit(masks, targets, backend="triton", alpha=alpha)
     want = ops.lime_fit(masks, targets, backend="torch", alpha=alpha)
+    fused, normal_equations, finish = lime_fit_module.FUSED, lime_fit_module.NORMAL_EQUATIONS, lime_fit_module.FINISH
+    assert [k["PHASE"] for _, k in launches] == [fused, normal_equations, finish]
     assert all(torch.isfinite(t).all() for t in got)
     for g, w in zip(got[1:], want[1:]):  # the duplicated columns share their weight in any split
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     split = got[0][:, :, 0] + got[0][:, :, 2], want[0][:, :, 0] + want[0][:, :, 2]
     torch.testing.assert_close(*split, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("alpha", [1.0, 0.01, 1e-3])
+def test_lime_fit_well_posed_fits_take_the_fused_solve(monkeypatch, device, dtype, alpha):
+    # The pivot threshold (half of min(alpha, 1)) must not send ordinary fits, small alphas
+    # included, to the slower least-squares path.
+    launches = record_launches(monkeypatch, "lime_fit")
+    gen = torch.Generator().manual_seed(13)
+    masks, targets, counts = fit_inputs(3, 40, 20, 3, [20, 11, 1], dtype, device, gen)
+    check_fit(masks, targets, counts, None, alpha, *((1e-10, 1e-9) if dtype == torch.float64 else (2e-5, 1e-4)))
+    assert [k["PHASE"] for _, k in launches] == [lime_fit_module.FUSED]
+
+
+@triton.jit
+def _ridge_solve_kernel(gram_ptr, rhs_ptr, beta_ptr, solved_ptr, mb, min_pivot, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tile = i[:, None] * BLOCK + i[None, :]
+    beta, solved = lime_fit_module._ridge_solve(tl.load(gram_ptr + tile), tl.load(rhs_ptr + tile), mb, min_pivot, BLOCK)
+    tl.store(beta_ptr + tile, beta)
+    tl.store(solved_ptr, solved)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+def test_lime_fit_solve_refuses_a_pivot_below_the_threshold(device, dtype):
+    # [[1, 1], [1, 1 + 2^-12]]: a second pivot of 2^-12, positive but below the half of
+    # alpha = 1e-3 that every pivot of G + alpha*I exceeds in exact arithmetic. Such a pivot is
+    # rounding's (on a GPU, of an approximate division), and the solve built on it is refused.
+    gram = torch.eye(16, dtype=dtype)
+    gram[:2, :2] = torch.tensor([[1.0, 1.0], [1.0, 1.0 + 2**-12]], dtype=dtype)
+    rhs = torch.rand(16, 16, generator=torch.Generator().manual_seed(14), dtype=dtype)
+    gram, rhs = gram.to(device), rhs.to(device)
+    for min_pivot, held in ((0.5e-3, 0), (2**-13, 1)):
+        beta = torch.empty_like(rhs)
+        solved = torch.full((1,), -1, dtype=torch.int32, device=device)
+        _ridge_solve_kernel[(1,)](gram, rhs, beta, solved, 2, min_pivot, BLOCK=16)
+        assert solved.item() == held
+        if held:
+            torch.testing.assert_close(beta, torch.linalg.solve(gram.double(), rhs.double()).to(dtype), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,atol,rtol", FIT_TOLS)
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_lime_fit_splits_the_labels_over_programs(monkeypatch, device, dtype, atol, rtol, alpha):
+    # At large M and L a program's M x L tiles outgrow a block's shared memory: the labels go in
+    # blocks of BLOCK_L, one program each (here with a 16 x 16 tile: 40 labels in 3 programs),
+    # also through the least-squares path (alpha = 0), where only the first writes the Gram matrix.
+    monkeypatch.setattr(lime_fit_module, "_TILE", 256)
+    launches = record_launches(monkeypatch, "lime_fit")
+    gen = torch.Generator().manual_seed(15)
+    masks, targets, counts = fit_inputs(2, 60, 9, 40, [9, 4], dtype, device, gen)
+    check_fit(masks, targets, counts, None, alpha, atol * (10 if alpha == 0 else 1), rtol * (10 if alpha == 0 else 1))
+    assert launches and all(grid == (2, 3) and k["BLOCK_L"] == 16 for grid, k in launches)
+
+
+def test_lime_fit_tiles_fit_shared_memory_at_every_size():
+    # compile_check measures the shared memory of the largest tiles blocks() picks
+    for m in range(1, lime_fit_module.MAX_SEGMENTS + 1):
+        for l in range(1, lime_fit_module.MAX_LABELS + 1, 7):
+            block_m, block_l = lime_fit_module.blocks(m, l)
+            assert block_m >= m and block_l >= 16 and block_m * block_l <= lime_fit_module._TILE
+            assert block_l >= l or block_m * block_l * 2 > lime_fit_module._TILE  # split only as far as needed
+    assert lime_fit_module._TILE * 8 <= lime_fit_module.SHARED_MEMORY_LIMIT  # float64's tiles
+
+
+def test_lime_fit_autotunes_each_phase_and_weighting_apart():
+    # One phase's best configuration says nothing of another's (FUSED solves, the others do not).
+    for kernel in (lime_fit_module._lime_fit_kernel, lime_fit_module._lime_fit_kernel_f64):
+        assert {"PHASE", "HAS_WEIGHTS", "BLOCK_M", "BLOCK_L"} <= set(autotune_key(kernel))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -281,6 +362,27 @@ def test_masked_pgd_step_half_precision_error_within_twice_the_reference(device,
     # one ulp of the format as a floor, for a norm that a GPU's sum rounds the other way
     ulp = torch.finfo(dtype).eps
     assert (got.double() - exact).abs().max() <= 2 * (ref_low.double() - exact).abs().max() + ulp
+
+
+def test_masked_pgd_step_l2_reads_each_norm_once_per_program(monkeypatch):
+    # Every program adds up its sample's row of partial sums once per norm, not once per block
+    # (with one program per sample here, that was once per block of the 5 per sample).
+    from attrefine_fast.kernels import masked_pgd_step as module
+    from attrefine_fast.kernels import op_registration
+
+    if torch.cuda.is_available():
+        pytest.skip("counts the interpreter's calls")
+    monkeypatch.setattr(op_registration, "GRID_AXIS_LIMIT", 1)
+    calls = []
+    row_total = module._row_total
+    monkeypatch.setattr(module, "_row_total", lambda *args: calls.append(1) or row_total(*args))
+    gen = torch.Generator().manual_seed(16)
+    x = torch.rand(2, 3, 40, 40, generator=gen)
+    grad = torch.randn(2, 3, 40, 40, generator=gen)
+    got = ops.masked_pgd_step(x.clone(), x, grad, step_size=0.5, eps=0.2, norm="l2", backend="triton")
+    want = ops.masked_pgd_step(x.clone(), x, grad, step_size=0.5, eps=0.2, norm="l2", backend="torch")
+    torch.testing.assert_close(got, want)
+    assert len(calls) == 2 * (1 + 2)  # two samples: ‖g‖ in stage 1, ‖g‖ and ‖δ‖ in stage 2
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -22,8 +22,8 @@ from attrefine_fast import backends, ops  # noqa: E402
 from conftest import DEVICES, needs_cuda  # noqa: E402
 from op_cases import BAD_CALLS  # noqa: E402
 from triton_cases import (  # noqa: E402
-    PERTURB_TOLS, autotune_key, import_kernels_or_skip, make_segments, mutated_arg, perturb_inputs, sample_calls,
-    use_only_config,
+    PERTURB_TOLS, autotune_key, import_kernels_or_skip, make_segments, mutated_arg, perturb_inputs, record_launches,
+    sample_calls, use_only_config,
 )
 
 import_kernels_or_skip()  # registers the *_triton ops that sample_calls names at collection
@@ -68,6 +68,81 @@ def test_kernels_stride_over_more_blocks_than_grid_axis_1_holds(device, monkeypa
         got = ops.masked_pgd_step(x.clone(), x, grad, step_size=0.05, eps=0.1, norm=norm, backend="triton")
         want = ops.masked_pgd_step(x.clone(), x, grad, step_size=0.05, eps=0.1, norm=norm, backend="torch")
         torch.testing.assert_close(got, want)
+
+
+def test_int64_index_is_for_samples_that_span_2_to_the_31_elements():
+    # Meta tensors: the layouts without the memory.
+    from attrefine_fast.kernels.op_registration import INT32_SPAN_LIMIT, int64_index, sample_span
+
+    big = torch.empty(3, 16384, 256, 256, device="meta").transpose(0, 1)  # (16384, 3, 256, 256)
+    assert sample_span(big) == 2 * 2**30 + 255 * 256 + 255 and int64_index(big)
+    assert not int64_index(big.contiguous(), None)  # 3 x 256 x 256 per sample
+    masks = torch.empty(1100, 8192, 256, dtype=torch.bool, device="meta").transpose(0, 1)  # (B, N, M), N outermost
+    assert int64_index(torch.empty(2, 3, device="meta"), masks) and not int64_index(masks[:, :1000])
+    # a dimension of size 1 is never stepped along, whatever its stride
+    assert not int64_index(torch.empty(2, 1, 4, device="meta").as_strided((2, 1, 4), (4, 2**40, 1)))
+    assert sample_span(torch.empty(2, 0, 5, device="meta")) == 4
+    assert INT32_SPAN_LIMIT <= 2**31 - 4096  # room for perturb's largest block past a sample's end
+
+
+def test_launchers_pick_int64_offsets_for_a_sample_past_2_to_the_31(monkeypatch):
+    # Fake tensors, and launches recorded instead of run: the tensors need no memory.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from attrefine_fast import kernels
+
+    names = ("segment_mean", "perturb", "lime_fit", "masked_pgd_step")
+    for name in names + ("device_checks",):
+        monkeypatch.setattr(getattr(kernels, name), "wrap_triton", lambda kernel: _NoLaunch())
+    launches = {name: record_launches(monkeypatch, name) for name in names}
+    with FakeTensorMode():
+        for size in (16384, 2):
+            images = torch.empty(3, size, 256, 256).transpose(0, 1)
+            segments = torch.zeros(size, 256, 256, dtype=torch.long)
+            masks = torch.empty(1100, size // 2, 256, dtype=torch.bool).transpose(0, 1)
+            kernels.segment_mean.segment_mean_triton.launch(images, segments, 4)
+            kernels.perturb.perturb_triton.launch(images[:2], segments[:2], masks[:2, :3], images[:2], 0, 1, None, None, None, False)
+            kernels.lime_fit.lime_fit_triton.launch(masks, torch.empty(size // 2, 1100, 2), torch.ones(size // 2, dtype=torch.long),
+                                                    None, 0.25, 1.0)
+            kernels.masked_pgd_step.masked_pgd_step_triton.launch(images, images.contiguous(), images, None, 0.1, 0.1, 0.0, 1.0, "l2")
+    for name, recorded in launches.items():
+        picked = [k["INT64_INDEX"] for _, k in recorded]
+        assert picked and picked == [True] * (len(picked) // 2) + [False] * (len(picked) // 2), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_with_int64_offsets_match_the_reference(device, monkeypatch):
+    # Every layout takes the int64 path when the limit is 0: the same results, in the
+    # interpreter here and compiled on a GPU.
+    from attrefine_fast.kernels import op_registration
+
+    monkeypatch.setattr(op_registration, "INT32_SPAN_LIMIT", 0)
+    launches = {name: record_launches(monkeypatch, name) for name in ("segment_mean", "perturb", "lime_fit", "masked_pgd_step")}
+    gen = torch.Generator().manual_seed(17)
+    images = torch.rand(3, 2, 9, 7, generator=gen).transpose(0, 1).to(device)  # (2, 3, 9, 7), non-contiguous
+    segments = make_segments(2, 9, 7, [5, 3], gen, device).transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(ops.segment_mean(images, segments, 5, backend="triton"), ops.segment_mean(images, segments, 5, backend="torch"))
+    masks = (torch.rand(2, 5, 6, generator=gen) > 0.5).transpose(1, 2).to(device)  # (2, 6, 5)
+    for channels_last in (False, True):
+        args = (images, segments, masks, images.flip(1), 1, 4)
+        got = ops.perturb(*args, channels_last=channels_last, backend="triton")
+        assert torch.equal(got, ops.perturb(*args, channels_last=channels_last, backend="torch"))
+    fit_masks = (torch.rand(2, 5, 30, generator=gen) > 0.5).transpose(1, 2).to(device)
+    fit_masks[:, 0] = True
+    targets = torch.rand(2, 3, 30, generator=gen, dtype=torch.float64).transpose(1, 2).to(device)
+    for alpha in (1.0, 0.0):
+        got = ops.lime_fit(fit_masks, targets, alpha=alpha, backend="triton")
+        for g, w in zip(got, ops.lime_fit(fit_masks, targets, alpha=alpha, backend="torch")):
+            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-9)
+    x = torch.rand(2, 3, 9, 7, generator=gen).to(device)
+    grad = torch.randn(2, 3, 9, 7, generator=gen).to(device)
+    for x_adv in (x.clone(), x.clone(memory_format=torch.channels_last)):  # flat and strided offsets
+        for norm in ("linf", "l2"):
+            got = ops.masked_pgd_step(x_adv.clone(), x, grad, step_size=0.05, eps=0.1, norm=norm, backend="triton")
+            want = ops.masked_pgd_step(x_adv.clone(), x, grad, step_size=0.05, eps=0.1, norm=norm, backend="torch")
+            torch.testing.assert_close(got, want)
+    for name, recorded in launches.items():
+        assert recorded and all(k["INT64_INDEX"] for _, k in recorded), name
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -306,7 +381,7 @@ def test_kernels_compile_for_a_gpu_target():
     run = subprocess.run([sys.executable, "-m", "attrefine_fast.kernels.compile_check", "--quick", "--arch", "90"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert "12 kernel variants compile for sm_90" in run.stdout
+    assert "14 kernel variants compile for sm_90" in run.stdout
 
 
 # ---------------------------------------------------------------- segment_mean

@@ -108,6 +108,29 @@ def use_only_config(monkeypatch, module, kernel, config):
     monkeypatch.setattr(mod, kernel, triton.autotune(configs=[config], key=autotune_key(tuner))(tuner.fn))
 
 
+def record_launches(monkeypatch, module) -> list[tuple[tuple, dict]]:
+    """Record each launch of the kernels of attrefine_fast.kernels.<module> (its grid and keyword
+    arguments) as they run."""
+    from attrefine_fast import kernels
+
+    mod = getattr(kernels, module)
+    launches = []
+    wrap = mod.wrap_triton
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = wrap(kernel)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid if callable(grid) else tuple(grid), kwargs))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(mod, "wrap_triton", Recording)
+    return launches
+
+
 def sample_calls(device):
     """One call of each Triton op (two where options change the launch), positionally, as the
     backend registry makes it."""
