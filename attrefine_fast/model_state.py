@@ -40,18 +40,38 @@ def _holding(model: nn.Module, aspect: str, save: Callable, apply: Callable, res
             entry[aspect][0] += 1
         else:
             entry[aspect] = [1, save()]
-        apply()
+        try:
+            apply()
+        except BaseException:  # (an overridden train() that raises): let go as on a normal exit
+            _release(model, entry, aspect, restore)
+            raise
     try:
         yield
     finally:
         with _lock:
-            slot = entry[aspect]
-            slot[0] -= 1
-            if slot[0] == 0:
-                del entry[aspect]
-                if not entry:
-                    _held.pop(model, None)
-                restore(slot[1])
+            _release(model, entry, aspect, restore)
+
+
+def _release(model: nn.Module, entry: dict, aspect: str, restore: Callable) -> None:
+    """One holder fewer; the last restores the saved state (under _lock)."""
+    slot = entry[aspect]
+    slot[0] -= 1
+    if slot[0] == 0:
+        del entry[aspect]
+        if not entry:
+            _held.pop(model, None)
+        restore(slot[1])
+
+
+def _restore_modes(model: nn.Module, saved) -> None:
+    """Each module's mode as saved, through train(): a module may do more there than set its flag
+    (a LoRA layer merges its low-rank weights on train(False) and takes them out on train(True)).
+    train() sets a whole subtree, so the model first, then each module that differs, parents before
+    their children (the modules' order), each one's last call with its own flag."""
+    model.train(saved[0][1])
+    for m, training in saved[1:]:
+        if m.training != training:
+            m.train(training)
 
 
 def _modes(model: nn.Module):
@@ -59,7 +79,7 @@ def _modes(model: nn.Module):
         model, "mode",
         save=lambda: [(m, m.training) for m in model.modules()],
         apply=model.eval,
-        restore=lambda saved: [setattr(m, "training", training) for m, training in saved],
+        restore=lambda saved: _restore_modes(model, saved),
     )
 
 

@@ -90,3 +90,58 @@ def test_attacks_and_explanations_from_several_threads_match_sequential_calls():
         assert all(torch.equal(s, c) for s, c in zip(sequential, concurrent)), fn.__name__
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert torch.equal(model[1].running_mean, running)
+
+
+class Merging(torch.nn.Linear):
+    """A LoRA-style layer: train(False) folds its low-rank update into the weight, train(True)
+    takes it out again, and only the unmerged forward gives the update a gradient."""
+
+    def __init__(self):
+        super().__init__(3 * 4 * 4, 3)
+        self.update = torch.nn.Parameter(torch.zeros(3, 3 * 4 * 4))
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode == self.merged:  # merge on eval, unmerge on train
+            with torch.no_grad():
+                self.weight += (-1 if self.merged else 1) * self.update
+            self.merged = not mode
+        return self
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return super().forward(x) if self.merged else torch.nn.functional.linear(x, self.weight + self.update, self.bias)
+
+
+def test_the_mode_comes_back_through_train_for_modules_that_do_more_there():
+    # restoring only the training flags left a LoRA layer merged: no gradient reached its update
+    model = torch.nn.Sequential(Merging(), torch.nn.BatchNorm1d(3))
+    model[1].eval()  # a user's frozen batch norm stays frozen
+    x, y = torch.rand(4, 3, 4, 4), torch.tensor([0, 1, 2, 0])
+    af.explain(model, x[:1], num_samples=8, segmentation="grid", segmentation_params={"grid": (2, 2)}, top_labels=1, seed=0)
+    pgd(model, x, y, eps=0.1, steps=1)
+    assert model.training and not model[0].merged and not model[1].training
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert model[0].update.grad is not None and model[0].update.grad.abs().sum() > 0
+
+
+def test_a_switch_to_eval_that_raises_leaves_no_holder_behind():
+    class Refusing(torch.nn.Linear):
+        refuse = True
+
+        def train(self, mode=True):
+            if not mode and Refusing.refuse:
+                raise RuntimeError("cannot switch to eval now")
+            return super().train(mode)
+
+    model = Refusing(2, 2)
+    try:
+        with evaluating(model):
+            pass
+    except RuntimeError:
+        pass
+    Refusing.refuse = False
+    with evaluating(model):
+        assert not model.training
+    assert model.training  # restored by the block that held it last
