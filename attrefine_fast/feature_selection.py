@@ -75,12 +75,15 @@ def lasso_path(z, y, w, num_features: int) -> list[list[int]]:
     """The largest LARS-lasso active set with at most num_features features, per label."""
     from sklearn.linear_model import lars_path
 
-    zc, yc = _weighted_centered(z, y, w)
-    root = torch.sqrt(w)
-    data = (zc * root[:, None]).cpu().numpy()
+    # In numpy, as lime centres them (np.average): LARS breaks ties between identical columns by
+    # differences of an ulp in the target, which another order of summation flips.
+    z_np, y_np, w_np = z.cpu().numpy(), y.cpu().numpy(), w.cpu().numpy()
+    root = np.sqrt(w_np)
+    data = (z_np - np.average(z_np, axis=0, weights=w_np)) * root[:, np.newaxis]
     selected = []
     for label in range(y.shape[1]):
-        _, _, coefs = lars_path(data, (yc[:, label] * root).cpu().numpy(), method="lasso", verbose=False)
+        target = (y_np[:, label] - np.average(y_np[:, label], weights=w_np)) * root
+        _, _, coefs = lars_path(data, target, method="lasso", verbose=False)
         used = np.arange(z.shape[1])
         for step in range(coefs.shape[1] - 1, 0, -1):
             used = coefs[:, step].nonzero()[0]

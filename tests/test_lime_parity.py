@@ -270,6 +270,30 @@ def test_forward_selection_breaks_exact_fit_ties_as_lime():
     assert_same_explanation(mine, ref)
 
 
+@pytest.mark.filterwarnings("ignore:Regressors in active set degenerate")  # LARS on identical columns, lime's too
+def test_lasso_path_breaks_ties_between_identical_features_as_lime():
+    """LARS chooses between identical columns by ulps of the centred target: centred as lime
+    centres it (np.average), the choice is lime's."""
+    from lime.lime_base import LimeBase
+
+    from attrefine_fast.feature_selection import lasso_path
+    from attrefine_fast.neighborhood import lime_masks
+
+    base, rng, compared = LimeBase(lambda d: d, random_state=0), np.random.RandomState(0), 0
+    for _ in range(120):
+        n, m = int(rng.choice([5, 8, 20, 60])), int(rng.choice([3, 5, 8]))
+        data = lime_masks(rng, n, m)
+        data[:, -1] = data[:, 0]  # two identical features
+        y = rng.rand(n, 2)
+        w = np.sqrt(np.exp(-((1 - np.sqrt(data.sum(1) / m)) ** 2) / 0.25**2))
+        for num_features in (1, 2, 4):
+            got = lasso_path(*(torch.from_numpy(a.astype(np.float64)) for a in (data, y, w)), num_features)
+            for label in range(2):
+                assert got[label] == [int(j) for j in base.feature_selection(data, y[:, label], w, num_features, "lasso_path")]
+                compared += 1
+    assert compared == 720
+
+
 def test_a_module_fed_channels_last_gives_the_same_explanation():
     module = PooledLinear(seed=3)
     seen = []
