@@ -43,20 +43,23 @@ def lent_buffer(rows: int, shape: tuple, dtype: torch.dtype, device: torch.devic
             buffer.zero_()
         return buffer
 
-    if torch.device(device).type != "cpu" or getattr(_local, "lent", False):
+    # This thread's state, held by the block: a generator that lends the buffer may be closed
+    # on another thread (handed over, or collected there), and must give back this thread's.
+    state = vars(_local)
+    if torch.device(device).type != "cpu" or state.get("lent", False):
         yield new()
         return
     size = (rows, *shape)
     needed = rows * math.prod(shape) * dtype.itemsize
-    kept = getattr(_local, "storage", None)
+    kept = state.get("storage")
     if kept is None or kept.nbytes() < needed:
-        _local.storage = None  # free the old one before allocating its successor
-        kept = _local.storage = new().untyped_storage()
-    _local.lent = True
+        state["storage"] = None  # free the old one before allocating its successor
+        kept = state["storage"] = new().untyped_storage()
+    state["lent"] = True
     try:
         yield _view(kept, size, dtype, memory_format)
     finally:
-        _local.lent = False
+        state["lent"] = False
 
 
 def release_buffers() -> None:

@@ -146,3 +146,28 @@ def test_a_model_that_raises_gives_the_buffer_back():
     assert Keeps.seen[-1] == kept  # lent again, although the failed call's traceback is alive
     assert failure.traceback  # (held until here)
     release_buffers()
+
+
+def test_a_lending_generator_closed_on_another_thread_gives_back_its_own_threads_buffer():
+    # the flag of the thread that lent the buffer is cleared, not the closing thread's
+    def chunks():
+        with lent_buffer(2, (3, 4, 4), torch.float32, torch.device("cpu")) as buffer:
+            yield buffer
+
+    release_buffers()
+    gen = chunks()
+    first = next(gen)
+    results = {}
+
+    def other():
+        with lent_buffer(2, (3, 4, 4), torch.float32, torch.device("cpu")) as mine:
+            gen.close()  # this thread's own buffer is lent meanwhile
+            with lent_buffer(2, (3, 4, 4), torch.float32, torch.device("cpu")) as second:
+                results["distinct"] = second.data_ptr() != mine.data_ptr()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    worker.join()
+    assert results["distinct"]
+    with lent_buffer(2, (3, 4, 4), torch.float32, torch.device("cpu")) as again:
+        assert again.data_ptr() == first.data_ptr()  # given back: lent again on this thread
