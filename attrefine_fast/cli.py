@@ -54,6 +54,9 @@ def main(argv=None) -> None:
         hint = " (continue it with the same command and --resume)" if args.command == "refine" else ""
         print(f"\nattrefine-fast {args.command}: interrupted{hint}", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of the output left (`... | head`): no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would raise again)
+        sys.exit(1)
     except USER_ERRORS as e:
         if os.environ.get("ATTREFINE_FAST_TRACEBACK") == "1":
             raise

@@ -176,7 +176,8 @@ def explain(
     if images.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"images must be floating point for explain(), got {images.dtype}: convert them as the model expects "
-            "(images.float() / 255 for [0, 1], images.float() for 0..255), or use attrefine_fast.lime's explainer, "
+            "(images.float() / 255 for [0, 1], images.float() for 0..255: then pass segments, since quickshift, "
+            "the default segmentation, takes floats in [0, 1]), or use attrefine_fast.lime's explainer, "
             "which feeds uint8 images to the model as 0..255"
         )
     check_choice("output", output, OUTPUTS)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from . import backends
+from .checks import check_int
 from .input_buffers import lent_buffer
 from .ops.perturb import perturb_output_dtype
 
@@ -47,7 +48,11 @@ def draw_masks(num_segments: torch.Tensor, num_samples: int, seed: int | None = 
     same seed gives the same samples on every device."""
     b = num_segments.shape[0]
     m = int(num_segments.max())
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+    if seed is not None:  # (a float would be truncated, a string parsed: numpy and lime refuse both)
+        seed = check_int("seed", seed, 0)
+        if seed >= 2**64:
+            raise ValueError(f"seed must be < 2**64, got {seed}")
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
     masks = torch.randint(0, 2, (b, num_samples, m), generator=gen, dtype=torch.uint8).bool()
     masks[:, 0] = True
     masks |= torch.arange(m) >= num_segments.cpu().view(b, 1, 1)

@@ -8,6 +8,7 @@ off-by-one in many LIME wrappers; renumbering keeps quickshift's own 0..M-1 labe
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -92,7 +93,7 @@ def segment(images, method: str = "quickshift", *, n_jobs: int | None = None, **
         method: "quickshift" (lime's defaults: kernel_size=4, max_dist=200, ratio=0.2),
             "slic" (default n_segments=50, compactness=10), "felzenszwalb" (scikit-image's
             defaults) or "grid" (n_segments=64, or grid=(rows, cols)).
-        n_jobs: threads (default: the number of CPUs).
+        n_jobs: threads (default, or -1: the number of CPUs).
         **params: passed to the scikit-image function (or to the grid).
 
     Returns:
@@ -106,15 +107,26 @@ def segment(images, method: str = "quickshift", *, n_jobs: int | None = None, **
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method in ("slic", "grid") and "n_segments" in params:
         check_int("n_segments", params["n_segments"], 1)
+    fixed = sorted(set(params) & {"channel_axis", "start_label", "return_tree"})
+    if fixed:
+        raise ValueError(f"segment() sets {fixed} itself (channels last, labels 0..M-1, the labels alone): remove them")
+    if n_jobs is not None and n_jobs != -1:
+        check_int("n_jobs", n_jobs, 1)
     arr, device = _to_numpy_hwc(images)
     if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
         raise ValueError(f"cannot segment an empty batch or image, got (B, H, W, C) = {arr.shape}")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise ValueError("images contain NaN or infinite values")
-    if method == "quickshift" and arr.shape[3] not in (1, 3) and params.get("convert2lab", True):
-        raise ValueError(f"quickshift converts RGB images to Lab colour: for {arr.shape[3]} channels pass "
-                         "convert2lab=False, or use 'slic', 'felzenszwalb' or 'grid'")
-    workers = min(len(arr), n_jobs or os.cpu_count() or 1)
+    if method == "quickshift" and params.get("convert2lab", True):
+        if arr.shape[3] not in (1, 3):
+            raise ValueError(f"quickshift converts RGB images to Lab colour: for {arr.shape[3]} channels pass "
+                             "convert2lab=False, or use 'slic', 'felzenszwalb' or 'grid'")
+        if np.issubdtype(arr.dtype, np.floating) and arr.max() > 1:
+            warnings.warn(f"quickshift converts float images to Lab colour as values in [0, 1] (scikit-image scales "
+                          f"uint8 ones); these reach {float(arr.max()):g}, which gives far finer segments than the "
+                          "same images in [0, 1] or as uint8 (lime's on a photo): scale them to [0, 1] for "
+                          "segmenting, or pass segments", stacklevel=2)
+    workers = min(len(arr), (os.cpu_count() or 1) if n_jobs in (None, -1) else n_jobs)
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
             labels = list(pool.map(lambda im: _segment_one(im, method, params), arr))

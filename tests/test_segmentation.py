@@ -62,3 +62,23 @@ def test_grayscale_and_bad_input():
         segment(torch.full((1, 3, 8, 8), float("nan")))
     with pytest.raises(ValueError, match="shape"):
         segment(torch.rand(3, 8))
+
+
+def test_parameters_segment_sets_itself_and_thread_counts_are_checked():
+    image = torch.rand(1, 3, 16, 16)
+    for method, params in (("slic", {"channel_axis": -1}), ("felzenszwalb", {"channel_axis": -1}), ("quickshift", {"return_tree": True})):
+        with pytest.raises(ValueError, match="segment\\(\\) sets"):
+            segment(image, method, **params)
+    for n_jobs, error in ((0, ValueError), (2.5, TypeError), ("2", TypeError)):
+        with pytest.raises(error, match="n_jobs"):
+            segment(image, "grid", n_jobs=n_jobs)
+    assert torch.equal(segment(image, "slic", n_jobs=-1)[0], segment(image, "slic", n_jobs=1)[0])  # -1: every CPU
+
+
+def test_quickshift_on_floats_past_1_warns_of_its_finer_segments():
+    # scikit-image scales uint8 to [0, 1] for the Lab conversion and takes floats as they are
+    image = np.asarray(photo("astronaut", 64), dtype=np.float64)
+    with pytest.warns(UserWarning, match="far finer segments"):
+        _, fine = segment(image)
+    _, scaled = segment(image / 255)
+    assert int(fine[0]) > int(scaled[0])

@@ -393,6 +393,18 @@ def test_info_lists_every_op_and_backend():
         assert name in text
 
 
+def test_a_reader_that_leaves_early_is_no_error_of_the_command():
+    # `attrefine-fast info | head -1`: the pipe is closed before the command writes (its imports
+    # take a moment), which gave a "Broken pipe" error line
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "attrefine_fast", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and b"error" not in err and b"Traceback" not in err, err
+
+
 def test_finite_check_is_exact_when_the_sum_overflows():
     from attrefine_fast.checks import all_finite
 
