@@ -87,9 +87,9 @@ def save_overlay(path: str, image: np.ndarray, explanations: dict, label) -> Non
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--num-samples", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="outputs/explain-demo", help="folder for the overlay PNGs")
+    p.add_argument("--num-samples", type=int, default=1000, help="perturbed samples per image (default 1000, lime's)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model and the samples (default 0)")
+    p.add_argument("--out", default="outputs/explain-demo", help="folder for the overlay PNGs (default: outputs/explain-demo)")
     p.add_argument("--no-lime", action="store_true", help="skip the reference lime package")
 
 

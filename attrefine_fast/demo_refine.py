@@ -26,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="folder of report.json, the PNGs and the runs")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per model (default 10; --quick: 2)")
     parser.add_argument("--cycles", type=int, default=None, help="refinement cycles the epochs are split into, >= 2 (the refinement explains from its second cycle on); must divide --epochs (default: the most up to 5, --quick 2, that do)")
-    parser.add_argument("--eps", type=float, default=0.05, help="L-inf training attack radius shared by PGD-AT and refinement")
+    parser.add_argument("--eps", type=float, default=0.05, help="L-inf training attack radius shared by PGD-AT and refinement (default 0.05)")
     parser.add_argument("--eval-samples", type=int, default=None, help="test images evaluated (default 450: all; --quick: 32)")
     parser.add_argument("--bound-samples", type=int, default=None, help="test images for the bound (default 64; --quick: 8)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the models, the data order and the explanations (default 0)")
     parser.add_argument("--ablation", action="store_true", help="also train the refinement loop without flags (NoFlags)")
     parser.add_argument("--spurious-patch", type=float, default=None, metavar="CORRELATION",
                         help="give the digits a spurious feature: a corner square coloured after the class with this "

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="digits", choices=DATASETS, help="default: digits (embedded, no files)")
     data.add_argument("--data-dir", help="folder with the CIFAR python archive or its extracted folder")
-    data.add_argument("--split", default="test", choices=("train", "test"))
+    data.add_argument("--split", default="test", choices=("train", "test"), help="(default test)")
     data.add_argument("--cifar-c-dir", help="read corruptions from the CIFAR-10-C / CIFAR-100-C .npy files here "
                       "instead of generating them")
     data.add_argument("--cifar-md5", help="a JSON file {file name: md5} for a CIFAR copy other than the standard "
@@ -54,10 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cor = parser.add_argument_group("corruptions")
     cor.add_argument("--corruptions", nargs="*", default=None,
                      help=f"names (default: the standard set; none given: skip). Generated: {', '.join(CORRUPTIONS)}")
-    cor.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    cor.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="1 to 5 (default: all five)")
     run_ = parser.add_argument_group("run")
-    run_.add_argument("--batch-size", type=int, default=256)
-    run_.add_argument("--seed", type=int, default=0)
+    run_.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    run_.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts and the corruptions (default 0)")
     run_.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     run_.add_argument("--out", default="eval", help="output folder (default: eval)")
     run_.add_argument("--no-progress", action="store_true", help="no progress bars")

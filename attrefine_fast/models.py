@@ -350,6 +350,11 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     device = check_device("device", device)
     ckpt = read_torch_file(path, device)
+    if isinstance(ckpt, dict) and {"model", "optimizer", "scheduler", "epoch"} <= set(ckpt):
+        raise ValueError(
+            f"{path} is a training checkpoint of refine (for --resume), not a model: load the run's model.pt, "
+            "written beside it when the run finishes"
+        )
     if not isinstance(ckpt, dict) or not {"model", "arch", "num_classes"} <= set(ckpt):
         raise ValueError(
             f"{path} is not an attrefine_fast checkpoint: expected a dict with keys 'model' (state_dict), "

@@ -105,6 +105,10 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="'arch'"):
         load_checkpoint(tmp_path / "other.pt")
+    # refine's checkpoint.pt (for --resume) is named as such, with the file to load instead
+    torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="a training checkpoint of refine .for --resume.*model.pt"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="unknown model"):
         save_checkpoint(tmp_path / "x.pt", SmallCNN(3), "vgg", 3)
     # weights_only loading: a checkpoint holding arbitrary objects cannot run code.
