@@ -72,7 +72,7 @@ def _segment_one(image: np.ndarray, method: str, params: dict) -> np.ndarray:
 
     gray = image.shape[2] == 1
     if method == "quickshift":
-        if gray:
+        if gray and params.get("convert2lab", True):  # the Lab conversion needs RGB: lime's gray2rgb
             image = np.repeat(image, 3, axis=2)
         labels = segmentation.quickshift(image, **{**LIME_QUICKSHIFT, **params})
     elif method == "slic":

@@ -82,3 +82,14 @@ def test_quickshift_on_floats_past_1_warns_of_its_finer_segments():
         _, fine = segment(image)
     _, scaled = segment(image / 255)
     assert int(fine[0]) > int(scaled[0])
+
+
+def test_grayscale_quickshift_without_lab_takes_the_one_channel_as_scikit_image_does():
+    # RGB copies are for the Lab conversion (lime's gray2rgb); without it they scaled the colour
+    # distances by sqrt(3)
+    from skimage.segmentation import quickshift
+
+    image = np.random.RandomState(0).rand(24, 24, 1)
+    ours, _ = segment(image, "quickshift", convert2lab=False, kernel_size=2)
+    want = relabel(quickshift(image, convert2lab=False, kernel_size=2, max_dist=200, ratio=0.2))[0]
+    assert np.array_equal(ours[0].numpy(), want)
