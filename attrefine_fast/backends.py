@@ -78,7 +78,7 @@ def _triton(op: str) -> tuple[Callable | None, str]:
         return None, _triton_load_error
     try:
         kernels = _module("attrefine_fast.kernels")
-    except ImportError as e:
+    except ModuleNotFoundError as e:  # (another ImportError, e.g. a name a triton release lacks: below)
         if e.name == "triton" or (e.name or "").startswith("triton."):
             return None, f"triton is not importable ({e}); install it with `pip install triton`"
         if e.name == "attrefine_fast.kernels":  # a checkout run without installing the package

@@ -241,8 +241,10 @@ def load_cifar(name: str, root, split: str = "test", *, md5: dict | None = None,
         if "data" not in batch or label_key not in batch:
             raise ValueError(f"{where} lacks the keys 'data' and '{label_key}'")
         data = np.asarray(batch["data"])
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{where}: 'data' must be (N, 3072) uint8, got {data.shape} {data.dtype}")
+        in_range = data.dtype.kind in "iu" and (data.size == 0 or (data.min() >= 0 and data.max() <= 255))
+        if not in_range or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{where}: 'data' must be (N, 3072) integers in 0..255 (uint8), got {data.shape} {data.dtype}")
+        data = data.astype(np.uint8, copy=False)
         batch_labels = np.asarray(batch[label_key])
         if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu":
             raise ValueError(f"{where}: '{label_key}' must be {len(data)} integers, got {batch_labels.shape} {batch_labels.dtype}")

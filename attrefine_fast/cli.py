@@ -50,6 +50,7 @@ def main(argv=None) -> None:
     mod = importlib.import_module(COMMANDS[args.command][0])
     try:
         mod.run(args) if hasattr(mod, "run") else mod.main()
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except KeyboardInterrupt:
         hint = " (continue it with the same command and --resume)" if args.command == "refine" else ""
         print(f"\nattrefine-fast {args.command}: interrupted{hint}", file=sys.stderr)

@@ -159,7 +159,8 @@ def explain(
             outputs ordered as lime orders them: numpy's argsort).
         num_samples: N, samples per image (sample 0 is the image itself).
         masks: (B, N, M) bool samples to use instead of drawing them (e.g. lime's own).
-        seed: seeds the samples (drawn on the CPU, so identical on every device).
+        seed: seeds the samples (drawn on the CPU, so identical on every device); an integer in
+            torch's range for seeds, [-2**63, 2**64).
         kernel_width, alpha: LIME's kernel width and the ridge penalty.
         hide_color: "mean" (lime's default), a value, per-channel values or a (B, C, H, W) image.
         batch_size: model inputs per forward pass; default 32 on the CPU, 256 elsewhere (see

@@ -64,6 +64,8 @@ class ImageDataset(torch.utils.data.Dataset):
                 raise ValueError(f"subset takes the first n rows with n >= 0, got {indices}")
             indices = torch.arange(min(int(indices), len(self)))
         index = torch.as_tensor(indices)
+        if index.numel() == 0 and index.dim() == 1:  # [] is float32 to torch: no rows
+            index = index.long()
         if index.dtype == torch.bool:
             if tuple(index.shape) != (len(self),):
                 raise ValueError(f"a boolean mask must have shape ({len(self)},), got {tuple(index.shape)}")

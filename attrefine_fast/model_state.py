@@ -42,8 +42,12 @@ def _holding(model: nn.Module, aspect: str, save: Callable, apply: Callable, res
             entry[aspect] = [1, save()]
         try:
             apply()
-        except BaseException:  # (an overridden train() that raises): let go as on a normal exit
-            _release(model, entry, aspect, restore)
+        except BaseException as error:  # (an overridden train() that raises): let go as on a normal exit
+            try:
+                _release(model, entry, aspect, restore)
+            except Exception as also:  # the restore may fail the same way: the first error is the cause
+                if hasattr(error, "add_note"):  # (Python 3.11 and later)
+                    error.add_note(f"restoring the model's state failed too: {type(also).__name__}: {also}")
             raise
     try:
         yield
@@ -72,6 +76,9 @@ def _restore_modes(model: nn.Module, saved) -> None:
     for m, training in saved[1:]:
         if m.training != training:
             m.train(training)
+    # a module shared by two parents is listed once: the later parent's train() may have reset it
+    for m, training in saved:
+        m.training = training
 
 
 def _modes(model: nn.Module):

@@ -350,7 +350,7 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     device = check_device("device", device)
     ckpt = read_torch_file(path, device)
-    if isinstance(ckpt, dict) and {"model", "optimizer", "scheduler", "epoch"} <= set(ckpt):
+    if isinstance(ckpt, dict) and {"model", "optimizer", "scheduler", "epoch"} <= set(ckpt) and "arch" not in ckpt:
         raise ValueError(
             f"{path} is a training checkpoint of refine (for --resume), not a model: load the run's model.pt, "
             "written beside it when the run finishes"

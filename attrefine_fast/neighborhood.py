@@ -49,9 +49,9 @@ def draw_masks(num_segments: torch.Tensor, num_samples: int, seed: int | None = 
     b = num_segments.shape[0]
     m = int(num_segments.max())
     if seed is not None:  # (a float would be truncated, a string parsed: numpy and lime refuse both)
-        seed = check_int("seed", seed, 0)
-        if seed >= 2**64:
-            raise ValueError(f"seed must be < 2**64, got {seed}")
+        seed = check_int("seed", seed)
+        if not -(2**63) <= seed < 2**64:  # torch.Generator.manual_seed's range
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
     masks = torch.randint(0, 2, (b, num_samples, m), generator=gen, dtype=torch.uint8).bool()
     masks[:, 0] = True

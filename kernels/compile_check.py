@@ -180,8 +180,14 @@ def triton_compiles_offline() -> bool:
     return "constexprs" in inspect.signature(ASTSource).parameters
 
 
-# Shared memory a block may have, in bytes, by compute capability (only sm_90's is checked yet).
-SHARED_MEMORY_LIMITS = {90: 232448}
+
+
+def shared_memory_limit(arch: int) -> int | None:
+    """Shared memory a block may have on sm_<arch>, in bytes (only sm_90's is known here: the
+    limit lime_fit's tiles are sized for)."""
+    from .lime_fit import SHARED_MEMORY_LIMIT
+
+    return {90: SHARED_MEMORY_LIMIT}.get(arch)
 
 
 def compile_all(arch: int = 90, mode: str = "default", verbose: bool = False) -> list[tuple[str, float]]:
@@ -206,7 +212,7 @@ def compile_all(arch: int = 90, mode: str = "default", verbose: bool = False) ->
         except Exception as e:
             raise RuntimeError(f"{name} does not compile for sm_{arch}: {e}") from e
         assert compiled.asm.get("cubin"), name
-        shared, limit = compiled.metadata.shared, SHARED_MEMORY_LIMITS.get(arch)
+        shared, limit = compiled.metadata.shared, shared_memory_limit(arch)
         if limit is not None and shared > limit:
             raise RuntimeError(f"{name} needs {shared} bytes of shared memory, more than sm_{arch}'s {limit} per block")
         done.append((name, time.perf_counter() - start))

@@ -85,6 +85,7 @@ def test_image_dataset_api():
     of_class_1 = ds.subset(ds.labels == 1)
     assert of_class_1.labels.tolist() == [1, 1, 1] and of_class_1.images.equal(ds.images[[1, 4, 7]])
     assert ds.subset(torch.tensor([2, 0])).labels.tolist() == [2, 0]
+    assert len(ds.subset([])) == len(ds.subset(range(0))) == 0  # no rows selected: an empty dataset
     for bad, error in [(ds.labels[:5] == 1, ValueError), (3.7, TypeError), (torch.tensor([[1, 2]]), TypeError), (-1, ValueError)]:
         with pytest.raises(error):
             ds.subset(bad)
@@ -218,7 +219,8 @@ def _with_test_batch(tmp_path, blob):
     (b"", "not a readable CIFAR batch file .EOFError"),
     (b"\x80\x02}q\x00(", "not a readable CIFAR batch file"),  # cut short
     (b"garbage", "not a readable CIFAR batch file"),
-    (pickle.dumps({b"data": np.full((2, 3072), 0.5), b"labels": [0, 1]}, protocol=2), "'data' must be .N, 3072. uint8, got .2, 3072. float64"),
+    (pickle.dumps({b"data": np.full((2, 3072), 0.5), b"labels": [0, 1]}, protocol=2), "'data' must be .N, 3072. integers in 0..255 .uint8., got .2, 3072. float64"),
+    (pickle.dumps({b"data": np.full((2, 3072), 300), b"labels": [0, 1]}, protocol=2), "integers in 0..255"),  # would wrap
     (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0], [1]]}, protocol=2), "'labels' must be 2 integers"),
 ])
 def test_a_damaged_batch_file_with_its_checksum_given_is_a_clear_error(tmp_path, blob, match):
@@ -292,3 +294,11 @@ def test_cifar_c_errors_name_the_layout(tmp_path):
     np.save(tmp_path / "CIFAR-10-C" / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickled.npy"):
         load_cifar_c("cifar10", tmp_path, "pickled", 1)
+
+
+def test_a_batch_file_of_integers_in_range_loads_as_uint8(tmp_path):
+    # a re-pickled copy whose pixels are int64 0..255 (with its checksum given) reads as the release does
+    data = np.arange(2 * 3072).reshape(2, 3072) % 256
+    md5 = _with_test_batch(tmp_path, pickle.dumps({b"data": data, b"labels": [0, 1]}, protocol=2))
+    ds = load_cifar10(tmp_path, "test", md5=md5)
+    assert ds.images.dtype == torch.uint8 and torch.equal(ds.images.reshape(2, -1), torch.from_numpy(data).to(torch.uint8))

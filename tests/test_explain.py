@@ -259,7 +259,7 @@ def test_explain_refuses_what_would_fail_later_with_a_clear_error():
     segments4, _ = af.segment(torch.rand(1, 4, 16, 16), "quickshift", convert2lab=False, kernel_size=2)
     assert segments4.shape == (1, 16, 16)
     # a seed numpy and lime would refuse (a float was truncated, a string parsed, 2**64 overflowed)
-    for seed, error in ((1.5, TypeError), ("0", TypeError), (True, TypeError), (2**64, ValueError), (-1, ValueError)):
+    for seed, error in ((1.5, TypeError), ("0", TypeError), (True, TypeError), (2**64, ValueError), (-(2**63) - 1, ValueError)):
         with pytest.raises(error, match="seed must be"):
             af.explain(model, images, segments=segments, num_samples=10, seed=seed, labels=[0])
 

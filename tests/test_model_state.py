@@ -145,3 +145,23 @@ def test_a_switch_to_eval_that_raises_leaves_no_holder_behind():
     with evaluating(model):
         assert not model.training
     assert model.training  # restored by the block that held it last
+
+
+def test_a_shared_module_keeps_its_mode_and_a_failing_switch_keeps_its_own_error():
+    bn = torch.nn.BatchNorm1d(3)
+    model = torch.nn.Sequential(torch.nn.Sequential(bn), torch.nn.Sequential(bn))  # one module, two parents
+    model.train()
+    model[1].training = False  # the second parent alone in eval mode; bn itself training
+    with evaluating(model):
+        assert not bn.training
+    assert bn.training and model[0].training and not model[1].training
+
+    class Broken(torch.nn.Linear):
+        def train(self, mode=True):
+            raise RuntimeError(f"train({mode}) failed")
+
+    try:
+        with evaluating(Broken(2, 2)):
+            pass
+    except RuntimeError as e:
+        assert str(e) == "train(False) failed"  # not the restore's train(True) failure

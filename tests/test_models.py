@@ -109,6 +109,11 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1}, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="a training checkpoint of refine .for --resume.*model.pt"):
         load_checkpoint(tmp_path / "checkpoint.pt")
+    # a model checkpoint with an optimizer's state beside it (save_checkpoint's extra) still loads
+    opt = torch.optim.SGD(SmallCNN(3).parameters(), lr=0.1)
+    save_checkpoint(tmp_path / "with_optimizer.pt", SmallCNN(3), "small_cnn", 3, optimizer=opt.state_dict(),
+                    scheduler={}, epoch=3)
+    assert isinstance(load_checkpoint(tmp_path / "with_optimizer.pt")[0], SmallCNN)
     with pytest.raises(ValueError, match="unknown model"):
         save_checkpoint(tmp_path / "x.pt", SmallCNN(3), "vgg", 3)
     # weights_only loading: a checkpoint holding arbitrary objects cannot run code.

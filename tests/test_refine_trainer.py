@@ -197,7 +197,7 @@ def test_a_refinement_that_never_explains_says_so(tmp_path):
         Refiner(RefineConfig(mode="refine", cycles=1, epochs_per_cycle=1, out=str(tmp_path), **TINY), train=digits_subset(16))
 
 
-def test_a_model_of_the_callers_takes_the_dataset_in_its_dtype_and_no_normalization(tmp_path):
+def test_a_float64_dataset_trains_in_the_models_dtype_and_a_callers_model_takes_no_normalization(tmp_path):
     from attrefine_fast.data import ImageDataset
 
     digits = digits_subset(32)

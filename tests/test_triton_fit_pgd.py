@@ -153,7 +153,6 @@ def test_lime_fit_tiles_fit_shared_memory_at_every_size():
             block_m, block_l = lime_fit_module.blocks(m, l)
             assert block_m >= m and block_l >= 16 and block_m * block_l <= lime_fit_module._TILE
             assert block_l >= l or block_m * block_l * 2 > lime_fit_module._TILE  # split only as far as needed
-    assert lime_fit_module._TILE * 8 <= lime_fit_module.SHARED_MEMORY_LIMIT  # float64's tiles
 
 
 def test_lime_fit_autotunes_each_phase_and_weighting_apart():

@@ -396,10 +396,13 @@ def test_info_lists_every_op_and_backend():
 def test_a_reader_that_leaves_early_is_no_error_of_the_command():
     # `attrefine-fast info | head -1`: the pipe is closed before the command writes (its imports
     # take a moment), which gave a "Broken pipe" error line
+    import os
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "attrefine_fast", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output held until the end, as usual
+    proc = subprocess.Popen([sys.executable, "-m", "attrefine_fast", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and b"error" not in err and b"Traceback" not in err, err
