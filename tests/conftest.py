@@ -18,6 +18,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
+def skip_unless_on_cpu(op: str, backend: str) -> None:
+    """Skip the calling test where ``backend`` cannot run ``op`` on the CPU here, with the reason."""
+    from attrefine_fast import backends
+
+    available, why = backends.status(op, backend, "cpu")
+    if not available:
+        pytest.skip(f"no {backend} backend for {op} on the CPU here ({why})")
+
+
 @pytest.fixture(autouse=True)
 def seed_everything():
     random.seed(0)

@@ -7,6 +7,7 @@ from attrefine_fast import backends
 from attrefine_fast.attacks import FGSM, PGD, PGDL2, fgsm, masked_pgd, pgd, predict
 from attrefine_fast.models import SmallCNN
 from robustness_helpers import digits, one_thread, trained_cnn, trained_mlp  # noqa: F401
+from conftest import skip_unless_on_cpu
 
 torchattacks = pytest.importorskip("torchattacks")
 BACKENDS = ["torch", "cpp", "triton"]
@@ -312,8 +313,7 @@ class TestBadInput:
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_a_mask_with_autograd_gives_a_detached_result(backend):
     # the weight kept its graph: an autograd result, through the random start only on cpp
-    if not backends.status("masked_pgd_step", backend, "cpu")[0]:
-        pytest.skip(f"no {backend} backend here")
+    skip_unless_on_cpu("masked_pgd_step", backend)
     model = SmallCNN(num_classes=10, width=4)
     x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
     mask = torch.rand(2, 16, 16, requires_grad=True)

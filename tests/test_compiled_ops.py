@@ -28,6 +28,7 @@ from attrefine_fast.ops import (
     segment_mean,
     segment_mean_ref,
 )
+from conftest import skip_unless_on_cpu
 from op_cases import (
     BAD_CALLS,
     clone_args,
@@ -208,8 +209,7 @@ def test_lime_fit_singular_system_falls_back_to_least_squares():
 def test_lime_fit_singular_system_with_sums_past_float64_is_nan(backend):
     # Weights near float64's limit times targets of 1e12 overflow the sums; with alpha = 0 and a
     # constant column the C++ solve reached LAPACK with infinities (an internal assertion).
-    if not backends.status("lime_fit", backend, "cpu")[0]:
-        pytest.skip(f"no {backend} backend on the CPU here")
+    skip_unless_on_cpu("lime_fit", backend)
     gen = torch.Generator().manual_seed(0)
     masks = torch.rand(1, 20, 3, generator=gen) > 0.5
     masks[:, :, 0] = True
@@ -332,8 +332,7 @@ def test_masked_pgd_step_l2_in_float16_normalizes_before_it_steps(backend):
     # A step longer than 1 times a large float16 gradient overflows (2 * 40000 > 65504) when the
     # product comes first: the reference wrote NaN there and the kernels 1 or 0. Normalized
     # first (|g| / ‖g‖ <= 1, as torchattacks' PGDL2 does) it is finite, close to float32's.
-    if not backends.status("masked_pgd_step", backend, "cpu")[0]:
-        pytest.skip(f"no {backend} backend on the CPU here")
+    skip_unless_on_cpu("masked_pgd_step", backend)
     expected = masked_pgd_step_ref(*l2_step_overflow_case())
     x_adv, x, grad, weight, step, eps, lo, hi, norm = l2_step_overflow_case(torch.float16)
     reference = masked_pgd_step_ref(x_adv.clone(), x, grad, weight, step, eps, lo, hi, norm)
@@ -348,8 +347,7 @@ def test_masked_pgd_step_l2_in_float16_normalizes_before_it_steps(backend):
 def test_masked_pgd_step_takes_bounds_beyond_a_half_dtype_and_empty_batches_on_every_backend(backend):
     # A bound a float16/bfloat16 cannot hold is what the dtype rounds it to (its largest value or
     # infinity): the reference's clamp refused it, the kernels took it.
-    if not backends.status("masked_pgd_step", backend, "cpu")[0]:
-        pytest.skip(f"no {backend} backend on the CPU here")
+    skip_unless_on_cpu("masked_pgd_step", backend)
     gen = torch.Generator().manual_seed(6)
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.rand(2, 3, 4, 5, generator=gen).to(dtype)
@@ -374,8 +372,7 @@ def test_masked_pgd_step_takes_bounds_beyond_a_half_dtype_and_empty_batches_on_e
 @pytest.mark.parametrize("backend", backends.BACKENDS)
 def test_lime_fit_judges_weights_in_the_dtype_it_fits_in(backend):
     # float64 weights of 1e-50 are all 0 in float32 targets' dtype: refused, not fitted to NaN
-    if not backends.status("lime_fit", backend, "cpu")[0]:
-        pytest.skip(f"no {backend} backend on the CPU here")
+    skip_unless_on_cpu("lime_fit", backend)
     masks = torch.ones(1, 5, 3, dtype=torch.bool)
     masks[0, 1:, 0], masks[0, 2:, 1] = False, False
     args = (masks, torch.rand(1, 5, 2), torch.tensor([3]))
@@ -390,8 +387,7 @@ def test_lime_fit_refuses_kernel_widths_that_leave_no_weight(backend):
     # A narrow kernel with no sample near the all-ones one weighs every sample 0 (scikit-learn
     # refuses such a fit; the backends raised LinAlgError, an internal assertion, or returned
     # NaN); kw² beyond the dtype's range made 0 / 0 weights or an OverflowError.
-    if not backends.status("lime_fit", backend, "cpu")[0]:
-        pytest.skip(f"no {backend} backend on the CPU here")
+    skip_unless_on_cpu("lime_fit", backend)
     gen = torch.Generator().manual_seed(5)
     masks = torch.rand(2, 12, 4, generator=gen) > 0.5
     masks[:, :, 0] = False  # no row is all ones: every distance is >= 1 - sqrt(3/4)
@@ -414,8 +410,7 @@ def test_lime_fit_refuses_kernel_widths_that_leave_no_weight(backend):
 def test_lime_fit_scores_float32_targets_of_any_magnitude(backend):
     # R² does not depend on the targets' scale; float32 squares of 1e-25 underflowed (score 1) and
     # of 1e25 overflowed (NaN, or 1 through a clamp)
-    if not backends.status("lime_fit", backend, "cpu")[0]:
-        pytest.skip(f"no {backend} backend on the CPU here")
+    skip_unless_on_cpu("lime_fit", backend)
     gen = torch.Generator().manual_seed(0)
     masks = torch.rand(2, 40, 6, generator=gen) < 0.5
     masks[:, 0] = True

@@ -15,6 +15,7 @@ from attrefine_fast.ops import (
     perturb_ref,
     segment_mean_ref,
 )
+from conftest import skip_unless_on_cpu
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -214,10 +215,7 @@ def test_lime_fit_fits_constant_targets_exactly(backend):
     """A label whose outputs never change (a saturated classifier) gets zero coefficients, its
     value as intercept and local prediction, and R² = 1, as scikit-learn gives; the other labels
     are untouched."""
-    from attrefine_fast import backends
-
-    if not backends.status("lime_fit", backend, "cpu")[0]:
-        pytest.skip(f"no {backend} backend here")
+    skip_unless_on_cpu("lime_fit", backend)
     gen = torch.Generator().manual_seed(0)
     masks = torch.rand(2, 50, 7, generator=gen) > 0.5
     targets = torch.rand(2, 50, 3, generator=gen, dtype=torch.float64)

@@ -8,6 +8,7 @@ from attrefine_fast import backends, ops
 from attrefine_fast import lime as ours
 from attrefine_fast.models import SmallCNN
 from lime_helpers import PooledLinear, numpy_classifier, photo
+from conftest import skip_unless_on_cpu
 
 
 def grid_batch(b=2, c=3, size=8):
@@ -79,8 +80,7 @@ class TestExplain:
         ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
     ])
     def test_bad_numbers_are_refused_by_every_backend(self, backend, kwargs, error, match):
-        if not backends.status("lime_fit", backend, "cpu")[0]:
-            pytest.skip(f"no {backend} backend here")
+        skip_unless_on_cpu("lime_fit", backend)
         images, segments, _ = grid_batch()
         with pytest.raises(error, match=match):
             af.explain(self.model, images, segments=segments, **{"num_samples": 4, **kwargs}, backend=backend)
@@ -221,8 +221,7 @@ class TestOps:
     def test_a_uint8_output_holds_uint8_images_only(self, backend):
         """A float or normalized value outside 0..255 would wrap around in a uint8 cast: every
         backend refuses that output, and writes nothing into out."""
-        if not backends.status("perturb", backend, "cpu")[0]:
-            pytest.skip(f"no {backend} backend here")
+        skip_unless_on_cpu("perturb", backend)
         images, segments, _ = grid_batch()
         masks = torch.ones(2, 5, 4, dtype=torch.bool)
         norm = {"mean": torch.full((3,), 0.5), "std": torch.full((3,), 0.25)}
@@ -284,8 +283,7 @@ class TestOps:
 
     @pytest.mark.parametrize("backend", ["torch", "cpp"])
     def test_masked_pgd_step_refuses_what_it_would_write_wrong(self, backend):
-        if not backends.status("masked_pgd_step", backend, "cpu")[0]:
-            pytest.skip(f"no {backend} backend here")
+        skip_unless_on_cpu("masked_pgd_step", backend)
         x, g = torch.rand(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
         nan_weight, nan_x = torch.ones(2, 8, 8), x.clone()
         nan_weight[0, 1, 2] = nan_x[1, 0, 3, 3] = float("nan")
@@ -315,8 +313,7 @@ class TestOps:
     @pytest.mark.parametrize("norm", ["linf", "l2"])
     def test_masked_pgd_step_takes_inputs_that_share_memory_without_overlap(self, backend, norm):
         # x_adv as x itself, or beside x and grad in one buffer: as torch's in-place ops take them
-        if not backends.status("masked_pgd_step", backend, "cpu")[0]:
-            pytest.skip(f"no {backend} backend here")
+        skip_unless_on_cpu("masked_pgd_step", backend)
         gen = torch.Generator().manual_seed(3)
         buffer = torch.rand(6, 3, 8, 8, generator=gen)
         x_adv, x, grad = buffer[:2], buffer[2:4], buffer[4:].sub_(0.5)
@@ -476,8 +473,7 @@ def test_attacks_and_corruptions_refuse_arguments_of_the_wrong_kind():
 def test_public_ops_give_outputs_without_grad_on_every_backend(backend):
     """The ops are not differentiable: inputs that require grad give outputs that do not, on the
     reference as on the compiled and Triton kernels (which the dispatcher keeps out of autograd)."""
-    if not backends.status("lime_fit", backend, "cpu")[0]:
-        pytest.skip(f"no {backend} backend on the CPU here")
+    skip_unless_on_cpu("lime_fit", backend)
     images, segments, counts = grid_batch()
     images.requires_grad_()
     masks = torch.rand(2, 6, 4) > 0.5
