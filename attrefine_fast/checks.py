@@ -193,6 +193,15 @@ def check_int(name: str, value, minimum: int | None = None) -> int:
     return int(value)
 
 
+def check_seed(name: str, value) -> int:
+    """An integer seed in torch's range for seeds (torch.manual_seed, Generator.manual_seed),
+    [-2**63, 2**64); a float would be truncated, a string parsed (numpy and lime refuse both)."""
+    value = check_int(name, value)
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"{name} must be in [-2**63, 2**64), got {value}")
+    return value
+
+
 def check_real(name: str, value, *, minimum: float | None = None, positive: bool = False, finite: bool = True) -> float:
     """A real number (not a bool), finite unless ``finite=False`` (NaN is always refused), >=
     ``minimum`` or > 0 with ``positive``; returned as a float."""

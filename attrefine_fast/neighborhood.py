@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import backends
-from .checks import check_int
+from .checks import check_seed
 from .input_buffers import lent_buffer
 from .ops.perturb import perturb_output_dtype
 
@@ -48,10 +48,8 @@ def draw_masks(num_segments: torch.Tensor, num_samples: int, seed: int | None = 
     same seed gives the same samples on every device."""
     b = num_segments.shape[0]
     m = int(num_segments.max())
-    if seed is not None:  # (a float would be truncated, a string parsed: numpy and lime refuse both)
-        seed = check_int("seed", seed)
-        if not -(2**63) <= seed < 2**64:  # torch.Generator.manual_seed's range
-            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
+    if seed is not None:
+        seed = check_seed("seed", seed)
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
     masks = torch.randint(0, 2, (b, num_samples, m), generator=gen, dtype=torch.uint8).bool()
     masks[:, 0] = True

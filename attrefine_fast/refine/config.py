@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checks import check_int, check_real
+from ..checks import check_int, check_real, check_seed
 
 MODES = ("erm", "pgd_at", "refine")
 FILLS = ("mean", "zero", "blur", "noise")
@@ -112,15 +112,14 @@ class RefineConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         minimums = {"cycles": 1, "epochs_per_cycle": 1, "batch_size": 1, "detect_batch_size": 1, "instability_runs": 1,
                     "width": 1, "penalty_samples": 1, "image_size": 1, "lime_samples": 2, "attack_steps": 0,
-                    "explain_from_cycle": 0, "seed": None}
+                    "explain_from_cycle": 0}
         for name, minimum in minimums.items():
             setattr(self, name, check_int(name, getattr(self, name), minimum))
         for name in ("lr", "eps", "alpha", "lam", "weight_decay", "momentum", "tau", "eps_s", "delta"):
             setattr(self, name, check_real(name, getattr(self, name), minimum=0.0))
         if not self.momentum < 1.0:  # SGD's velocity would never decay
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
-            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
+        self.seed = check_seed("seed", self.seed)
         for name in ("amp", "progress"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
